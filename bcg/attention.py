@@ -1,0 +1,206 @@
+"""The transformers side of a break: the registered ``bcg`` attention function, bridges and the break body.
+
+While a stack runs under bcg (warm-up, capture, or an eager-backend replay) its attention modules call
+``bcg_attention_forward`` instead of sdpa/flash/eager. That function copies q/k/v into owned bridge buffers
+(captured into the current graph segment), ends the segment with a break, and returns the output bridge,
+which the next segment reads. The break body runs eagerly on every replay: it reads the bridges, updates
+the live KV cache and calls the model's *original* attention function with the live mask.
+
+bcg registers no mask function on purpose: for an implementation unknown to ``AttentionMaskInterface``,
+``masking_utils`` returns ``None`` before building anything, so no mask kernels or host syncs land in a graph.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .live import LIVE
+
+ATTENTION_NAME = "bcg"
+
+# Attention kwargs that change from call to call: the break takes them from the live context, never from capture.
+_PER_CALL_KWARGS = frozenset(
+    {"position_ids", "cache_position", "past_key_values", "use_cache", "output_attentions",
+     "output_hidden_states", "attention_mask", "return_dict"}
+)
+
+
+class Bridges:
+    """Owned buffers carrying q/k/v into a break and the attention output out of it.
+
+    Allocated outside any graph pool, sized for the largest bucket, shared by all layers and buckets (layers run
+    in order), and held for the wrapper's life: a graph reads them by address.
+    """
+
+    def __init__(self, max_tokens: int, device: torch.device) -> None:
+        self.max_tokens = max_tokens
+        self.device = device
+        self.buffers: dict[tuple, torch.Tensor] = {}
+
+    def get(self, role: str, heads: int, dim: int, dtype: torch.dtype) -> torch.Tensor:
+        key = (role, heads, dim, dtype)
+        buffer = self.buffers.get(key)
+        if buffer is None:
+            if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("bcg internal error: a bridge was first needed during capture, not warm-up")
+            buffer = torch.zeros(self.max_tokens, heads, dim, dtype=dtype, device=self.device)
+            self.buffers[key] = buffer
+        return buffer
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers.values())
+
+
+@dataclass
+class BreakSlot:
+    """One attention call site: its bridges, the original attention function and the per-layer constant kwargs."""
+
+    module: nn.Module
+    layer_idx: int
+    layer_type: str
+    attention_fn: Callable
+    kwargs: dict
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    out: torch.Tensor
+
+
+def original_attention_function(implementation: str | None, module: nn.Module) -> Callable:
+    """The function the model itself would call for ``implementation`` (its own eager one for "eager")."""
+    if implementation in (None, "eager"):
+        fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+        if fn is None:
+            raise NotImplementedError(f"{type(module).__name__} has no module-level eager_attention_forward")
+        return fn
+    return ALL_ATTENTION_FUNCTIONS[implementation]
+
+
+def run_break(slot: BreakSlot) -> None:
+    """The eager body between two graph segments: cache update and attention on the live tokens."""
+    live = LIVE.get()
+    n, b, s = live.num_tokens, live.batch, live.seq
+    q = slot.q[:n].view(b, s, *slot.q.shape[1:]).transpose(1, 2)
+    k = slot.k[:n].view(b, s, *slot.k.shape[1:]).transpose(1, 2)
+    v = slot.v[:n].view(b, s, *slot.v.shape[1:]).transpose(1, 2)
+    if live.cache is not None:
+        k, v = live.cache.update(k, v, slot.layer_idx)
+    out, _ = slot.attention_fn(
+        slot.module, q, k, v, live.mask_for(slot.layer_type), position_ids=live.position_ids, **slot.kwargs
+    )
+    slot.out[:n].view(b, s, *slot.out.shape[1:]).copy_(out)
+    if live.bucket > n:
+        slot.out[n : live.bucket].zero_()  # stale tail rows caused NaNs downstream elsewhere
+
+
+@dataclass
+class StackRun:
+    """State of one run of the stack under bcg: which break comes next and where its slot lives."""
+
+    slots: list[BreakSlot]
+    bridges: Bridges
+    original_implementation: str | None
+    layer_types: list[str] | None
+    break_fn: Callable[[BreakSlot], None]
+    breaks: int = 0
+    seen: set = field(default_factory=set)
+
+    def slot_for(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 kwargs: dict) -> BreakSlot:
+        index = self.breaks
+        self.breaks += 1
+        if index < len(self.slots):
+            slot = self.slots[index]
+            if slot.module is not module:
+                raise RuntimeError(
+                    f"bcg: attention call {index} came from {type(module).__name__} "
+                    f"(layer {getattr(module, 'layer_idx', '?')}), not the layer seen at first capture"
+                )
+            return slot
+        slot = self._new_slot(module, query, key, value, kwargs)
+        self.slots.append(slot)
+        return slot
+
+    def _new_slot(self, module, query, key, value, kwargs) -> BreakSlot:
+        layer_idx = getattr(module, "layer_idx", len(self.slots))
+        layer_type = self.layer_types[layer_idx] if self.layer_types else "full_attention"
+        heads, _, dim = query.shape[1:]
+        kv_heads, _, k_dim = key.shape[1:]
+        v_dim = value.shape[-1]
+        return BreakSlot(
+            module=module,
+            layer_idx=layer_idx,
+            layer_type=layer_type,
+            attention_fn=original_attention_function(self.original_implementation, module),
+            kwargs={k: v for k, v in kwargs.items() if k not in _PER_CALL_KWARGS},
+            q=self.bridges.get("q", heads, dim, query.dtype),
+            k=self.bridges.get("k", kv_heads, k_dim, key.dtype),
+            v=self.bridges.get("v", kv_heads, v_dim, value.dtype),
+            out=self.bridges.get("out", heads, v_dim, query.dtype),
+        )
+
+
+ACTIVE_RUN: ContextVar[StackRun | None] = ContextVar("bcg_active_run", default=None)
+
+
+def bcg_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Registered as the ``bcg`` attention implementation; only ever active inside a bcg-managed stack run."""
+    run = ACTIVE_RUN.get()
+    if run is None:
+        raise RuntimeError(
+            "bcg attention was called outside a bcg-managed forward; call bcg.unwrap_model(model) "
+            "instead of setting attn_implementation='bcg' by hand"
+        )
+    if query.shape[0] != 1:
+        raise RuntimeError(f"bcg captures a flat [1, N] token run, got a batch of {query.shape[0]}")
+    slot = run.slot_for(module, query, key, value, kwargs)
+    n = query.shape[2]
+    slot.q[:n].copy_(query[0].transpose(0, 1))
+    slot.k[:n].copy_(key[0].transpose(0, 1))
+    slot.v[:n].copy_(value[0].transpose(0, 1))
+    run.break_fn(slot)
+    return slot.out[:n].unsqueeze(0), None
+
+
+AttentionInterface.register(ATTENTION_NAME, bcg_attention_forward)
+
+
+@contextmanager
+def attention_implementation(configs: list[Any], name: str) -> Iterator[None]:
+    """Point every config the stack reads at ``name`` for the duration (without touching sub-configs)."""
+    saved = [(config, config._attn_implementation_internal) for config in configs]
+    for config in configs:
+        config._attn_implementation_internal = name
+    try:
+        yield
+    finally:
+        for config, value in saved:
+            config._attn_implementation_internal = value
+
+
+@contextmanager
+def run_stack_under_bcg(run: StackRun, configs: list[Any]) -> Iterator[StackRun]:
+    token = ACTIVE_RUN.set(run)
+    try:
+        with attention_implementation(configs, ATTENTION_NAME):
+            yield run
+    finally:
+        ACTIVE_RUN.reset(token)

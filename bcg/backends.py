@@ -1,0 +1,138 @@
+"""Graph backends: ``cuda`` captures real breakable CUDA graph segments, ``eager`` runs the same sequence eagerly.
+
+Both expose ``capture(run) -> (graph, graph_bytes)`` where ``run()`` executes the stack once on the static
+inputs and returns its final hidden state, and ``graph.replay() -> hidden``. The ``eager`` backend re-runs
+``run()`` on each replay, so the runner, bridges, breaks and live context are exercised on CPU.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from typing import Protocol
+
+import torch
+
+Run = Callable[[], torch.Tensor]
+
+
+class Graph(Protocol):
+    def replay(self) -> torch.Tensor: ...
+
+    def free(self) -> None: ...
+
+
+class Backend(Protocol):
+    name: str
+
+    def wrap_break(self, fn: Callable) -> Callable: ...
+
+    def capture(self, run: Run) -> tuple[Graph, int]: ...
+
+    def replay_context(self): ...
+
+
+class EagerGraph:
+    """Replays by running the stack again: same sequencing, no graphs."""
+
+    def __init__(self, run: Run) -> None:
+        self._run = run
+
+    def replay(self) -> torch.Tensor:
+        return self._run()
+
+    def free(self) -> None:
+        self._run = None
+
+
+class EagerBackend:
+    name = "eager"
+
+    def wrap_break(self, fn: Callable) -> Callable:
+        return fn
+
+    def capture(self, run: Run) -> tuple[Graph, int]:
+        run()  # one dry run: checks the break count like a real capture does
+        return EagerGraph(run), 0
+
+    def replay_context(self):
+        return nullcontext()
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """No Python GC during capture: a finalizer running CUDA work mid-capture would land in (or break) the graph."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+class CudaGraph:
+    def __init__(self, graph, output: torch.Tensor) -> None:
+        self._graph = graph
+        self._output = output
+
+    def replay(self) -> torch.Tensor:
+        self._graph.replay()
+        return self._output
+
+    def free(self) -> None:
+        self._graph.reset()
+        self._output = None
+
+
+class CudaBackend:
+    """Segments captured with ``breakable_cuda_graphs`` on a side stream, all buckets sharing one memory pool."""
+
+    name = "cuda"
+    warmup_runs = 2
+
+    def __init__(self, device: torch.device) -> None:
+        from breakable_cuda_graphs import no_graph
+
+        self.device = device
+        self._no_graph = no_graph
+        self._stream = torch.cuda.Stream(device)
+        self._pool = torch.cuda.graph_pool_handle()
+
+    def wrap_break(self, fn: Callable) -> Callable:
+        return self._no_graph(fn)
+
+    def capture(self, run: Run) -> tuple[Graph, int]:
+        from breakable_cuda_graphs import BreakableCUDAGraph, breakable_graph
+
+        with torch.cuda.device(self.device):
+            self._stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self._stream):
+                for _ in range(self.warmup_runs):
+                    run()
+            torch.cuda.current_stream().wait_stream(self._stream)
+            torch.cuda.synchronize()
+            reserved_before = torch.cuda.memory_reserved(self.device)
+            graph = BreakableCUDAGraph(pool=self._pool)
+            try:
+                with _gc_paused(), breakable_graph(graph, stream=self._stream):
+                    output = run()
+            except BaseException:
+                graph.reset()
+                raise
+            torch.cuda.synchronize()
+            return CudaGraph(graph, output), torch.cuda.memory_reserved(self.device) - reserved_before
+
+    def replay_context(self):
+        # cuDNN attention plans anew for every KV length and costs 1-2 ms of host time per call on H100:
+        # inside breaks, let SDPA choose among flash / memory-efficient / math only.
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+def make_backend(name: str, device: torch.device) -> Backend:
+    if name == "cuda":
+        return CudaBackend(device)
+    return EagerBackend()

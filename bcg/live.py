@@ -1,0 +1,84 @@
+"""The live context of one call: batch shape, cache, masks and positions, read by every break at replay.
+
+Breaks never trust capture-time arguments for per-call state: everything that differs between calls lives
+here and reaches the breaks through a ContextVar set around each replay.
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers.masking_utils import create_masks_for_generate
+
+# Model types whose stacks derive default positions from the 2D attention mask instead of counting from the cache.
+_MASK_DERIVED_POSITIONS = frozenset({"opt"})
+
+
+@dataclass
+class LiveContext:
+    """Per-call state: ``batch * seq == num_tokens`` live tokens, padded to ``bucket`` in the static buffers."""
+
+    batch: int
+    seq: int
+    num_tokens: int
+    bucket: int
+    cache: Any = None
+    masks: torch.Tensor | dict | None = None
+    position_ids: torch.Tensor | None = None
+
+    def mask_for(self, layer_type: str) -> torch.Tensor | None:
+        return self.masks[layer_type] if isinstance(self.masks, dict) else self.masks
+
+
+LIVE: ContextVar[LiveContext | None] = ContextVar("bcg_live_context", default=None)
+
+
+def capture_context(bucket: int) -> LiveContext:
+    """The context breaks see while a graph is warmed up or captured: one flat causal run, no cache."""
+    return LiveContext(batch=1, seq=bucket, num_tokens=bucket, bucket=bucket)
+
+
+def past_length(cache: Any) -> int | torch.Tensor:
+    return cache.get_seq_length() if cache is not None else 0
+
+
+def default_position_ids(
+    model_type: str, attention_mask: Any, cache: Any, batch: int, seq: int, device: torch.device
+) -> torch.Tensor:
+    """Positions the stack would compute itself when the caller passes none."""
+    past = past_length(cache)
+    if model_type in _MASK_DERIVED_POSITIONS and isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
+        positions = torch.cumsum(attention_mask, dim=1)
+        positions = (positions * attention_mask - 1).long()
+        return positions[:, -seq:]
+    positions = torch.arange(seq, device=device) + past
+    return positions.unsqueeze(0).expand(batch, seq)
+
+
+def live_masks(
+    config: Any,
+    attention_mask: Any,
+    cache: Any,
+    position_ids: torch.Tensor,
+    batch: int,
+    seq: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor | dict | None:
+    """Masks per layer type, built before any cache update with transformers' own utilities.
+
+    ``config`` must carry the model's original attention implementation. Prepared masks (4D or a dict, as
+    ``generate()`` builds them for static caches) pass through untouched.
+    """
+    if isinstance(attention_mask, dict) or (isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 4):
+        return attention_mask
+    return create_masks_for_generate(
+        config=config,
+        inputs_embeds=torch.empty((batch, seq, 0), dtype=dtype, device=device),
+        attention_mask=attention_mask,
+        past_key_values=cache,
+        position_ids=position_ids,
+    )

@@ -1,0 +1,69 @@
+"""Finding the transformer stack (the module bcg captures) and its layer list inside a ``*ForCausalLM``."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+from torch import nn
+
+from .errors import BcgResolveWarning
+
+
+@dataclass(frozen=True)
+class Stack:
+    """The inner decoder stack, where it sits in the model, and its decoder layers."""
+
+    module: nn.Module
+    path: str
+    layers: nn.ModuleList
+    config: object  # the stack's own (text) config
+
+
+def _num_layers(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    return getattr(text_config, "num_hidden_layers", None)
+
+
+def _layer_list(module: nn.Module, num_layers: int | None) -> nn.ModuleList | None:
+    """The direct child ModuleList holding the decoder layers (length ``num_hidden_layers`` when known)."""
+    lists = [child for child in module.children() if isinstance(child, nn.ModuleList) and len(child) > 0]
+    exact = [lst for lst in lists if num_layers is not None and len(lst) == num_layers]
+    if len(exact) == 1:
+        return exact[0]
+    return None
+
+
+def _path_of(model: nn.Module, target: nn.Module) -> str:
+    for name, module in model.named_modules():
+        if module is target:
+            return name or "<model>"
+    return "<unknown>"
+
+
+def find_stack(model: nn.Module) -> Stack | None:
+    """Find the decoder stack via ``get_decoder()``; fall back to a module scan (with a warning), or None."""
+    num_layers = _num_layers(model)
+    candidate = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if candidate is not None and candidate is not model and isinstance(candidate, nn.Module):
+        layers = _layer_list(candidate, num_layers)
+        if layers is not None:
+            return Stack(candidate, _path_of(model, candidate), layers, candidate.config)
+
+    # Fallback: the shallowest module owning a ModuleList of num_hidden_layers layers.
+    for name, module in model.named_modules():
+        if module is model or not hasattr(module, "config"):
+            continue
+        layers = _layer_list(module, num_layers)
+        if layers is not None:
+            warnings.warn(
+                f"bcg: get_decoder() did not lead to the layer stack of {type(model).__name__}; "
+                f"using '{name}' ({type(module).__name__}, {len(layers)} layers) found by scanning the modules",
+                BcgResolveWarning,
+                stacklevel=3,
+            )
+            return Stack(module, name, layers, module.config)
+    return None

@@ -1,0 +1,310 @@
+"""The per-model runner: the patched stack forward, buckets, static inputs, capture and replay."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import warnings
+from functools import partial
+from typing import Any
+
+import torch
+from transformers.cache_utils import DynamicCache
+
+from . import debug as addresses
+from .attention import Bridges, BreakSlot, StackRun, run_break, run_stack_under_bcg
+from .backends import Backend, Graph
+from .buckets import pick_bucket
+from .eligibility import _KNOWN_ARGUMENTS, Call, reject_reason
+from .errors import BcgCaptureWarning, BcgInvalidatedWarning
+from .live import LIVE, LiveContext, capture_context, default_position_ids, live_masks
+from .resolve import Stack
+from .stats import Stats
+
+logger = logging.getLogger("bcg")
+
+
+class BreakCountError(RuntimeError):
+    """Fewer or more attention breaks than attention layers: some attention would run inside a graph."""
+
+
+class StackRunner:
+    """Owns the graphs of one model's stack and decides, per call, between replay and the eager forward."""
+
+    def __init__(self, model: torch.nn.Module, stack: Stack, backend: Backend, sizes: list[int],
+                 debug: bool | str = False) -> None:
+        self.model = model
+        self.stack = stack
+        self.config = stack.config
+        self.backend = backend
+        self.sizes = sizes
+        self.debug = debug
+        self.original_forward = stack.module.forward
+        self._parameter_names = list(_forward_parameters(self.original_forward))
+        self.original_implementation = self.config._attn_implementation
+        self.configs = _configs_of(stack.module)
+        self.layer_types = getattr(self.config, "layer_types", None)
+        self.model_type = getattr(self.config, "model_type", "")
+        first = next(stack.module.parameters())
+        self.device, self.dtype = first.device, first.dtype
+        self.expected_breaks = len(stack.layers)
+
+        max_tokens = sizes[-1]
+        self.bridges = Bridges(max_tokens, self.device)
+        self.static_ids = torch.zeros(1, max_tokens, dtype=torch.long, device=self.device)
+        self.static_positions = torch.zeros(1, max_tokens, dtype=torch.long, device=self.device)
+        self.static_embeds: torch.Tensor | None = None
+        self.slots: list[BreakSlot] = []
+        self.break_fn = backend.wrap_break(run_break)
+        self.graphs: dict[tuple[str, int], Graph] = {}
+        self.failed: dict[tuple[str, int], str] = {}
+        self.output_cls: type | None = None
+        self.disabled_reason: str | None = None
+        self.stats = Stats(backend.name)
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._tensor_slots = addresses.tensor_slots(stack.module)
+        self._fingerprint = addresses.fingerprint(self._tensor_slots)
+        self._address_book: dict[str, tuple] | None = None
+        self._warned_capture = False
+
+    # ----- the patched forward -----
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            return self.original_forward(*args, **kwargs)
+        if getattr(self._local, "active", False):
+            self.stats.count_reject("reentrant")
+            return self.original_forward(*args, **kwargs)
+        call = self._bind(args, kwargs)
+        with self._lock:  # static buffers and the attention switch are shared: one call at a time
+            self._local.active = True
+            try:
+                return self._forward_locked(call, args, kwargs)
+            finally:
+                self._local.active = False
+
+    def _forward_locked(self, call: Call, args: tuple, kwargs: dict) -> Any:
+        reason = reject_reason(self, call)
+        if reason is None:
+            self._check_addresses()
+            bucket = self.bucket_for(call.tokens.shape[0] * call.tokens.shape[1])
+            graph = self._graph(call.kind, bucket)
+            if graph is None:
+                reason = "capture_failed" if self.disabled_reason is None else "not_ready"
+            else:
+                output = self._replay(graph, call, bucket)
+                if output is not None:
+                    return output
+                reason = "unsupported_mask"
+        self.stats.count_reject(reason)
+        return self.original_forward(*args, **kwargs)
+
+    def _bind(self, args: tuple, kwargs: dict) -> Call:
+        arguments = dict(zip(self._parameter_names, args))
+        arguments.update(kwargs)
+        extra = {k: v for k, v in arguments.items() if k not in _KNOWN_ARGUMENTS and v is not None and v is not False}
+        return Call(arguments, extra)
+
+    # ----- eligibility helpers -----
+    def bucket_for(self, num_tokens: int) -> int | None:
+        return pick_bucket(self.sizes, num_tokens)
+
+    def needs_grad(self, call: Call) -> bool:
+        embeds = call.get("inputs_embeds")
+        if embeds is not None and embeds.requires_grad:
+            return True
+        return any(p.requires_grad for p in self.stack.module.parameters())
+
+    @property
+    def ready(self) -> bool:
+        return self.disabled_reason is None
+
+    # ----- capture -----
+    def capture_all(self, kind: str = "ids") -> None:
+        """Capture every size now, largest first, so smaller buckets reuse the pool the largest one grew."""
+        for size in reversed(self.sizes):
+            if self.disabled_reason is not None:
+                return
+            with self._lock:
+                self._graph(kind, size)
+
+    def _graph(self, kind: str, bucket: int) -> Graph | None:
+        key = (kind, bucket)
+        graph = self.graphs.get(key)
+        if graph is None and key not in self.failed and self.disabled_reason is None:
+            graph = self._capture(kind, bucket)
+        return graph
+
+    def _capture(self, kind: str, bucket: int) -> Graph | None:
+        key = (kind, bucket)
+        if kind == "embeds" and self.static_embeds is None:
+            hidden = self.config.hidden_size
+            self.static_embeds = torch.zeros(1, self.sizes[-1], hidden, dtype=self.dtype, device=self.device)
+        start = time.perf_counter()
+        token = LIVE.set(capture_context(bucket))
+        try:
+            graph, graph_bytes = self.backend.capture(partial(self._run_stack, kind, bucket))
+        except BreakCountError as error:
+            self._disable(str(error))
+            return None
+        except Exception as error:  # capture must never take the model down: the call runs eagerly instead
+            self._capture_failed(key, error)
+            return None
+        finally:
+            LIVE.reset(token)
+        seconds = time.perf_counter() - start
+        self.graphs[key] = graph
+        self.stats.captured[key] = seconds
+        self.stats.graph_bytes += max(graph_bytes, 0)
+        self.stats.bridge_bytes = self.bridges.nbytes
+        logger.info("bcg: captured %s bucket %d in %.3f s (%d breaks, %.1f MiB graph memory)",
+                    kind, bucket, seconds, self.expected_breaks, graph_bytes / 2**20)
+        if self.debug and self._address_book is None:
+            self._address_book = self._current_address_book()
+        return graph
+
+    def _run_stack(self, kind: str, bucket: int) -> torch.Tensor:
+        """One run of the original stack forward on the static inputs, attention routed through the breaks."""
+        run = StackRun(self.slots, self.bridges, self.original_implementation, self.layer_types, self.break_fn)
+        if kind == "ids":
+            inputs = {"input_ids": self.static_ids[:, :bucket]}
+        else:
+            inputs = {"inputs_embeds": self.static_embeds[:, :bucket]}
+        with torch.no_grad(), run_stack_under_bcg(run, self.configs):
+            output = self.original_forward(
+                **inputs, position_ids=self.static_positions[:, :bucket],
+                attention_mask=None, past_key_values=None, use_cache=False,
+            )
+        if run.breaks != self.expected_breaks:
+            raise BreakCountError(
+                f"{run.breaks} attention calls went through bcg's breaks but the stack has "
+                f"{self.expected_breaks} layers; some attention would be captured inside a graph"
+            )
+        self.output_cls = type(output)
+        return output[0]
+
+    def _capture_failed(self, key: tuple[str, int], error: Exception) -> None:
+        self.failed[key] = f"{type(error).__name__}: {error}"
+        self.stats.capture_failures[f"{key[0]}:{key[1]}"] = self.failed[key]
+        logger.warning("bcg: capture of %s bucket %d failed: %s", key[0], key[1], self.failed[key])
+        if not self._warned_capture:
+            self._warned_capture = True
+            warnings.warn(
+                f"bcg: capturing {key[0]} bucket {key[1]} failed ({self.failed[key]}); calls of that size run "
+                "eagerly. See handle.stats()['capture_failures'].",
+                BcgCaptureWarning,
+                stacklevel=6,
+            )
+
+    def _disable(self, reason: str) -> None:
+        from .errors import BcgFallbackWarning
+
+        self.disabled_reason = reason
+        self.free_graphs()
+        warnings.warn(f"bcg: {reason}; the model stays eager", BcgFallbackWarning, stacklevel=6)
+
+    def free_graphs(self) -> None:
+        for graph in self.graphs.values():
+            graph.free()
+        self.graphs.clear()
+        self.stats.captured.clear()
+        self.stats.graph_bytes = 0
+
+    # ----- addresses -----
+    def _current_address_book(self) -> dict[str, tuple]:
+        extra = {f"bcg.bridge.{'.'.join(map(str, key))}": t for key, t in self.bridges.buffers.items()}
+        extra["bcg.static.input_ids"] = self.static_ids
+        extra["bcg.static.position_ids"] = self.static_positions
+        if self.static_embeds is not None:
+            extra["bcg.static.inputs_embeds"] = self.static_embeds
+        return addresses.address_book(self._tensor_slots, extra)
+
+    def _check_addresses(self) -> None:
+        """Graphs replay weights by address: if the model moved since capture, drop the graphs (or raise in debug)."""
+        current = addresses.fingerprint(self._tensor_slots)
+        if current == self._fingerprint:
+            return
+        if self.debug and self._address_book is not None:
+            addresses.raise_address_error(addresses.changed_paths(self._address_book, self._current_address_book()))
+        self._fingerprint = current
+        if self.graphs:
+            warnings.warn(
+                "bcg: the model's weights moved or changed dtype since capture (to(), half(), "
+                "load_state_dict(assign=True), ...); dropping all graphs, they are captured again on use",
+                BcgInvalidatedWarning,
+                stacklevel=6,
+            )
+            self.stats.invalidations += 1
+            self.free_graphs()
+        self.dtype = next(self.stack.module.parameters()).dtype
+        self.static_embeds = None  # re-made in the new dtype at the next embeds capture
+        self._address_book = None
+
+    # ----- replay -----
+    def _replay(self, graph: Graph, call: Call, bucket: int) -> Any | None:
+        tokens = call.tokens
+        batch, seq = tokens.shape[:2]
+        num_tokens = batch * seq
+        cache = call.get("past_key_values")
+        use_cache = call.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(self.config, "use_cache", True)
+        if cache is None and use_cache:
+            cache = DynamicCache(config=self.config)
+        mask = call.get("attention_mask")
+        positions = call.get("position_ids")
+        if positions is None:
+            if self.model_type == "opt" and isinstance(mask, (dict, torch.Tensor)) and not _is_2d(mask):
+                return None
+            positions = default_position_ids(self.model_type, mask, cache, batch, seq, self.device)
+        positions = positions.expand(batch, seq)
+        masks = live_masks(self.config, mask, cache, positions, batch, seq, self.dtype, self.device)
+        if isinstance(masks, dict) and any(slot.layer_type not in masks for slot in self.slots):
+            return None
+        if isinstance(masks, torch.Tensor) and masks.ndim == 2:
+            return None  # transformers deferred the mask to the model: a layout bcg does not know
+
+        self._fill_static(call.kind, tokens, positions, num_tokens, bucket)
+        live = LiveContext(batch, seq, num_tokens, bucket, cache, masks, positions)
+        token = LIVE.set(live)
+        try:
+            with self.backend.replay_context():
+                hidden = graph.replay()
+        finally:
+            LIVE.reset(token)
+        self.stats.count_replay()
+        # The static output is overwritten by the next replay: hand the caller its own copy.
+        hidden = hidden[0, :num_tokens].view(batch, seq, -1).clone()
+        return self.output_cls(last_hidden_state=hidden, past_key_values=cache)
+
+    def _fill_static(self, kind: str, tokens: torch.Tensor, positions: torch.Tensor, n: int, bucket: int) -> None:
+        flat = self.static_ids if kind == "ids" else self.static_embeds
+        flat[0, :n].copy_(tokens.reshape(n, *tokens.shape[2:]))
+        self.static_positions[0, :n].copy_(positions.reshape(n))
+        if bucket > n:  # harmless pad in the tail: token 0 at position 0
+            flat[0, n:bucket].zero_()
+            self.static_positions[0, n:bucket].zero_()
+
+
+def _is_2d(mask: Any) -> bool:
+    return isinstance(mask, torch.Tensor) and mask.ndim == 2
+
+
+def _forward_parameters(forward: Any) -> list[str]:
+    import inspect
+
+    return [
+        name for name, p in inspect.signature(forward).parameters.items()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+
+
+def _configs_of(module: torch.nn.Module) -> list[Any]:
+    """Every distinct config object the stack's modules read their attention implementation from."""
+    seen: dict[int, Any] = {}
+    for sub in module.modules():
+        config = getattr(sub, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation_internal"):
+            seen.setdefault(id(config), config)
+    return list(seen.values())

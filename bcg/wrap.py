@@ -1,0 +1,190 @@
+"""Public entry points: ``wrap_model`` patches the stack's forward, ``unwrap_model`` restores the model exactly."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+from .backends import make_backend
+from .buckets import DEFAULT_MAX_NUM_TOKENS, resolve_capture_sizes, validate_max_num_tokens
+from .eligibility import model_unsupported_reason
+from .errors import BcgFallbackWarning, BcgWarning
+from .resolve import find_stack
+from .runner import StackRunner
+from .stats import Stats
+
+logger = logging.getLogger("bcg")
+
+_HANDLE_ATTRIBUTE = "_bcg_handle"
+_DEBUG_MODES = (False, True, "addresses")
+
+
+@dataclass
+class _Restore:
+    """What wrapping changed on the model, to put back on unwrap."""
+
+    stack: torch.nn.Module | None = None
+    instance_forward: Any = None  # an instance-level forward that existed before (e.g. an accelerate hook)
+    disable_compile: Any = None
+    experts_implementation: dict | None = None
+    extras: dict = field(default_factory=dict)
+
+
+class BcgHandle:
+    """What ``wrap_model`` returns: ``stats()`` reports replays, rejects by reason, captures and memory."""
+
+    def __init__(self, model: torch.nn.Module, runner: StackRunner | None, backend: str,
+                 inactive_reason: str | None, restore: _Restore) -> None:
+        self.model = model
+        self.runner = runner
+        self.backend = backend
+        self.inactive_reason = inactive_reason
+        self._restore = restore
+
+    def stats(self) -> dict:
+        """Replays, rejects by reason, captured sizes, capture seconds and graph memory so far."""
+        if self.runner is None:
+            return Stats(self.backend).as_dict(ready=False, disabled_reason=self.inactive_reason)
+        return self.runner.stats.as_dict(ready=self.runner.ready, disabled_reason=self.runner.disabled_reason)
+
+    def __repr__(self) -> str:
+        s = self.stats()
+        return f"BcgHandle(backend={s['backend']!r}, ready={s['ready']}, replays={s['replays']}, captured={s['captured']})"
+
+
+def _check_model(model: Any) -> None:
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(
+            f"bcg.wrap_model expects a transformers *ForCausalLM model, got {type(model).__name__}; "
+            "load one with AutoModelForCausalLM.from_pretrained(...)"
+        )
+    if getattr(model.config, "is_encoder_decoder", False) or not model.can_generate():
+        raise TypeError(
+            f"{type(model).__name__} is not a decoder-only causal LM; bcg wraps *ForCausalLM models "
+            "(AutoModelForCausalLM)"
+        )
+
+
+def _pick_backend(backend: str | None, device: torch.device) -> str:
+    if backend not in (None, "cuda", "eager"):
+        raise ValueError(f"backend must be 'cuda', 'eager' or None, got {backend!r}")
+    if backend == "cuda" and device.type != "cuda":
+        raise ValueError(
+            f"model is on {device.type}: bcg needs a CUDA device; use backend='eager' to debug on CPU"
+        )
+    if backend is None:
+        if device.type == "cuda":
+            return "cuda"
+        warnings.warn(
+            f"bcg: model is on {device.type}, not a CUDA device; using backend='eager' (same runner, no graphs, "
+            "no speed-up). Move the model to a GPU for real graphs.",
+            BcgFallbackWarning,
+            stacklevel=3,
+        )
+        return "eager"
+    return backend
+
+
+def _use_capturable_experts(model: PreTrainedModel, restore: _Restore) -> None:
+    """MoE experts must run a capturable implementation: the default eager loop syncs on ``nonzero``."""
+    if getattr(model.config, "_experts_implementation", None) != "eager":
+        return
+    if not hasattr(model, "set_experts_implementation"):
+        return
+    try:
+        saved = model.get_experts_implementation()
+        model.set_experts_implementation("grouped_mm")
+    except (ValueError, ImportError, KeyError) as error:
+        logger.info("bcg: could not switch experts to grouped_mm (%s); capture may fail and fall back", error)
+        return
+    restore.experts_implementation = saved
+
+
+def wrap_model(
+    model: PreTrainedModel,
+    *,
+    capture_sizes: list[int] | None = None,
+    max_num_tokens: int = DEFAULT_MAX_NUM_TOKENS,
+    backend: str | None = None,
+    lazy: bool = True,
+    debug: bool | str = False,
+) -> BcgHandle:
+    """Capture ``model``'s layer stack in breakable CUDA graphs keyed by token count and replay it on every call.
+
+    Args:
+        capture_sizes: token counts (batch x sequence) to capture; default: a ladder up to ``max_num_tokens``.
+        max_num_tokens: calls with more tokens run eagerly.
+        backend: ``"cuda"`` (real graphs), ``"eager"`` (same runner, no graphs: CPU and debugging);
+            default ``"cuda"`` when the model is on a GPU.
+        lazy: capture each size on first use (default) or all of them now, largest first.
+        debug: ``True`` / ``"addresses"`` raises naming every tensor that moved since capture.
+    """
+    _check_model(model)
+    existing = getattr(model, _HANDLE_ATTRIBUTE, None)
+    if existing is not None:
+        warnings.warn("bcg: model is already wrapped; returning the existing handle (unwrap_model first to change "
+                      "options)", BcgWarning, stacklevel=2)
+        return existing
+    max_num_tokens = validate_max_num_tokens(max_num_tokens)
+    sizes = resolve_capture_sizes(capture_sizes, max_num_tokens)
+    if debug not in _DEBUG_MODES:
+        raise ValueError(f"debug must be one of {_DEBUG_MODES}, got {debug!r}")
+    if not isinstance(lazy, bool):
+        raise ValueError(f"lazy must be True or False, got {lazy!r}")
+    device = next(model.parameters()).device
+    backend_name = _pick_backend(backend, device)
+
+    restore = _Restore()
+    stack = find_stack(model)
+    reason = "no layer stack found (no module holds a ModuleList of num_hidden_layers layers)" if stack is None else (
+        model_unsupported_reason(model, stack.config)
+    )
+    if reason is not None:
+        warnings.warn(f"bcg: {type(model).__name__} stays eager: {reason}", BcgFallbackWarning, stacklevel=2)
+        handle = BcgHandle(model, None, backend_name, reason, restore)
+        setattr(model, _HANDLE_ATTRIBUTE, handle)
+        return handle
+
+    if backend_name == "cuda":
+        _use_capturable_experts(model, restore)
+    runner = StackRunner(model, stack, make_backend(backend_name, device), sizes, debug=debug)
+    restore.stack = stack.module
+    restore.instance_forward = stack.module.__dict__.get("forward")
+    stack.module.forward = runner.forward
+    # generate() compiles the forward for static caches; a compiled graph wrapper must not be compiled again.
+    restore.disable_compile = model.generation_config.disable_compile
+    model.generation_config.disable_compile = True
+    handle = BcgHandle(model, runner, backend_name, None, restore)
+    setattr(model, _HANDLE_ATTRIBUTE, handle)
+    logger.info("bcg: wrapped %s at '%s' (%d layers), backend=%s, sizes=%s",
+                type(model).__name__, stack.path, len(stack.layers), backend_name, sizes)
+    if not lazy:
+        runner.capture_all()
+    return handle
+
+
+def unwrap_model(model: PreTrainedModel) -> PreTrainedModel:
+    """Restore the stack's forward, the experts implementation and the generation config; free the graphs."""
+    handle: BcgHandle | None = getattr(model, _HANDLE_ATTRIBUTE, None)
+    if handle is None:
+        warnings.warn("bcg: unwrap_model called on a model that is not wrapped; nothing to do", BcgWarning,
+                      stacklevel=2)
+        return model
+    restore = handle._restore
+    if restore.stack is not None:
+        if restore.instance_forward is None:
+            del restore.stack.forward
+        else:
+            restore.stack.forward = restore.instance_forward
+        model.generation_config.disable_compile = restore.disable_compile
+    if restore.experts_implementation is not None:
+        model.set_experts_implementation(restore.experts_implementation)
+    if handle.runner is not None:
+        handle.runner.free_graphs()
+    delattr(model, _HANDLE_ATTRIBUTE)
+    return model
