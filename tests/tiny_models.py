@@ -1,0 +1,60 @@
+"""Tiny random-initialised models built from configs (no downloads), one per architecture bcg supports."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+VOCAB = 128
+_COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+_MOE = dict(num_experts=4, num_local_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+
+# model_type -> config overrides. Sliding windows are small so they bite inside the test sequences.
+ARCHITECTURES: dict[str, dict] = {
+    "llama": {},
+    "mistral": dict(sliding_window=6),
+    "qwen2": {},
+    "qwen3": dict(head_dim=16),
+    "gemma": dict(head_dim=16),
+    "gemma2": dict(head_dim=16, sliding_window=6, attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
+    "gemma3_text": dict(head_dim=16, sliding_window=6, layer_types=["sliding_attention", "full_attention"]),
+    "phi": dict(partial_rotary_factor=0.5),
+    "phi3": dict(sliding_window=6),
+    "gpt2": dict(n_embd=64, n_layer=2, n_head=4, n_positions=512),
+    "gpt_neox": dict(rotary_pct=0.5),
+    "opt": dict(ffn_dim=128, word_embed_proj_dim=64, enable_bias=True),
+    "olmo": {},
+    "olmo2": {},
+    "starcoder2": dict(sliding_window=6),
+    "granite": {},
+    "cohere": {},
+    "stablelm": {},
+    "smollm3": {},
+    "qwen2_moe": dict(_MOE, shared_expert_intermediate_size=32),
+    "qwen3_moe": dict(_MOE, head_dim=16),
+    "mixtral": dict(_MOE, sliding_window=None),
+    "gpt_oss": dict(_MOE, head_dim=16, sliding_window=6, layer_types=["sliding_attention", "full_attention"]),
+}
+
+
+def tiny_config(model_type: str, **overrides):
+    kwargs = {**_COMMON, **ARCHITECTURES[model_type], **overrides}
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+def tiny_model(model_type: str, dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides), dtype=dtype)
+    return model.to(device).eval()
+
+
+def left_padded_batch(batch: int = 3, seq: int = 9, pads: tuple[int, ...] = (3, 0, 5), device: str = "cpu", seed: int = 1):
+    """Token ids in [3, VOCAB) with a left-padding 2D mask (pad id 0)."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch, seq), generator=generator)
+    mask = torch.ones_like(ids)
+    for row, pad in enumerate(pads[:batch]):
+        ids[row, :pad] = 0
+        mask[row, :pad] = 0
+    return ids.to(device), mask.to(device)
