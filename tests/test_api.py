@@ -1,0 +1,110 @@
+"""The public API: options and their errors, backend choice, wrap/unwrap lifecycle, models that stay eager."""
+
+import warnings
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+import bcg
+from tiny_models import left_padded_batch, tiny_model
+
+
+@pytest.mark.parametrize("sizes", [[0, 4], [1.5], ["8"], [], "16", [True]])
+def test_bad_capture_sizes_raise_value_error_naming_the_fix(sizes):
+    with pytest.raises(ValueError, match="capture_sizes"):
+        bcg.wrap_model(tiny_model("llama"), capture_sizes=sizes, backend="eager")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(max_num_tokens=0), "max_num_tokens"),
+    (dict(capture_sizes=[4, 128], max_num_tokens=64), "exceed max_num_tokens"),
+    (dict(backend="tpu"), "backend"),
+    (dict(debug="verbose", backend="eager"), "debug"),
+])
+def test_bad_options_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        bcg.wrap_model(tiny_model("llama"), **kwargs)
+
+
+def test_cuda_backend_on_cpu_model_says_how_to_debug():
+    with pytest.raises(ValueError, match="backend='eager'"):
+        bcg.wrap_model(tiny_model("llama"), backend="cuda")
+
+
+def test_default_backend_on_cpu_is_eager_with_a_warning():
+    with pytest.warns(bcg.BcgFallbackWarning, match="backend='eager'"):
+        handle = bcg.wrap_model(tiny_model("llama"))
+    assert handle.stats()["backend"] == "eager"
+
+
+def test_not_a_causal_lm_raises_type_error():
+    with pytest.raises(TypeError, match="ForCausalLM"):
+        bcg.wrap_model(torch.nn.Linear(2, 2))
+    config = AutoConfig.for_model("t5", vocab_size=64, d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16)
+    with pytest.raises(TypeError, match="decoder-only"):
+        bcg.wrap_model(AutoModelForSeq2SeqLM.from_config(config))
+
+
+def test_custom_sizes_are_used_and_lazy_false_captures_largest_first():
+    model = tiny_model("llama")
+    handle = bcg.wrap_model(model, capture_sizes=[16, 4, 64, 4], max_num_tokens=64, backend="eager", lazy=False)
+    stats = handle.stats()
+    assert stats["captured"] == [4, 16, 64]
+    assert list(model._bcg_handle.runner.graphs) == [("ids", 64), ("ids", 16), ("ids", 4)]
+
+
+def test_wrap_twice_returns_same_handle_and_unwrap_twice_warns():
+    model = tiny_model("llama")
+    handle = bcg.wrap_model(model, backend="eager")
+    with pytest.warns(bcg.BcgWarning, match="already wrapped"):
+        assert bcg.wrap_model(model, backend="eager") is handle
+    bcg.unwrap_model(model)
+    assert "forward" not in model.model.__dict__
+    with pytest.warns(bcg.BcgWarning, match="not wrapped"):
+        bcg.unwrap_model(model)
+
+
+def test_unwrap_restores_generation_config_and_attention():
+    model = tiny_model("llama")
+    before = (model.generation_config.disable_compile, model.config._attn_implementation)
+    bcg.wrap_model(model, backend="eager")
+    ids, mask = left_padded_batch()
+    model.generate(ids, attention_mask=mask, max_new_tokens=2, pad_token_id=0)
+    bcg.unwrap_model(model)
+    assert (model.generation_config.disable_compile, model.config._attn_implementation) == before
+
+
+def test_stats_have_the_documented_keys():
+    stats = bcg.wrap_model(tiny_model("llama"), backend="eager").stats()
+    assert {"replays", "rejects", "captured", "capture_seconds", "graph_bytes"} <= set(stats)
+    assert isinstance(stats["replays"], int) and isinstance(stats["rejects"], dict)
+
+
+def _falcon():
+    config = AutoConfig.for_model("falcon", vocab_size=128, hidden_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, new_decoder_architecture=False, multi_query=True)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def _dynamic_rope_llama():
+    return tiny_model("llama", rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
+
+
+@pytest.mark.parametrize("build, match", [(_falcon, "AttentionInterface"), (_dynamic_rope_llama, "dynamic RoPE")])
+def test_unsupported_models_warn_once_and_stay_correct(build, match):
+    reference, model = build(), build()
+    ids, mask = left_padded_batch()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        handle = bcg.wrap_model(model, backend="eager")
+        with torch.no_grad():
+            got = model(ids, attention_mask=mask).logits
+            model(ids, attention_mask=mask)
+    fallback = [w for w in caught if issubclass(w.category, bcg.BcgFallbackWarning)]
+    assert len(fallback) == 1 and match in str(fallback[0].message)
+    with torch.no_grad():
+        assert torch.equal(got, reference(ids, attention_mask=mask).logits)
+    assert handle.stats()["ready"] is False and handle.stats()["replays"] == 0
+    bcg.unwrap_model(model)
