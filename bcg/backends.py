@@ -1,6 +1,6 @@
 """Graph backends: ``cuda`` captures real breakable CUDA graph segments, ``eager`` runs the same sequence eagerly.
 
-Both expose ``capture(run) -> (graph, graph_bytes)`` where ``run()`` executes the stack once on the static
+Both expose ``capture(run) -> graph`` where ``run()`` executes the stack once on the static
 inputs and returns its final hidden state, and ``graph.replay() -> hidden``. The ``eager`` backend re-runs
 ``run()`` on each replay, so the runner, bridges, breaks and live context are exercised on CPU.
 """
@@ -28,7 +28,9 @@ class Backend(Protocol):
 
     def wrap_break(self, fn: Callable) -> Callable: ...
 
-    def capture(self, run: Run) -> tuple[Graph, int]: ...
+    def capture(self, run: Run) -> Graph: ...
+
+    def graph_bytes(self) -> int: ...
 
     def replay_context(self): ...
 
@@ -52,9 +54,12 @@ class EagerBackend:
     def wrap_break(self, fn: Callable) -> Callable:
         return fn
 
-    def capture(self, run: Run) -> tuple[Graph, int]:
+    def capture(self, run: Run) -> Graph:
         run()  # one dry run: checks the break count like a real capture does
-        return EagerGraph(run), 0
+        return EagerGraph(run)
+
+    def graph_bytes(self) -> int:
+        return 0
 
     def replay_context(self):
         return nullcontext()
@@ -103,7 +108,7 @@ class CudaBackend:
     def wrap_break(self, fn: Callable) -> Callable:
         return self._no_graph(fn)
 
-    def capture(self, run: Run) -> tuple[Graph, int]:
+    def capture(self, run: Run) -> Graph:
         from breakable_cuda_graphs import BreakableCUDAGraph, breakable_graph
 
         with torch.cuda.device(self.device):
@@ -113,7 +118,6 @@ class CudaBackend:
                     run()
             torch.cuda.current_stream().wait_stream(self._stream)
             torch.cuda.synchronize()
-            reserved_before = torch.cuda.memory_reserved(self.device)
             graph = BreakableCUDAGraph(pool=self._pool)
             try:
                 with _gc_paused(), breakable_graph(graph, stream=self._stream):
@@ -122,7 +126,13 @@ class CudaBackend:
                 graph.reset()
                 raise
             torch.cuda.synchronize()
-            return CudaGraph(graph, output), torch.cuda.memory_reserved(self.device) - reserved_before
+            return CudaGraph(graph, output)
+
+    def graph_bytes(self) -> int:
+        """Bytes the shared graph pool holds (its cudaMalloc'd segments)."""
+        pool = tuple(self._pool)
+        segments = torch.cuda.memory_snapshot()
+        return sum(s["total_size"] for s in segments if tuple(s.get("segment_pool_id", ())) == pool)
 
     def replay_context(self):
         # cuDNN attention plans anew for every KV length and costs 1-2 ms of host time per call on H100:

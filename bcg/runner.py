@@ -144,7 +144,7 @@ class StackRunner:
         start = time.perf_counter()
         token = LIVE.set(capture_context(bucket))
         try:
-            graph, graph_bytes = self.backend.capture(partial(self._run_stack, kind, bucket))
+            graph = self.backend.capture(partial(self._run_stack, kind, bucket))
         except BreakCountError as error:
             self._disable(str(error))
             return None
@@ -156,10 +156,10 @@ class StackRunner:
         seconds = time.perf_counter() - start
         self.graphs[key] = graph
         self.stats.captured[key] = seconds
-        self.stats.graph_bytes += max(graph_bytes, 0)
+        self.stats.graph_bytes = self.backend.graph_bytes()
         self.stats.bridge_bytes = self.bridges.nbytes
-        logger.info("bcg: captured %s bucket %d in %.3f s (%d breaks, %.1f MiB graph memory)",
-                    kind, bucket, seconds, self.expected_breaks, graph_bytes / 2**20)
+        logger.info("bcg: captured %s bucket %d in %.3f s (%d breaks, graph pool %.1f MiB)",
+                    kind, bucket, seconds, self.expected_breaks, self.stats.graph_bytes / 2**20)
         if self.debug and self._address_book is None:
             self._address_book = self._current_address_book()
         return graph
@@ -187,7 +187,7 @@ class StackRunner:
     def _capture_failed(self, key: tuple[str, int], error: Exception) -> None:
         self.failed[key] = f"{type(error).__name__}: {error}"
         self.stats.capture_failures[f"{key[0]}:{key[1]}"] = self.failed[key]
-        logger.warning("bcg: capture of %s bucket %d failed: %s", key[0], key[1], self.failed[key])
+        logger.warning("bcg: capture of %s bucket %d failed: %s", key[0], key[1], self.failed[key], exc_info=error)
         if not self._warned_capture:
             self._warned_capture = True
             warnings.warn(
