@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -40,6 +41,7 @@ class StackRunner:
         self.backend = backend
         self.sizes = sizes
         self.debug = debug
+        self.strict_addresses = debug in (True, "addresses")
         self.original_forward = stack.module.forward
         self._parameter_names = list(_forward_parameters(self.original_forward))
         self.original_implementation = self.config._attn_implementation
@@ -93,7 +95,8 @@ class StackRunner:
             if graph is None:
                 reason = "capture_failed" if self.disabled_reason is None else "not_ready"
             else:
-                output = self._replay(graph, call, bucket)
+                replay = self._replay_beside_eager if self.debug == "numerics" else self._replay
+                output = replay(graph, call, bucket)
                 if output is not None:
                     return output
                 reason = "unsupported_mask"
@@ -160,7 +163,7 @@ class StackRunner:
         self.stats.bridge_bytes = self.bridges.nbytes
         logger.info("bcg: captured %s bucket %d in %.3f s (%d breaks, graph pool %.1f MiB)",
                     kind, bucket, seconds, self.expected_breaks, self.stats.graph_bytes / 2**20)
-        if self.debug and self._address_book is None:
+        if self.strict_addresses and self._address_book is None:
             self._address_book = self._current_address_book()
         return graph
 
@@ -225,7 +228,7 @@ class StackRunner:
         current = addresses.fingerprint(self._tensor_slots)
         if current == self._fingerprint:
             return
-        if self.debug and self._address_book is not None:
+        if self.strict_addresses and self._address_book is not None:
             addresses.raise_address_error(addresses.changed_paths(self._address_book, self._current_address_book()))
         self._fingerprint = current
         if self.graphs:
@@ -238,7 +241,10 @@ class StackRunner:
             self.stats.invalidations += 1
             self.free_graphs()
         self.dtype = next(self.stack.module.parameters()).dtype
-        self.static_embeds = None  # re-made in the new dtype at the next embeds capture
+        # Slots and bridges carry the old dtype and module references: rebuild them at the next capture.
+        self.slots.clear()
+        self.bridges.buffers.clear()
+        self.static_embeds = None
         self._address_book = None
 
     # ----- replay -----
@@ -277,6 +283,18 @@ class StackRunner:
         # The static output is overwritten by the next replay: hand the caller its own copy.
         hidden = hidden[0, :num_tokens].view(batch, seq, -1).clone()
         return self.output_cls(last_hidden_state=hidden, past_key_values=cache)
+
+    def _replay_beside_eager(self, graph: Graph, call: Call, bucket: int) -> Any | None:
+        """debug="numerics": replay, then run eager on a copy of the cache and record the largest difference."""
+        shadow_cache = copy.deepcopy(call.get("past_key_values"))
+        output = self._replay(graph, call, bucket)
+        if output is not None:
+            with torch.no_grad():
+                eager = self.original_forward(**{**call.arguments, "past_key_values": shadow_cache})
+            diff = (output.last_hidden_state.float() - eager[0].float()).abs().max().item()
+            self.stats.record_numerics(diff)
+            logger.info("bcg numerics: %d tokens, max |graph - eager| = %.3e", call.tokens[0].numel(), diff)
+        return output
 
     def _fill_static(self, kind: str, tokens: torch.Tensor, positions: torch.Tensor, n: int, bucket: int) -> None:
         flat = self.static_ids if kind == "ids" else self.static_embeds

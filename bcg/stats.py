@@ -19,6 +19,8 @@ class Stats:
     graph_bytes: int = 0
     bridge_bytes: int = 0
     invalidations: int = 0
+    numerics_checks: int = 0
+    numerics_max_diff: float | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def count_reject(self, reason: str) -> None:
@@ -28,6 +30,11 @@ class Stats:
     def count_replay(self) -> None:
         with self._lock:
             self.replays += 1
+
+    def record_numerics(self, diff: float) -> None:
+        with self._lock:
+            self.numerics_checks += 1
+            self.numerics_max_diff = max(diff, self.numerics_max_diff or 0.0)
 
     def as_dict(self, ready: bool, disabled_reason: str | None) -> dict:
         sizes = sorted({n for _, n in self.captured})
@@ -44,4 +51,5 @@ class Stats:
             "graph_bytes": self.graph_bytes,
             "bridge_bytes": self.bridge_bytes,
             "invalidations": self.invalidations,
+            "numerics": {"checks": self.numerics_checks, "max_diff": self.numerics_max_diff},
         }

@@ -21,7 +21,7 @@ from .stats import Stats
 logger = logging.getLogger("bcg")
 
 _HANDLE_ATTRIBUTE = "_bcg_handle"
-_DEBUG_MODES = (False, True, "addresses")
+_DEBUG_MODES = (False, True, "addresses", "numerics")
 
 
 @dataclass
@@ -122,7 +122,8 @@ def wrap_model(
         backend: ``"cuda"`` (real graphs), ``"eager"`` (same runner, no graphs: CPU and debugging);
             default ``"cuda"`` when the model is on a GPU.
         lazy: capture each size on first use (default) or all of them now, largest first.
-        debug: ``True`` / ``"addresses"`` raises naming every tensor that moved since capture.
+        debug: ``True`` / ``"addresses"`` raises naming every tensor that moved since capture;
+            ``"numerics"`` runs eager beside each replay and records the largest difference in ``stats()``.
     """
     _check_model(model)
     existing = getattr(model, _HANDLE_ATTRIBUTE, None)

@@ -1,0 +1,152 @@
+"""Right or loud: moved weights, debug modes, threads, bad input, and randomized parity against eager."""
+
+import threading
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import bcg
+from tiny_models import VOCAB, left_padded_batch, tiny_model
+
+
+def _logits(model, ids, mask=None, **kwargs):
+    with torch.no_grad():
+        return model(ids, attention_mask=mask, **kwargs).logits
+
+
+def test_cast_after_capture_invalidates_and_recaptures():
+    reference, model = tiny_model("llama"), tiny_model("llama")
+    handle = bcg.wrap_model(model, backend="eager")
+    ids, mask = left_padded_batch()
+    _logits(model, ids, mask)
+    model.double()
+    reference.double()
+    with pytest.warns(bcg.BcgInvalidatedWarning, match="moved or changed dtype"):
+        got = _logits(model, ids, mask)
+    torch.testing.assert_close(got[mask.bool()], _logits(reference, ids, mask)[mask.bool()])
+    stats = handle.stats()
+    assert stats["invalidations"] == 1 and stats["replays"] == 2 and stats["captured"] == [32]
+
+
+def test_swapped_weights_are_seen():
+    reference, model = tiny_model("llama"), tiny_model("llama")
+    bcg.wrap_model(model, backend="eager")
+    ids, _ = left_padded_batch(pads=(0, 0, 0))
+    _logits(model, ids)
+    new_weights = {k: v.clone() * 1.5 for k, v in reference.state_dict().items()}
+    reference.load_state_dict(new_weights, assign=True)
+    model.load_state_dict({k: v.clone() for k, v in new_weights.items()}, assign=True)
+    with pytest.warns(bcg.BcgInvalidatedWarning):
+        torch.testing.assert_close(_logits(model, ids), _logits(reference, ids))
+
+
+def test_debug_addresses_names_the_changed_parameter():
+    model = tiny_model("llama")
+    bcg.wrap_model(model, backend="eager", debug=True)
+    ids, _ = left_padded_batch(pads=(0, 0, 0))
+    _logits(model, ids)
+    layer = model.model.layers[1].self_attn.q_proj
+    layer.weight = torch.nn.Parameter(layer.weight.detach().clone())
+    with pytest.raises(bcg.BcgAddressError, match=r"layers\.1\.self_attn\.q_proj\.weight"):
+        _logits(model, ids)
+
+
+def test_debug_numerics_reports_the_difference_per_call():
+    model = tiny_model("qwen3")
+    handle = bcg.wrap_model(model, backend="eager", debug="numerics")
+    ids, mask = left_padded_batch()
+    model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    numerics = handle.stats()["numerics"]
+    assert numerics["checks"] == 4 and numerics["max_diff"] < 1e-5
+
+
+def test_threads_get_correct_answers():
+    reference, model = tiny_model("llama"), tiny_model("llama")
+    handle = bcg.wrap_model(model, backend="eager")
+    inputs = [torch.randint(3, VOCAB, (1 + i % 3, 4 + i), generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    expected = [_logits(reference, ids) for ids in inputs]
+    results: dict[int, torch.Tensor] = {}
+
+    def work(i):
+        results[i] = _logits(model, inputs[i])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(8):
+        torch.testing.assert_close(results[i], expected[i], atol=1e-5, rtol=1e-5)
+    assert handle.stats()["replays"] == 8
+
+
+def test_reentrant_call_runs_eagerly():
+    model = tiny_model("llama")
+    handle = bcg.wrap_model(model, backend="eager")
+    runner = handle.runner
+    ids, _ = left_padded_batch(pads=(0, 0, 0))
+    runner._local.active = True  # as if a break called the model again
+    try:
+        _logits(model, ids)
+    finally:
+        runner._local.active = False
+    assert handle.stats()["rejects"] == {"reentrant": 1}
+
+
+def test_empty_batch_gives_the_eager_answer():
+    """transformers itself rejects an empty batch; bcg must not hide that behind a replay."""
+    reference, model = tiny_model("llama"), tiny_model("llama")
+    handle = bcg.wrap_model(model, backend="eager")
+    empty = torch.zeros(0, 5, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="0 elements") as eager_error:
+        _logits(reference, empty)
+    with pytest.raises(RuntimeError, match="0 elements") as wrapped_error:
+        _logits(model, empty)
+    assert str(wrapped_error.value) == str(eager_error.value)
+    assert handle.stats()["rejects"] == {"empty_input": 1}
+
+
+def test_mismatched_embedding_dtype_gives_the_eager_error():
+    model = tiny_model("llama")
+    handle = bcg.wrap_model(model, backend="eager")
+    embeds = torch.randn(1, 4, 64, dtype=torch.float64)
+    with pytest.raises(RuntimeError):
+        _logits(model, None, inputs_embeds=embeds)
+    assert handle.stats()["rejects"] == {"bad_input": 1}
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    batch=st.integers(1, 4),
+    seq=st.integers(1, 12),
+    padding=st.sampled_from(["left", "right", "none"]),
+    decode_steps=st.integers(0, 3),
+    sizes=st.sampled_from([None, [8, 64], [1, 2, 4, 16, 48, 64], [64]]),
+    seed=st.integers(0, 2**16),
+)
+def test_randomized_parity(batch, seq, padding, decode_steps, sizes, seed):
+    reference, model = _PAIR
+    bcg.unwrap_model(model)
+    handle = bcg.wrap_model(model, backend="eager", capture_sizes=sizes, max_num_tokens=64)
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch, seq), generator=generator)
+    mask = torch.ones_like(ids)
+    pads = torch.randint(0, seq, (batch,), generator=generator) if padding != "none" else torch.zeros(batch, dtype=torch.long)
+    for row, pad in enumerate(pads.tolist()):
+        if padding == "left":
+            ids[row, :pad], mask[row, :pad] = 0, 0
+        elif padding == "right" and pad:
+            ids[row, -pad:], mask[row, -pad:] = 0, 0
+    real = mask.bool()
+    torch.testing.assert_close(_logits(model, ids, mask)[real], _logits(reference, ids, mask)[real], atol=1e-4, rtol=1e-4)
+    if decode_steps and padding != "right":
+        kwargs = dict(attention_mask=mask, max_new_tokens=decode_steps, do_sample=False, pad_token_id=0)
+        assert torch.equal(model.generate(ids, **kwargs), reference.generate(ids, **kwargs))
+    rejects = handle.stats()["rejects"]
+    assert set(rejects) <= {"padding_waste", "too_many_tokens"}
+
+
+_PAIR = (tiny_model("gemma3_text"), tiny_model("gemma3_text"))
+bcg.wrap_model(_PAIR[1], backend="eager")  # each example unwraps and wraps again with its own sizes
