@@ -1,0 +1,314 @@
+"""Decode throughput of ``generate()``: eager, HF's static cache + torch.compile, and bcg, at a fixed token count.
+
+Every contender generates exactly ``--new-tokens`` greedy tokens (min = max new tokens, EOS disabled) from the same
+random prompts. Per-token time = (t(generate N) - t(generate 1)) / (N - 1), so the prefill cancels out. Beside
+every figure: the physical floor, the bytes one decode step must read (weights; weights + KV cache) over the HBM
+bandwidth measured here with a large device-to-device copy.
+
+    python scripts/bench_decode.py                                   # qwen3-0.6b, batch 1 and 32, context 1024
+    python scripts/bench_decode.py --batches 1 8 32 --contexts 256 1024    # full grid: 6 compiles, ~8 min
+    python scripts/bench_decode.py --model llama-3.1-8b --skip-compile
+    python scripts/bench_decode.py --model tiny --batches 1 2 --contexts 16 --new-tokens 4 --out-dir /tmp/bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch._dynamo.utils import counters
+from tqdm import tqdm
+from transformers import CompileConfig, PreTrainedModel, StaticCache
+
+import bcg
+from benchutil import (
+    Series,
+    StatsDelta,
+    add_common_arguments,
+    announce_device,
+    bcg_backend,
+    default_model,
+    format_rejects,
+    hbm_bandwidth,
+    peak_memory_mib,
+    pick_device,
+    reset_peak_memory,
+    results_name,
+    save_plot,
+    snapshot,
+    stats_since,
+    timed,
+)
+from presets import build_model, decode_weight_bytes, describe, kv_bytes_per_token, pad_token_id
+from report import write_results
+
+# Two shapes, so two compiles of HF's peer (~40 s each): the default run stays within ~4 minutes on qwen3-0.6b.
+BATCHES = (1, 32)
+CONTEXTS = (1024,)
+EAGER, COMPILED, BCG = "eager", "hf-compile", "bcg"
+# HF's default CompileConfig, spelled out: what generate() uses when a static cache makes it auto-compile.
+COMPILE_CONFIG = CompileConfig(fullgraph=False, mode="reduce-overhead")
+
+Generate = Callable[[int], torch.Tensor]
+
+
+@dataclass
+class Shape:
+    """``batch`` prompts of ``context`` random tokens (no padding)."""
+
+    batch: int
+    context: int
+    input_ids: torch.Tensor
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return self.batch, self.context
+
+
+@dataclass
+class Measurement:
+    """One contender on one shape."""
+
+    first_s: float  # the first generate(N) call: bcg's captures or HF's compile included
+    n_s: float  # median generate(N)
+    one_s: float  # median generate(1)
+    tokens: torch.Tensor  # the N generated tokens of the first call, on CPU
+    peak_mib: float | None
+    stats: StatsDelta | None  # bcg: the timed calls
+    dynamo_graphs: int  # graphs torch.compile built for this shape (0: an earlier shape's graph was reused)
+    compiled: bool = False  # generate() took HF's compiled forward
+
+    def per_token_ms(self, new_tokens: int) -> float:
+        return (self.n_s - self.one_s) / (new_tokens - 1) * 1e3
+
+
+def make_shape(batch: int, context: int, vocab: int, seed: int, device: torch.device) -> Shape:
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + batch * 1009 + context)
+    ids = torch.randint(0, vocab, (batch, context), generator=generator)
+    return Shape(batch, context, ids.to(device))
+
+
+def make_generate(contender: str, model: PreTrainedModel, shape: Shape, new_tokens: int) -> Generate:
+    """``generate(n)``: n greedy tokens, never stopping early, with the contender's cache."""
+    kwargs: dict[str, Any] = {
+        "attention_mask": torch.ones_like(shape.input_ids), "do_sample": False, "eos_token_id": None,
+        "pad_token_id": pad_token_id(model.config),
+    }
+    cache = None
+    if contender == COMPILED:
+        # One StaticCache per shape, reset in place between calls. cache_implementation="static" would make a
+        # fresh cache per call, and torch re-records CUDA graphs whenever a static-address input moves.
+        cache = StaticCache(config=model.config, max_cache_len=shape.context + new_tokens)
+        kwargs["past_key_values"] = cache
+        if model.device.type == "cuda":  # HF compiles on accelerators only (it warns when asked on CPU)
+            kwargs["compile_config"] = COMPILE_CONFIG
+
+    def generate(n: int) -> torch.Tensor:
+        if cache is not None:
+            cache.reset()
+        output = model.generate(shape.input_ids, max_new_tokens=n, min_new_tokens=n, **kwargs)
+        return output[:, shape.context:]
+
+    return generate
+
+
+def dynamo_graphs() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+def measure(generate: Generate, new_tokens: int, repeats: int, device: torch.device,
+            handle: bcg.BcgHandle | None) -> Measurement:
+    reset_peak_memory(device)
+    graphs_before = dynamo_graphs()
+    first_s, tokens = timed(partial(generate, new_tokens), device)
+    before = snapshot(handle)
+    n_times, one_times = [], []
+    for _ in range(repeats):  # interleaved, so a drifting clock or temperature hits both alike
+        n_times.append(timed(partial(generate, new_tokens), device)[0])
+        one_times.append(timed(partial(generate, 1), device)[0])
+    return Measurement(first_s, statistics.median(n_times), statistics.median(one_times), tokens.cpu(),
+                       peak_memory_mib(device), stats_since(handle, before), dynamo_graphs() - graphs_before)
+
+
+def run_contender(contender: str, model: PreTrainedModel, shapes: list[Shape], args: argparse.Namespace,
+                  device: torch.device, handle: bcg.BcgHandle | None = None) -> dict[tuple[int, int], Measurement]:
+    results = {}
+    for shape in tqdm(shapes, desc=contender, leave=False):
+        generate = make_generate(contender, model, shape, args.new_tokens)
+        results[shape.key] = measure(generate, args.new_tokens, args.repeats, device, handle)
+        # generate() sets _compiled_call only when it chooses its compiled forward (the unwrapped model, static cache).
+        results[shape.key].compiled = hasattr(model, "_compiled_call")
+    return results
+
+
+def release_compiled(model: PreTrainedModel, device: torch.device) -> None:
+    """Drop HF's compiled forward and its CUDA graphs before bcg runs, so neither holds the other's memory."""
+    for attribute in ("_compiled_call", "_last_compile_config"):
+        if hasattr(model, attribute):
+            delattr(model, attribute)
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+@dataclass
+class Floors:
+    """Bytes one decode step must read, and the bandwidth they are read at."""
+
+    weight_bytes: int
+    kv_bytes_per_token: int
+    bandwidth: float | None  # bytes/s; None on CPU
+
+    def ms(self, shape: Shape, new_tokens: int, with_kv: bool) -> float | None:
+        if self.bandwidth is None:
+            return None
+        cached = shape.batch * (shape.context + new_tokens / 2)  # mean cache length over the generation
+        total = self.weight_bytes + (cached * self.kv_bytes_per_token if with_kv else 0)
+        return total / self.bandwidth * 1e3
+
+
+def check(contender: str, measurement: Measurement, shape: Shape, args: argparse.Namespace,
+          device: torch.device) -> str:
+    """bcg: every decode step replays and the prefill replays unless it exceeds max_num_tokens; HF: it compiled."""
+    if contender == COMPILED:
+        return "ok" if device.type != "cuda" or measurement.compiled else "NOT COMPILED"
+    if contender != BCG:
+        return "ok"
+    prefills = 2 * args.repeats  # one per generate(N) and one per generate(1)
+    steps = args.repeats * (args.new_tokens - 1)
+    if shape.batch * shape.context <= args.max_num_tokens:
+        expected = (prefills + steps, {})
+    else:
+        expected = (steps, {"too_many_tokens": prefills})
+    return "ok" if (measurement.stats.replays, measurement.stats.rejects) == expected else "UNEXPECTED"
+
+
+def make_row(contender: str, shape: Shape, results: dict[str, dict], floors: Floors, args: argparse.Namespace,
+             device: torch.device) -> dict[str, Any]:
+    m = results[contender][shape.key]
+    ms = m.per_token_ms(args.new_tokens)
+    eager = results[EAGER][shape.key]
+    floor_kv = floors.ms(shape, args.new_tokens, with_kv=True)
+    return {
+        "batch": shape.batch,
+        "context": shape.context,
+        "contender": contender,
+        "ms_per_token": ms,
+        "tok_s": shape.batch / ms * 1e3,
+        "speedup": eager.per_token_ms(args.new_tokens) / ms,
+        "floor_w_ms": floors.ms(shape, args.new_tokens, with_kv=False),
+        "floor_wkv_ms": floor_kv,
+        "of_floor": floor_kv / ms if floor_kv is not None else None,
+        "first_call_s": m.first_s,
+        "gen_n_s": m.n_s,
+        "gen_1_s": m.one_s,
+        "peak_mib": m.peak_mib,
+        "same_tokens": (m.tokens == eager.tokens).float().mean().item(),
+        "replays": m.stats.replays if m.stats else None,
+        "rejects": format_rejects(m.stats.rejects) if m.stats else None,
+        "dynamo_graphs": m.dynamo_graphs if contender == COMPILED else None,
+        "check": check(contender, m, shape, args, device),
+    }
+
+
+def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    """ms per step against batch: a colour per contender, a line style per context, the floor in black."""
+    colors = {EAGER: "C0", COMPILED: "C1", BCG: "C2", "floor": "black"}
+    series = []
+    for context, line in zip(sorted({r["context"] for r in rows}), ("-", "--", ":", "-.") * 4):
+        at = [r for r in rows if r["context"] == context]
+        for contender in dict.fromkeys(r["contender"] for r in at):
+            points = [(r["batch"], r["ms_per_token"]) for r in at if r["contender"] == contender]
+            series.append(Series(f"{contender}, ctx {context}", *zip(*points), style="o" + line,
+                                 color=colors[contender]))
+        floor = [(r["batch"], r["floor_wkv_ms"]) for r in at if r["contender"] == EAGER and r["floor_wkv_ms"]]
+        if floor:
+            series.append(Series(f"floor (weights + KV), ctx {context}", *zip(*floor), style="x" + line,
+                                 color=colors["floor"]))
+    save_plot(path, series, "batch", "ms per decode step", title, logy=True)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_arguments(parser)
+    parser.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
+    parser.add_argument("--contexts", type=int, nargs="+", default=list(CONTEXTS), help="prompt lengths")
+    parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated per call (>= 2)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed generate(N) / generate(1) pairs per shape")
+    parser.add_argument("--skip-compile", action="store_true",
+                        help="leave out HF's static cache + torch.compile peer (~40 s of compile per shape)")
+    args = parser.parse_args(argv)
+    if args.new_tokens < 2:
+        parser.error("--new-tokens must be at least 2 (per-token time subtracts generate(1))")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    announce_device(device)
+    name = args.model or default_model(device)
+    model = build_model(name, device, seed=args.seed)
+    floors = Floors(decode_weight_bytes(model), kv_bytes_per_token(model.config, model.dtype), hbm_bandwidth(device))
+    vocab = model.config.get_text_config(decoder=True).vocab_size
+    shapes = [make_shape(b, c, vocab, args.seed, device) for c in args.contexts for b in args.batches]
+    contenders = [EAGER] + ([] if args.skip_compile else [COMPILED]) + [BCG]
+    if COMPILED in contenders and device.type != "cuda":
+        print(f"{COMPILED} on {device.type}: static cache only, HF's generate() compiles on accelerators only")
+
+    results = {EAGER: run_contender(EAGER, model, shapes, args, device)}
+    if COMPILED in contenders:
+        results[COMPILED] = run_contender(COMPILED, model, shapes, args, device)
+        release_compiled(model, device)
+    handle = bcg.wrap_model(model, max_num_tokens=args.max_num_tokens, backend=bcg_backend(device))
+    results[BCG] = run_contender(BCG, model, shapes, args, device, handle)
+    final = handle.stats()
+    bcg.unwrap_model(model)
+
+    rows = [make_row(c, s, results, floors, args, device) for s in shapes for c in contenders]
+    flagged = [r for r in rows if r["check"] != "ok"]
+    title = f"Decode, {name}: {args.new_tokens} new tokens ({device.type})"
+    plot(rows, args.out_dir / f"{results_name('decode', name)}.png", title)
+    extra = {
+        "model": describe(name, model),
+        "settings": {"new_tokens": args.new_tokens, "repeats": args.repeats, "seed": args.seed,
+                     "max_num_tokens": args.max_num_tokens, "backend": final["backend"],
+                     "compile_config": COMPILE_CONFIG.to_dict() if COMPILED in contenders else None},
+        "floors": {"decode_weight_bytes": floors.weight_bytes, "kv_bytes_per_token": floors.kv_bytes_per_token,
+                   "hbm_bandwidth_gb_s": floors.bandwidth / 1e9 if floors.bandwidth else None},
+        "bcg_final_stats": final,
+    }
+    for row in flagged:
+        print(f"{row['check']}: {row['contender']} at batch {row['batch']}, context {row['context']}: "
+              f"replays {row['replays']}, rejects {row['rejects']}")
+    write_results(results_name("decode", name), title, rows, extra, notes=NOTES, out_dir=args.out_dir)
+    return 1 if flagged else 0
+
+
+NOTES = """\
+`generate(input_ids, attention_mask, do_sample=False, min_new_tokens=N, max_new_tokens=N, eos_token_id=None)`.
+eager: HF's default DynamicCache. hf-compile: a StaticCache (max_cache_len = context + N, made once per shape and
+reset in place between calls) passed as past_key_values, with which generate() auto-compiles its decode forward
+(CompileConfig(mode="reduce-overhead", fullgraph=False), HF's default; the prefill is not compiled); run on the
+unwrapped model before bcg. bcg: `bcg.wrap_model` (lazy capture) with the default DynamicCache.
+ms_per_token = (median t(generate N) - median t(generate 1)) / (N - 1); tok_s = batch / ms_per_token.
+floor_w_ms: decode weight bytes (untied input embeddings excluded; every MoE expert counted) / HBM bandwidth;
+floor_wkv_ms adds the KV cache at its mean length; of_floor = floor_wkv_ms / ms_per_token.
+first_call_s: the first generate(N) per shape, captures or compile included; peak_mib: peak allocated GPU memory
+over the shape's calls, that first one included. same_tokens: fraction of generated
+tokens equal to eager's (bf16 on random weights: near-ties flip greedy choices, and one flip changes the rest of
+that sequence). replays/rejects: bcg over the timed calls; a prefill of more than max_num_tokens tokens runs
+eagerly by design (too_many_tokens).
+"""
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,242 @@
+"""Multi-request prefill: eager vs bcg on the same left-padded batches, at equal outputs.
+
+R requests of seeded lengths (uniform in [0.5, 1.5] x the mean) are left-padded to the longest with an attention
+mask, as HF users batch them. Each call is one prefill as ``generate()`` runs it: a fresh DynamicCache,
+positions from the mask, and ``logits_to_keep=1`` (generate's prefill computes logits for the last token only).
+
+    python scripts/bench_prefill.py                                  # qwen3-0.6b, 5 x 4 grid (~2 min on an H100)
+    python scripts/bench_prefill.py --max-num-tokens 32768                # capture every point (default: 8192)
+    python scripts/bench_prefill.py --model qwen3-8b --requests 1 8 32 --lengths 128 512
+    python scripts/bench_prefill.py --model tiny --requests 1 4 --lengths 16 --out-dir /tmp/bench   # CPU check
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+import bcg
+from bcg.buckets import default_capture_sizes, pick_bucket
+from benchutil import (
+    MIB,
+    Series,
+    StatsDelta,
+    add_common_arguments,
+    announce_device,
+    bcg_backend,
+    default_model,
+    format_rejects,
+    median_seconds,
+    peak_memory_mib,
+    pick_device,
+    reset_peak_memory,
+    results_name,
+    save_plot,
+    snapshot,
+    stats_since,
+    timed,
+)
+from presets import build_model, describe, pad_token_id
+from report import write_results
+
+REQUESTS = (1, 4, 8, 16, 32)
+LENGTHS = (64, 128, 256, 512)
+
+
+@dataclass
+class Batch:
+    """One prefill call's inputs: ``requests`` prompts left-padded to the longest."""
+
+    requests: int
+    mean_length: int
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return self.requests, self.mean_length
+
+    @property
+    def tokens(self) -> int:
+        """Tokens per call, padding included: what the stack (and bcg's bucket) sees."""
+        return self.input_ids.numel()
+
+    @property
+    def real_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+@dataclass
+class Measurement:
+    """One contender on one batch."""
+
+    first_s: float
+    ms: float
+    logits: torch.Tensor  # last-token logits of the last timed call, on CPU
+    peak_mib: float | None
+    first: StatsDelta | None = None  # bcg: the first call (captures)
+    timed: StatsDelta | None = None  # bcg: warm-up + timed calls
+
+
+def make_batch(requests: int, mean_length: int, vocab: int, pad: int, seed: int, device: torch.device) -> Batch:
+    # Seeded per point, so restricting the grid keeps every remaining point's inputs unchanged.
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + requests * 1009 + mean_length)
+    low, high = max(1, round(0.5 * mean_length)), max(1, round(1.5 * mean_length))
+    lengths = torch.randint(low, high + 1, (requests,), generator=generator)
+    seq = int(lengths.max())
+    ids = torch.randint(0, vocab, (requests, seq), generator=generator)
+    mask = (torch.arange(seq) >= seq - lengths[:, None]).long()
+    ids = ids.masked_fill(mask == 0, pad)
+    # generate()'s own positions for a left-padded batch: count real tokens, pads at 0.
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    return Batch(requests, mean_length, ids.to(device), mask.to(device), positions.to(device))
+
+
+def prefill(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """One prefill; returns the last-token logits."""
+    output = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                   use_cache=True, logits_to_keep=1)
+    return output.logits[:, -1]
+
+
+def run_contender(name: str, model: torch.nn.Module, batches: list[Batch], device: torch.device, warmup: int,
+                  repeats: int, handle: bcg.BcgHandle | None = None) -> dict[tuple[int, int], Measurement]:
+    """First calls largest first (bcg captures them so, the way ``lazy=False`` would), then the timed calls."""
+    firsts: dict[tuple[int, int], tuple[float, StatsDelta | None]] = {}
+    for batch in tqdm(sorted(batches, key=lambda b: -b.tokens), desc=f"{name}: first calls", leave=False):
+        before = snapshot(handle)
+        seconds, _ = timed(partial(prefill, model, batch), device)
+        firsts[batch.key] = seconds, stats_since(handle, before)
+
+    results = {}
+    for batch in tqdm(batches, desc=f"{name}: timed", leave=False):
+        before = snapshot(handle)
+        reset_peak_memory(device)
+        for _ in range(warmup - 1):
+            prefill(model, batch)
+        ms, logits = median_seconds(partial(prefill, model, batch), device, repeats)
+        first_s, first = firsts[batch.key]
+        results[batch.key] = Measurement(first_s, ms * 1e3, logits.cpu(), peak_memory_mib(device), first,
+                                         stats_since(handle, before))
+    return results
+
+
+def expected_stats(batch: Batch, calls: int, max_num_tokens: int) -> tuple[int, dict[str, int]]:
+    """Replays and rejects bcg must show: every call replays inside the captured range, none beyond it."""
+    if batch.tokens <= max_num_tokens:
+        return calls, {}
+    return 0, {"too_many_tokens": calls}
+
+
+def compare(eager: torch.Tensor, other: torch.Tensor) -> tuple[float, float]:
+    """Max abs difference and argmax agreement of two [R, vocab] logit blocks."""
+    diff = (eager.float() - other.float()).abs().max().item()
+    agree = (eager.argmax(-1) == other.argmax(-1)).float().mean().item()
+    return diff, agree
+
+
+def make_row(batch: Batch, eager: Measurement, graphs: Measurement, args: argparse.Namespace) -> dict[str, Any]:
+    calls = max(args.warmup - 1, 0) + args.repeats
+    replays, rejects = expected_stats(batch, calls, args.max_num_tokens)
+    ok = graphs.timed.replays == replays and graphs.timed.rejects == rejects
+    diff, agree = compare(eager.logits, graphs.logits)
+    bucket = pick_bucket(default_capture_sizes(args.max_num_tokens), batch.tokens)
+    return {
+        "requests": batch.requests,
+        "mean_len": batch.mean_length,
+        "tokens": batch.tokens,
+        "real_tokens": batch.real_tokens,
+        "bucket": bucket if bucket is not None else "eager",
+        "eager_ms": eager.ms,
+        "bcg_ms": graphs.ms,
+        "speedup": eager.ms / graphs.ms,
+        "eager_tok_s": batch.real_tokens / eager.ms * 1e3,
+        "bcg_tok_s": batch.real_tokens / graphs.ms * 1e3,
+        "bcg_first_s": graphs.first_s,
+        "capture_s": graphs.first.capture_seconds,
+        "graph_mib": graphs.first.graph_bytes / MIB,
+        "eager_peak_mib": eager.peak_mib,
+        "bcg_peak_mib": graphs.peak_mib,
+        "replays": f"{graphs.timed.replays}/{calls}",
+        "rejects": format_rejects(graphs.timed.rejects),
+        "max_abs_diff": diff,
+        "argmax_agree": agree,
+        "check": "ok" if ok else "UNEXPECTED",
+    }
+
+
+def plot(rows: list[dict[str, Any]], path: Path, title: str, max_num_tokens: int) -> None:
+    series = []
+    for requests in sorted({r["requests"] for r in rows}):
+        points = sorted((r["tokens"], r["speedup"]) for r in rows if r["requests"] == requests)
+        series.append(Series(f"R={requests}", [p[0] for p in points], [p[1] for p in points]))
+    save_plot(path, series, "tokens per call (padded)", "speedup over eager (x)", title, hline=1.0,
+              vline=(max_num_tokens, "bcg max_num_tokens"))
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_arguments(parser)
+    parser.add_argument("--requests", type=int, nargs="+", default=list(REQUESTS), help="requests per call (R)")
+    parser.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS), help="mean prompt lengths")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed calls per point, the capturing one included")
+    parser.add_argument("--repeats", type=int, default=10, help="timed calls per point (median reported)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    announce_device(device)
+    name = args.model or default_model(device)
+    model = build_model(name, device, seed=args.seed)
+    vocab, pad = model.config.get_text_config(decoder=True).vocab_size, pad_token_id(model.config)
+    batches = [make_batch(r, n, vocab, pad, args.seed, device) for r in args.requests for n in args.lengths]
+
+    with torch.no_grad():
+        eager = run_contender("eager", model, batches, device, args.warmup, args.repeats)
+        handle = bcg.wrap_model(model, max_num_tokens=args.max_num_tokens, backend=bcg_backend(device))
+        graphs = run_contender("bcg", model, batches, device, args.warmup, args.repeats, handle)
+    final = handle.stats()
+    bcg.unwrap_model(model)
+
+    rows = [make_row(b, eager[b.key], graphs[b.key], args) for b in batches]
+    flagged = [r for r in rows if r["check"] != "ok"]
+    title = f"Prefill, {name}: eager vs bcg ({device.type})"
+    plot(rows, args.out_dir / f"{results_name('prefill', name)}.png", title, args.max_num_tokens)
+    extra = {
+        "model": describe(name, model),
+        "settings": {"warmup": args.warmup, "repeats": args.repeats, "seed": args.seed,
+                     "max_num_tokens": args.max_num_tokens, "backend": final["backend"], "logits_to_keep": 1},
+        "bcg_final_stats": final,
+    }
+    for row in flagged:
+        print(f"UNEXPECTED bcg stats at R={row['requests']} len={row['mean_len']}: replays {row['replays']}, "
+              f"rejects {row['rejects']}")
+    write_results(results_name("prefill", name), title, rows, extra, notes=NOTES, out_dir=args.out_dir)
+    return 1 if flagged else 0
+
+
+NOTES = """\
+Each call: `model(input_ids, attention_mask, position_ids, use_cache=True, logits_to_keep=1)`, a left-padded
+batch with positions from the mask and a fresh DynamicCache, as `generate()` runs its prefill (last-token logits
+only). Eager runs first on the unwrapped model, then `bcg.wrap_model` and the same inputs. Times: median of the
+timed calls after the warm-up calls (the first of which captures bcg's bucket, largest batches first), wall clock
+between device synchronisations. tok/s counts real (non-pad) tokens. `replays`/`rejects`: bcg's counters over the
+warm-up + timed calls after the capturing one; `check` is ok when every call replays (tokens <= max_num_tokens) or
+every call is rejected as too_many_tokens (beyond it, by design). `graph_mib`: graph-pool memory the point's capture
+added (stats graph_bytes); `*_peak_mib`: peak allocated GPU memory over the warm-up + timed calls (graph pools
+count only for their live blocks); `max_abs_diff`/`argmax_agree`: bcg's last-token logits against eager's.
+"""
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""Helpers shared by the benchmark scripts: device and CLI, timing, memory, bcg stats deltas, bandwidth, plots."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+from bcg.buckets import DEFAULT_MAX_NUM_TOKENS
+from report import RESULTS_DIR
+
+MIB = 2**20
+T = TypeVar("T")
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None,
+                        help="preset name (see scripts/presets.py) or a HF id/path; default qwen3-0.6b on a GPU, "
+                             "tiny on CPU")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="where results go (default: results/)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-num-tokens", type=int, default=DEFAULT_MAX_NUM_TOKENS,
+                        help="bcg's max_num_tokens; calls with more tokens run eagerly (default: the library's)")
+
+
+def results_name(kind: str, model: str) -> str:
+    """File stem for one model's results (a HF id's slashes made safe)."""
+    return f"{kind}_{re.sub(r'[^A-Za-z0-9._-]+', '_', model).strip('_')}"
+
+
+def pick_device(name: str | None) -> torch.device:
+    if name is not None:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_model(device: torch.device) -> str:
+    return "qwen3-0.6b" if device.type == "cuda" else "tiny"
+
+
+def bcg_backend(device: torch.device) -> str:
+    """Real graphs on a GPU; on CPU the same runner without graphs (checks the plumbing, not the speed)."""
+    return "cuda" if device.type == "cuda" else "eager"
+
+
+def announce_device(device: torch.device) -> None:
+    if device.type == "cuda":
+        print(f"device: {torch.cuda.get_device_name(device)}")
+        return
+    print("=" * 78)
+    print(f"device: {device}. bcg runs with backend='eager' (no CUDA graphs): this checks that the benchmark")
+    print("runs end to end. Its speed figures mean nothing; they need a GPU.")
+    print("=" * 78)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], T], device: torch.device) -> tuple[float, T]:
+    """Seconds one call takes, from a drained device to a drained device, and its result."""
+    synchronize(device)
+    start = time.perf_counter()
+    result = fn()
+    synchronize(device)
+    return time.perf_counter() - start, result
+
+
+def median_seconds(fn: Callable[[], T], device: torch.device, repeats: int) -> tuple[float, T]:
+    """Median seconds over ``repeats`` calls, and the last call's result."""
+    times = []
+    result = None
+    for _ in range(repeats):
+        seconds, result = timed(fn, device)
+        times.append(seconds)
+    return statistics.median(times), result
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mib(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / MIB
+
+
+@dataclass(frozen=True)
+class StatsDelta:
+    """What bcg did between two ``handle.stats()`` snapshots."""
+
+    replays: int
+    rejects: dict[str, int]
+    capture_seconds: float
+    graph_bytes: int
+
+    @classmethod
+    def between(cls, before: dict[str, Any], after: dict[str, Any]) -> StatsDelta:
+        rejects = Counter(after["rejects"])
+        rejects.subtract(before["rejects"])
+        return cls(
+            replays=after["replays"] - before["replays"],
+            rejects={reason: n for reason, n in rejects.items() if n},
+            capture_seconds=after["capture_seconds"] - before["capture_seconds"],
+            graph_bytes=after["graph_bytes"] - before["graph_bytes"],
+        )
+
+
+def snapshot(handle: Any) -> dict[str, Any] | None:
+    """``handle.stats()``, or None for a contender that is not bcg."""
+    return handle.stats() if handle is not None else None
+
+
+def stats_since(handle: Any, before: dict[str, Any] | None) -> StatsDelta | None:
+    return StatsDelta.between(before, handle.stats()) if handle is not None else None
+
+
+def format_rejects(rejects: dict[str, int]) -> str:
+    return ",".join(f"{reason}:{n}" for reason, n in sorted(rejects.items())) or "0"
+
+
+def hbm_bandwidth(device: torch.device, gib: float = 1.0, repeats: int = 10) -> float | None:
+    """Device-memory bandwidth in bytes/s from a large device-to-device copy (bytes read + written / time)."""
+    if device.type != "cuda":
+        return None
+    nbytes = int(gib * 2**30)
+    seconds = _copy_seconds(nbytes, device, repeats)
+    torch.cuda.empty_cache()  # the two buffers are gone: hand their memory back
+    return 2 * nbytes / seconds
+
+
+def _copy_seconds(nbytes: int, device: torch.device, repeats: int) -> float:
+    source = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    target.copy_(source)  # first touch
+    seconds, _ = median_seconds(partial(target.copy_, source), device, repeats)
+    return seconds
+
+
+@dataclass
+class Series:
+    """One line of a plot."""
+
+    label: str
+    x: Sequence[float]
+    y: Sequence[float]
+    style: str = "o-"
+    color: str | None = None
+
+
+def save_plot(path: Path, series: list[Series], xlabel: str, ylabel: str, title: str,
+              hline: float | None = None, vline: tuple[float, str] | None = None, logx: bool = True,
+              logy: bool = False) -> Path | None:
+    """Write a PNG (matplotlib, Agg); without matplotlib say so and return None: the JSON/Markdown still stand."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"matplotlib is not installed: no plot {path.name} (pip install matplotlib)")
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(8, 5))
+    for line in series:
+        axes.plot(line.x, line.y, line.style, label=line.label, color=line.color)
+    if hline is not None:
+        axes.axhline(hline, color="grey", linestyle="--", linewidth=1)
+    if vline is not None:
+        axes.axvline(vline[0], color="grey", linestyle=":", linewidth=1, label=vline[1])
+    if logx:
+        axes.set_xscale("log", base=2)
+    if logy:
+        axes.set_yscale("log")
+    axes.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize="small")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    print(f"wrote {path}")
+    return path

@@ -1,0 +1,61 @@
+"""The benchmark scripts run end to end on the tiny preset (CPU, bcg's eager backend) and write sane results."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+
+import bench_decode  # noqa: E402
+import bench_prefill  # noqa: E402
+
+
+def _rows(path: Path) -> list[dict]:
+    payload = json.loads(path.read_text())
+    assert payload["rows"], f"{path} has no rows"
+    assert payload["machine"]["torch"] and payload["command"]
+    return payload["rows"]
+
+
+def _plotted(path: Path) -> bool:
+    """The PNG exists, or matplotlib (an optional 'bench' extra) is missing and the script said so."""
+    return path.exists() or importlib.util.find_spec("matplotlib") is None
+
+
+def test_bench_prefill_tiny(tmp_path):
+    code = bench_prefill.main(["--model", "tiny", "--device", "cpu", "--requests", "1", "3", "--lengths", "8",
+                               "--warmup", "2", "--repeats", "1", "--out-dir", str(tmp_path)])
+    assert code == 0
+    rows = _rows(tmp_path / "prefill_tiny.json")
+    assert [(r["requests"], r["mean_len"]) for r in rows] == [(1, 8), (3, 8)]
+    for row in rows:  # all inside the captured range: every call replays, none is rejected
+        assert row["check"] == "ok" and row["rejects"] == "0" and row["replays"] == "2/2"
+        assert row["argmax_agree"] == 1.0 and row["max_abs_diff"] == 0.0
+        assert row["real_tokens"] <= row["tokens"] <= row["bucket"]
+    assert (tmp_path / "prefill_tiny.md").exists()
+    assert _plotted(tmp_path / "prefill_tiny.png")
+
+
+def test_bench_prefill_beyond_max_num_tokens_is_flagged_as_expected(tmp_path):
+    code = bench_prefill.main(["--model", "tiny", "--device", "cpu", "--requests", "4", "--lengths", "8",
+                               "--max-num-tokens", "16", "--warmup", "1", "--repeats", "2",
+                               "--out-dir", str(tmp_path)])
+    assert code == 0
+    (row,) = _rows(tmp_path / "prefill_tiny.json")
+    assert row["bucket"] == "eager" and row["rejects"] == "too_many_tokens:2" and row["check"] == "ok"
+
+
+def test_bench_decode_tiny(tmp_path):
+    code = bench_decode.main(["--model", "tiny", "--device", "cpu", "--batches", "1", "2", "--contexts", "8",
+                              "--new-tokens", "3", "--repeats", "1", "--out-dir", str(tmp_path)])
+    assert code == 0
+    rows = _rows(tmp_path / "decode_tiny.json")
+    assert [(r["batch"], r["contender"]) for r in rows] == [
+        (b, c) for b in (1, 2) for c in ("eager", "hf-compile", "bcg")]
+    for row in rows:
+        assert row["check"] == "ok" and row["same_tokens"] == 1.0
+    for row in (r for r in rows if r["contender"] == "bcg"):
+        # one timed generate(3) and one generate(1): 2 prefills + 2 decode steps, all replayed
+        assert row["rejects"] == "0" and row["replays"] == 4
+    assert _plotted(tmp_path / "decode_tiny.png")
