@@ -75,6 +75,12 @@ class BreakSlot:
     k: torch.Tensor
     v: torch.Tensor
     out: torch.Tensor
+    direct_sdpa: bool = False
+    module_is_causal: bool = True
+
+
+# Per-layer kwargs the direct SDPA path understands; anything else (softcap, sinks, biases) takes the model's function.
+_PLAIN_SDPA_KWARGS = frozenset({"scaling", "dropout", "sliding_window", "is_causal"})
 
 
 def original_attention_function(implementation: str | None, module: nn.Module) -> Callable:
@@ -90,18 +96,50 @@ def original_attention_function(implementation: str | None, module: nn.Module) -
 def run_break(slot: BreakSlot) -> None:
     """The eager body between two graph segments: cache update and attention on the live tokens."""
     live = LIVE.get()
-    n, b, s = live.num_tokens, live.batch, live.seq
-    q = slot.q[:n].view(b, s, *slot.q.shape[1:]).transpose(1, 2)
-    k = slot.k[:n].view(b, s, *slot.k.shape[1:]).transpose(1, 2)
-    v = slot.v[:n].view(b, s, *slot.v.shape[1:]).transpose(1, 2)
+    q = live.tokens_of(slot.q, heads_first=True)
+    k = live.tokens_of(slot.k, heads_first=True)
+    v = live.tokens_of(slot.v, heads_first=True)
     if live.cache is not None:
         k, v = live.cache.update(k, v, slot.layer_idx)
-    out, _ = slot.attention_fn(
-        slot.module, q, k, v, live.mask_for(slot.layer_type), position_ids=live.position_ids, **slot.kwargs
+    out = live.tokens_of(slot.out, heads_first=False)
+    mask = live.mask_for(slot.layer_type)
+    if slot.direct_sdpa:
+        _sdpa_into(out, slot, q, k, v, mask)
+    else:
+        result, _ = slot.attention_fn(slot.module, q, k, v, mask, position_ids=live.position_ids, **slot.kwargs)
+        out.copy_(result)
+    if live.bucket > live.num_tokens:
+        slot.out[live.num_tokens : live.bucket].zero_()  # stale tail rows caused NaNs downstream elsewhere
+
+
+def _sdpa_into(out: torch.Tensor, slot: BreakSlot, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: torch.Tensor | None) -> None:
+    """transformers' sdpa_attention_forward for plain layers, writing straight into the output bridge.
+
+    The break's host time is the budget of a replay: this skips the wrapper's generic checks and its
+    ``transpose().contiguous()`` copy. Same kernel choices: GQA through ``enable_gqa`` when there is no mask,
+    repeated KV heads otherwise, causal only for an unmasked multi-token query.
+    """
+    q_len = q.shape[2]
+    groups = q.shape[1] // k.shape[1]
+    extra = {}
+    if groups > 1:
+        if mask is None:
+            extra["enable_gqa"] = True
+        else:
+            k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
+    is_causal = q_len > 1 and mask is None and slot.kwargs.get("is_causal", slot.module_is_causal)
+    if is_causal and k.shape[2] > q_len:  # prefill into an empty static cache: keys past the query are unused
+        k, v = k[:, :, :q_len], v[:, :, :q_len]
+    result = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, scale=slot.kwargs.get("scaling"), is_causal=is_causal, **extra
     )
-    slot.out[:n].view(b, s, *slot.out.shape[1:]).copy_(out)
-    if live.bucket > n:
-        slot.out[n : live.bucket].zero_()  # stale tail rows caused NaNs downstream elsewhere
+    out.copy_(result.transpose(1, 2))
+
+
+def _repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
+    batch, heads, length, dim = states.shape
+    return states[:, :, None].expand(batch, heads, groups, length, dim).reshape(batch, heads * groups, length, dim)
 
 
 @dataclass
@@ -138,12 +176,15 @@ class StackRun:
         heads, _, dim = query.shape[1:]
         kv_heads, _, k_dim = key.shape[1:]
         v_dim = value.shape[-1]
+        constant_kwargs = {k: v for k, v in kwargs.items() if k not in _PER_CALL_KWARGS}
         return BreakSlot(
             module=module,
             layer_idx=layer_idx,
             layer_type=layer_type,
             attention_fn=original_attention_function(self.original_implementation, module),
-            kwargs={k: v for k, v in kwargs.items() if k not in _PER_CALL_KWARGS},
+            kwargs=constant_kwargs,
+            direct_sdpa=self.original_implementation == "sdpa" and set(constant_kwargs) <= _PLAIN_SDPA_KWARGS,
+            module_is_causal=getattr(module, "is_causal", True),
             q=self.bridges.get("q", heads, dim, query.dtype),
             k=self.bridges.get("k", kv_heads, k_dim, key.dtype),
             v=self.bridges.get("v", kv_heads, v_dim, value.dtype),

@@ -7,7 +7,7 @@ here and reaches the breaks through a ContextVar set around each replay.
 from __future__ import annotations
 
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -28,9 +28,23 @@ class LiveContext:
     cache: Any = None
     masks: torch.Tensor | dict | None = None
     position_ids: torch.Tensor | None = None
+    _views: dict = field(default_factory=dict, repr=False)
 
     def mask_for(self, layer_type: str) -> torch.Tensor | None:
         return self.masks[layer_type] if isinstance(self.masks, dict) else self.masks
+
+    def tokens_of(self, bridge: torch.Tensor, heads_first: bool) -> torch.Tensor:
+        """The live tokens of a token-major bridge as [B, S, H, D] (or [B, H, S, D]); made once per call.
+
+        Bridges are shared by all layers, so every break of this call reuses the same views.
+        """
+        key = (id(bridge), heads_first)
+        view = self._views.get(key)
+        if view is None:
+            view = bridge[: self.num_tokens].view(self.batch, self.seq, *bridge.shape[1:])
+            view = view.transpose(1, 2) if heads_first else view
+            self._views[key] = view
+        return view
 
 
 LIVE: ContextVar[LiveContext | None] = ContextVar("bcg_live_context", default=None)

@@ -15,7 +15,9 @@ import bcg
 from tiny_models import left_padded_batch, tiny_model
 
 pytestmark = pytest.mark.gpu
-GPU_ARCHITECTURES = ["llama", "qwen3", "mistral", "gemma2", "gpt2", "opt", "phi3", "qwen3_moe", "gpt_oss"]
+# MoE models are tested in bf16 below: in fp32 the experts' grouped_mm fallback copies from the host and
+# cannot be captured (those buckets fall back to eager, counted as capture_failed).
+GPU_ARCHITECTURES = ["llama", "qwen3", "mistral", "gemma2", "gpt2", "opt", "phi3", "gemma3_text"]
 GENERATE = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
 
 
