@@ -1,0 +1,49 @@
+"""Capture cost: the whole default size ladder captured up front (largest first), time and graph memory.
+
+    python scripts/bench_capture.py --model qwen3-8b
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import bcg
+from benchutil import add_common_arguments, announce_device, default_model, pick_device, results_name
+from presets import build_model
+from report import write_results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_arguments(parser)
+    args = parser.parse_args()
+    device = pick_device(args.device)
+    announce_device(device)
+    model_name = args.model or default_model(device)
+    model = build_model(model_name, device)
+    free_before = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
+    start = time.perf_counter()
+    handle = bcg.wrap_model(model, lazy=False, max_num_tokens=args.max_num_tokens)
+    wall = time.perf_counter() - start
+    stats = handle.stats()
+    free_after = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
+    row = {
+        "model": model_name,
+        "sizes": len(stats["captured"]),
+        "largest": max(stats["captured"]),
+        "capture_s": stats["capture_seconds"],
+        "wrap_wall_s": round(wall, 2),
+        "graph_mib": round(stats["graph_bytes"] / 2**20, 1),
+        "bridge_mib": round(stats["bridge_bytes"] / 2**20, 1),
+        "device_mem_used_mib": round((free_before - free_after) / 2**20, 1),
+        "failures": len(stats["capture_failures"]),
+    }
+    write_results(results_name("capture", model_name), f"bcg capture of the default ladder: {model_name}", [row],
+                  extra={"stats": stats}, out_dir=args.out_dir)
+
+
+if __name__ == "__main__":
+    main()
