@@ -97,10 +97,11 @@ class CudaBackend:
     name = "cuda"
     warmup_runs = 2
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, attention_kernels: str = "fast") -> None:
         from breakable_cuda_graphs import no_graph
 
         self.device = device
+        self.attention_kernels = attention_kernels
         self._no_graph = no_graph
         self._stream = torch.cuda.Stream(device)
         self._pool = torch.cuda.graph_pool_handle()
@@ -135,6 +136,8 @@ class CudaBackend:
         return sum(s["total_size"] for s in segments if tuple(s.get("segment_pool_id", ())) == pool)
 
     def replay_context(self):
+        if self.attention_kernels == "eager":
+            return nullcontext()
         # cuDNN attention plans anew for every KV length and costs 1-2 ms of host time per call on H100:
         # inside breaks, let SDPA choose among flash / memory-efficient / math only.
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -142,7 +145,7 @@ class CudaBackend:
         return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
-def make_backend(name: str, device: torch.device) -> Backend:
+def make_backend(name: str, device: torch.device, attention_kernels: str = "fast") -> Backend:
     if name == "cuda":
-        return CudaBackend(device)
+        return CudaBackend(device, attention_kernels)
     return EagerBackend()

@@ -22,6 +22,7 @@ logger = logging.getLogger("bcg")
 
 _HANDLE_ATTRIBUTE = "_bcg_handle"
 _DEBUG_MODES = (False, True, "addresses", "numerics")
+_ATTENTION_KERNELS = ("fast", "eager")
 
 
 @dataclass
@@ -113,6 +114,7 @@ def wrap_model(
     backend: str | None = None,
     lazy: bool = True,
     debug: bool | str = False,
+    attention_kernels: str = "fast",
 ) -> BcgHandle:
     """Capture ``model``'s layer stack in breakable CUDA graphs keyed by token count and replay it on every call.
 
@@ -124,6 +126,10 @@ def wrap_model(
         lazy: capture each size on first use (default) or all of them now, largest first.
         debug: ``True`` / ``"addresses"`` raises naming every tensor that moved since capture;
             ``"numerics"`` runs eager beside each replay and records the largest difference in ``stats()``.
+        attention_kernels: SDPA kernels the breaks may use on CUDA. ``"fast"`` (default): flash /
+            memory-efficient / math, no cuDNN (whose per-call planning costs 1-2 ms of host time per layer on
+            H100); bf16 outputs then differ from an eager run that picked cuDNN by rounding. ``"eager"``: whatever
+            SDPA picks, as in eager: token-identical to eager on the same kernels, slower decode.
     """
     _check_model(model)
     existing = getattr(model, _HANDLE_ATTRIBUTE, None)
@@ -135,6 +141,8 @@ def wrap_model(
     sizes = resolve_capture_sizes(capture_sizes, max_num_tokens)
     if debug not in _DEBUG_MODES:
         raise ValueError(f"debug must be one of {_DEBUG_MODES}, got {debug!r}")
+    if attention_kernels not in _ATTENTION_KERNELS:
+        raise ValueError(f"attention_kernels must be one of {_ATTENTION_KERNELS}, got {attention_kernels!r}")
     if not isinstance(lazy, bool):
         raise ValueError(f"lazy must be True or False, got {lazy!r}")
     device = next(model.parameters()).device
@@ -153,7 +161,7 @@ def wrap_model(
 
     if backend_name == "cuda":
         _use_capturable_experts(model, restore)
-    runner = StackRunner(model, stack, make_backend(backend_name, device), sizes, debug=debug)
+    runner = StackRunner(model, stack, make_backend(backend_name, device, attention_kernels), sizes, debug=debug)
     restore.stack = stack.module
     restore.instance_forward = stack.module.__dict__.get("forward")
     stack.module.forward = runner.forward

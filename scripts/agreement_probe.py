@@ -4,7 +4,7 @@
 
 Variants, all greedy on the same MGSM prompts: eager as loaded; eager with SDPA restricted to flash /
 memory-efficient / math (what bcg's breaks use); eager one prompt at a time (batch composition); bcg; and
-bcg with SDPA left unrestricted. Prints how many generations are identical for each pair.
+bcg with ``attention_kernels="eager"`` (SDPA left unrestricted). Prints how many generations are identical for each pair.
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ def main() -> None:
     }
     handle = bcg.wrap_model(model)
     runs["bcg"] = generate(prompts)
-    handle.runner.backend.replay_context = nullcontext
+    bcg.unwrap_model(model)
+    handle = bcg.wrap_model(model, attention_kernels="eager")
     runs["bcg_unrestricted"] = generate(prompts)
     names = list(runs)
     for i, a in enumerate(names):

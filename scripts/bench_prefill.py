@@ -5,7 +5,7 @@ mask, as HF users batch them. Each call is one prefill as ``generate()`` runs it
 positions from the mask, and ``logits_to_keep=1`` (generate's prefill computes logits for the last token only).
 
     python scripts/bench_prefill.py                                  # qwen3-0.6b, 5 x 4 grid (~2 min on an H100)
-    python scripts/bench_prefill.py --max-num-tokens 32768                # capture every point (default: 8192)
+    python scripts/bench_prefill.py --max-num-tokens 32768                # capture every point (default: 4096)
     python scripts/bench_prefill.py --model qwen3-8b --requests 1 8 32 --lengths 128 512
     python scripts/bench_prefill.py --model tiny --requests 1 4 --lengths 16 --out-dir /tmp/bench   # CPU check
 """

@@ -21,6 +21,7 @@ def test_bad_capture_sizes_raise_value_error_naming_the_fix(sizes):
     (dict(capture_sizes=[4, 128], max_num_tokens=64), "exceed max_num_tokens"),
     (dict(backend="tpu"), "backend"),
     (dict(debug="verbose", backend="eager"), "debug"),
+    (dict(attention_kernels="cudnn", backend="eager"), "attention_kernels"),
 ])
 def test_bad_options_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
