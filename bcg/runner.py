@@ -73,7 +73,7 @@ class StackRunner:
 
     # ----- the patched forward -----
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():  # traced by dynamo: step aside, uncounted (a lock cannot be traced)
             return self.original_forward(*args, **kwargs)
         if getattr(self._local, "active", False):
             self.stats.count_reject("reentrant")

@@ -136,3 +136,66 @@ def test_moe_bf16_graphs_match_eager(arch):
     assert (logits[real].argmax(-1) == reference[real].argmax(-1)).float().mean() >= 0.9
     assert (tokens == reference_tokens).float().mean() >= 0.9
     assert handle.stats()["rejects"] == {} and handle.stats()["replays"] == 1 + GENERATE["max_new_tokens"]
+
+
+def test_capture_out_of_memory_falls_back_to_eager():
+    """A real CUDA OOM inside capture: one warning, the reason in stats, the eager answer, partial graphs freed."""
+    reference = tiny_model("llama", device="cuda", hidden_size=512, intermediate_size=4096, num_attention_heads=8)
+    model = tiny_model("llama", device="cuda", hidden_size=512, intermediate_size=4096, num_attention_heads=8)
+    ids = torch.randint(3, 128, (8, 512), device="cuda")
+    with torch.no_grad():
+        expected = reference(ids, use_cache=False).logits
+    del reference
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(0).total_memory
+    # Room for the eager forward (which frees as it goes) but not for warm-up + a graph pool holding every activation.
+    torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_allocated() + 2**30) / total)
+    try:
+        handle = bcg.wrap_model(model, capture_sizes=[4096], max_num_tokens=4096)
+        with pytest.warns(bcg.BcgCaptureWarning):
+            with torch.no_grad():
+                got = model(ids, use_cache=False).logits
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert handle.stats()["capture_failures"] and handle.stats()["captured"] == []
+
+
+def test_cast_on_gpu_invalidates_and_recaptures():
+    reference = tiny_model("qwen3", device="cuda")
+    model = tiny_model("qwen3", device="cuda")
+    handle = bcg.wrap_model(model)
+    ids, mask = left_padded_batch(device="cuda")
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+        model.half()
+        reference.half()
+        with pytest.warns(bcg.BcgInvalidatedWarning):
+            got = model(ids, attention_mask=mask).logits.float()
+        expected = reference(ids, attention_mask=mask).logits.float()
+    real = mask.bool()
+    assert (got[real] - expected[real]).abs().max() < 1e-2
+    assert handle.stats()["invalidations"] == 1 and handle.stats()["replays"] == 2
+
+
+def test_randomized_parity_real_graphs():
+    """The CPU hypothesis test's space, on real graphs (a fixed sample: capture per example is the slow part)."""
+    generator = torch.Generator().manual_seed(11)
+    reference = tiny_model("gemma3_text", device="cuda")
+    model = tiny_model("gemma3_text", device="cuda")
+    handle = bcg.wrap_model(model, capture_sizes=[1, 2, 4, 8, 16, 32, 48, 64], max_num_tokens=64)
+    for _ in range(20):
+        batch = int(torch.randint(1, 5, (1,), generator=generator))
+        seq = int(torch.randint(1, 13, (1,), generator=generator))
+        ids = torch.randint(3, 128, (batch, seq), generator=generator)
+        mask = torch.ones_like(ids)
+        pads = torch.randint(0, seq, (batch,), generator=generator)
+        for row, pad in enumerate(pads.tolist()):
+            ids[row, :pad], mask[row, :pad] = 0, 0
+        ids, mask = ids.cuda(), mask.cuda()
+        with torch.no_grad():
+            got, expected = model(ids, attention_mask=mask).logits, reference(ids, attention_mask=mask).logits
+        torch.testing.assert_close(got[mask.bool()], expected[mask.bool()], atol=1e-4, rtol=1e-4)
+        kwargs = dict(attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        assert torch.equal(model.generate(ids, **kwargs), reference.generate(ids, **kwargs))
+    assert set(handle.stats()["rejects"]) <= {"padding_waste"}

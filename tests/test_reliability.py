@@ -150,3 +150,22 @@ def test_randomized_parity(batch, seq, padding, decode_steps, sizes, seed):
 
 _PAIR = (tiny_model("gemma3_text"), tiny_model("gemma3_text"))
 bcg.wrap_model(_PAIR[1], backend="eager")  # each example unwraps and wraps again with its own sizes
+
+
+def test_out_of_memory_during_capture_leaves_the_eager_answer(monkeypatch):
+    from bcg.backends import EagerBackend
+
+    def fail(self, run):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(EagerBackend, "capture", fail)
+    reference, model = tiny_model("llama"), tiny_model("llama")
+    handle = bcg.wrap_model(model, backend="eager")
+    ids, mask = left_padded_batch()
+    with pytest.warns(bcg.BcgCaptureWarning, match="out of memory"):
+        got = _logits(model, ids, mask)
+    again = _logits(model, ids, mask)  # the failed bucket is not retried: no second warning, still eager
+    assert torch.equal(got, _logits(reference, ids, mask)) and torch.equal(again, got)
+    stats = handle.stats()
+    assert stats["rejects"] == {"capture_failed": 2} and "out of memory" in stats["capture_failures"]["ids:32"]
+    assert stats["captured"] == [] and stats["ready"] is True
