@@ -109,3 +109,63 @@ def test_unsupported_models_warn_once_and_stay_correct(build, match):
         assert torch.equal(got, reference(ids, attention_mask=mask).logits)
     assert handle.stats()["ready"] is False and handle.stats()["replays"] == 0
     bcg.unwrap_model(model)
+
+
+def _tiny_gemma3_multimodal():
+    from transformers import AutoModelForImageTextToText
+
+    text = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, sliding_window=6,
+                layer_types=["sliding_attention", "full_attention"])
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    config = AutoConfig.for_model("gemma3", text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                  image_token_index=299, boi_token_index=297, eoi_token_index=298)
+    torch.manual_seed(0)
+    return AutoModelForImageTextToText.from_config(config).eval()
+
+
+def test_multimodal_model_wraps_its_language_model():
+    reference, model = _tiny_gemma3_multimodal(), _tiny_gemma3_multimodal()
+    ids, mask = left_padded_batch()
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    expected = reference.generate(ids, **kwargs)
+    handle = bcg.wrap_model(model, backend="eager")
+    assert handle.runner.stack.path == "model.language_model"
+    assert torch.equal(model.generate(ids, **kwargs), expected)
+    assert handle.stats()["replays"] == 6 and handle.stats()["rejects"] == {}
+
+
+def test_stack_found_by_scanning_warns_and_names_it(monkeypatch):
+    model = tiny_model("llama")
+    monkeypatch.setattr(type(model), "get_decoder", lambda self: self)
+    with pytest.warns(bcg.BcgResolveWarning, match="using 'model'"):
+        handle = bcg.wrap_model(model, backend="eager")
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+    assert handle.stats()["replays"] == 1
+
+
+@pytest.mark.parametrize("device_map, match", [
+    ({"model.embed_tokens": "cpu", "model.layers": "disk", "lm_head": "cpu"}, "offloads"),
+    ({"model.layers.0": 0, "model.layers.1": 1, "lm_head": 1}, "split across devices"),
+])
+def test_offloaded_or_split_models_stay_eager(device_map, match):
+    model = tiny_model("llama")
+    model.hf_device_map = device_map
+    with pytest.warns(bcg.BcgFallbackWarning, match=match):
+        handle = bcg.wrap_model(model, backend="eager")
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+    assert handle.stats()["ready"] is False and handle.stats()["replays"] == 0
+
+
+def test_meta_weights_stay_eager():
+    config = tiny_model("llama").config
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    with pytest.warns(bcg.BcgFallbackWarning, match="meta"):
+        handle = bcg.wrap_model(model, backend="eager")
+    assert handle.stats()["ready"] is False
