@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -152,7 +152,6 @@ class StackRun:
     layer_types: list[str] | None
     break_fn: Callable[[BreakSlot], None]
     breaks: int = 0
-    seen: set = field(default_factory=set)
 
     def slot_for(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  kwargs: dict) -> BreakSlot:

@@ -23,7 +23,7 @@ _SUPPORTED_CACHE_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer, StaticLayer,
 _ATTENTION_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "chunked_attention"})
 _OUTPUT_FLAGS = ("output_attentions", "output_hidden_states", "output_router_logits")
 # Arguments a stack forward may receive that bcg understands (or that change nothing it computes).
-_KNOWN_ARGUMENTS = frozenset(
+KNOWN_ARGUMENTS = frozenset(
     {"input_ids", "attention_mask", "position_ids", "past_key_values", "inputs_embeds", "use_cache",
      "cache_position", "return_dict", *_OUTPUT_FLAGS}
 )

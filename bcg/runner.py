@@ -17,7 +17,7 @@ from . import debug as addresses
 from .attention import Bridges, BreakSlot, StackRun, run_break, run_stack_under_bcg
 from .backends import Backend, Graph
 from .buckets import pick_bucket
-from .eligibility import _KNOWN_ARGUMENTS, Call, reject_reason
+from .eligibility import KNOWN_ARGUMENTS, Call, reject_reason
 from .errors import BcgCaptureWarning, BcgInvalidatedWarning
 from .live import LIVE, LiveContext, capture_context, default_position_ids, live_masks
 from .resolve import Stack
@@ -106,7 +106,7 @@ class StackRunner:
     def _bind(self, args: tuple, kwargs: dict) -> Call:
         arguments = dict(zip(self._parameter_names, args))
         arguments.update(kwargs)
-        extra = {k: v for k, v in arguments.items() if k not in _KNOWN_ARGUMENTS and v is not None and v is not False}
+        extra = {k: v for k, v in arguments.items() if k not in KNOWN_ARGUMENTS and v is not None and v is not False}
         return Call(arguments, extra)
 
     # ----- eligibility helpers -----

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,7 +33,6 @@ class _Restore:
     instance_forward: Any = None  # an instance-level forward that existed before (e.g. an accelerate hook)
     disable_compile: Any = None
     experts_implementation: dict | None = None
-    extras: dict = field(default_factory=dict)
 
 
 class BcgHandle:
