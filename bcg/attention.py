@@ -76,7 +76,7 @@ class BreakSlot:
     v: torch.Tensor
     out: torch.Tensor
     direct_sdpa: bool = False
-    module_is_causal: bool = True
+    is_causal: bool = True  # the layer's own flag, as sdpa_attention_forward resolves it
 
 
 # Per-layer kwargs the direct SDPA path understands; anything else (softcap, sinks, biases) takes the model's function.
@@ -128,13 +128,18 @@ def _sdpa_into(out: torch.Tensor, slot: BreakSlot, q: torch.Tensor, k: torch.Ten
             extra["enable_gqa"] = True
         else:
             k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
-    is_causal = q_len > 1 and mask is None and slot.kwargs.get("is_causal", slot.module_is_causal)
+    is_causal = q_len > 1 and mask is None and slot.is_causal
     if is_causal and k.shape[2] > q_len:  # prefill into an empty static cache: keys past the query are unused
         k, v = k[:, :, :q_len], v[:, :, :q_len]
     result = torch.nn.functional.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, scale=slot.kwargs.get("scaling"), is_causal=is_causal, **extra
     )
     out.copy_(result.transpose(1, 2))
+
+
+def _layer_is_causal(module: nn.Module, kwargs: dict) -> bool:
+    explicit = kwargs.get("is_causal")
+    return getattr(module, "is_causal", True) if explicit is None else bool(explicit)
 
 
 def _repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
@@ -183,7 +188,7 @@ class StackRun:
             attention_fn=original_attention_function(self.original_implementation, module),
             kwargs=constant_kwargs,
             direct_sdpa=self.original_implementation == "sdpa" and set(constant_kwargs) <= _PLAIN_SDPA_KWARGS,
-            module_is_causal=getattr(module, "is_causal", True),
+            is_causal=_layer_is_causal(module, constant_kwargs),
             q=self.bridges.get("q", heads, dim, query.dtype),
             k=self.bridges.get("k", kv_heads, k_dim, key.dtype),
             v=self.bridges.get("v", kv_heads, v_dim, value.dtype),

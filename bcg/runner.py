@@ -293,7 +293,8 @@ class StackRunner:
                 eager = self.original_forward(**{**call.arguments, "past_key_values": shadow_cache})
             diff = (output.last_hidden_state.float() - eager[0].float()).abs().max().item()
             self.stats.record_numerics(diff)
-            logger.info("bcg numerics: %d tokens, max |graph - eager| = %.3e", call.tokens[0].numel(), diff)
+            num_tokens = call.tokens.shape[0] * call.tokens.shape[1]
+            logger.info("bcg numerics: %d tokens, max |graph - eager| = %.3e", num_tokens, diff)
         return output
 
     def _fill_static(self, kind: str, tokens: torch.Tensor, positions: torch.Tensor, n: int, bucket: int) -> None:
