@@ -61,14 +61,15 @@ def past_length(cache: Any) -> int | torch.Tensor:
 
 def default_position_ids(
     model_type: str, attention_mask: Any, cache: Any, batch: int, seq: int, device: torch.device
-) -> torch.Tensor:
-    """Positions the stack would compute itself when the caller passes none."""
-    past = past_length(cache)
-    if model_type in _MASK_DERIVED_POSITIONS and isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
+) -> torch.Tensor | None:
+    """Positions the stack would compute itself when the caller passes none (None: not derivable here)."""
+    if model_type in _MASK_DERIVED_POSITIONS and attention_mask is not None:
+        if not (isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2):
+            return None  # the model derives them from a 2D mask; a prepared 4D/dict mask does not say
         positions = torch.cumsum(attention_mask, dim=1)
         positions = (positions * attention_mask - 1).long()
         return positions[:, -seq:]
-    positions = torch.arange(seq, device=device) + past
+    positions = torch.arange(seq, device=device) + past_length(cache)
     return positions.unsqueeze(0).expand(batch, seq)
 
 

@@ -18,7 +18,7 @@ from .attention import Bridges, BreakSlot, StackRun, run_break, run_stack_under_
 from .backends import Backend, Graph
 from .buckets import pick_bucket
 from .eligibility import KNOWN_ARGUMENTS, Call, reject_reason
-from .errors import BcgCaptureWarning, BcgInvalidatedWarning
+from .errors import BcgCaptureWarning, BcgFallbackWarning, BcgInvalidatedWarning
 from .live import LIVE, LiveContext, capture_context, default_position_ids, live_masks
 from .resolve import Stack
 from .stats import Stats
@@ -201,8 +201,6 @@ class StackRunner:
             )
 
     def _disable(self, reason: str) -> None:
-        from .errors import BcgFallbackWarning
-
         self.disabled_reason = reason
         self.free_graphs()
         warnings.warn(f"bcg: {reason}; the model stays eager", BcgFallbackWarning, stacklevel=6)
@@ -261,9 +259,9 @@ class StackRunner:
         mask = call.get("attention_mask")
         positions = call.get("position_ids")
         if positions is None:
-            if self.model_type == "opt" and isinstance(mask, (dict, torch.Tensor)) and not _is_2d(mask):
-                return None
             positions = default_position_ids(self.model_type, mask, cache, batch, seq, self.device)
+            if positions is None:
+                return None
         positions = positions.expand(batch, seq)
         masks = live_masks(self.config, mask, cache, positions, batch, seq, self.dtype, self.device)
         if isinstance(masks, dict) and any(slot.layer_type not in masks for slot in self.slots):
@@ -304,10 +302,6 @@ class StackRunner:
         if bucket > n:  # harmless pad in the tail: token 0 at position 0
             flat[0, n:bucket].zero_()
             self.static_positions[0, n:bucket].zero_()
-
-
-def _is_2d(mask: Any) -> bool:
-    return isinstance(mask, torch.Tensor) and mask.ndim == 2
 
 
 def _forward_parameters(forward: Any) -> list[str]:
