@@ -57,6 +57,12 @@ class Bridges:
             self.buffers[key] = buffer
         return buffer
 
+    def zero_output_tails(self, start: int, stop: int) -> None:
+        """Zero rows [start, stop) of the output bridges: breaks write only the live rows, the tail stays harmless."""
+        for (role, *_), buffer in self.buffers.items():
+            if role == "out":
+                buffer[start:stop].zero_()
+
     @property
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers.values())
@@ -108,8 +114,6 @@ def run_break(slot: BreakSlot) -> None:
     else:
         result, _ = slot.attention_fn(slot.module, q, k, v, mask, position_ids=live.position_ids, **slot.kwargs)
         out.copy_(result)
-    if live.bucket > live.num_tokens:
-        slot.out[live.num_tokens : live.bucket].zero_()  # stale tail rows caused NaNs downstream elsewhere
 
 
 def _sdpa_into(out: torch.Tensor, slot: BreakSlot, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

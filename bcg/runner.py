@@ -299,9 +299,10 @@ class StackRunner:
         flat = self.static_ids if kind == "ids" else self.static_embeds
         flat[0, :n].copy_(tokens.reshape(n, *tokens.shape[2:]))
         self.static_positions[0, :n].copy_(positions.reshape(n))
-        if bucket > n:  # harmless pad in the tail: token 0 at position 0
+        if bucket > n:  # harmless pad in the tail: token 0 at position 0, zero attention output
             flat[0, n:bucket].zero_()
             self.static_positions[0, n:bucket].zero_()
+            self.bridges.zero_output_tails(n, bucket)
 
 
 def _forward_parameters(forward: Any) -> list[str]:

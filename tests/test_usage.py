@@ -116,6 +116,21 @@ def test_returned_hidden_state_does_not_alias_static_buffers(pair):
     assert torch.equal(first, kept)
 
 
+def test_padded_bucket_tail_holds_zeros_not_stale_rows(pair):
+    """Rows past N in the output bridge are zeroed once per call, whatever an earlier call left there."""
+    reference, wrapped, handle = pair
+    ids, mask = left_padded_batch(batch=3, seq=9)  # 27 tokens -> bucket 32
+    with torch.no_grad():
+        wrapped(ids, attention_mask=mask)  # captures: the bridges exist from here on
+    for buffer in handle.runner.bridges.buffers.values():
+        buffer.fill_(float("nan"))
+    with torch.no_grad():
+        got = wrapped(ids, attention_mask=mask).logits
+        want = reference(ids, attention_mask=mask).logits
+    outputs = [b for (role, *_), b in handle.runner.bridges.buffers.items() if role == "out"]
+    assert outputs and all(torch.count_nonzero(b[27:32]) == 0 for b in outputs)
+    assert torch.allclose(got[mask.bool()], want[mask.bool()], atol=1e-4)
+
 @pytest.mark.parametrize(
     "call, reason",
     [
