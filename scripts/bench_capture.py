@@ -11,7 +11,7 @@ import time
 import torch
 
 import bcg
-from benchutil import add_common_arguments, announce_device, default_model, pick_device, results_name
+from benchutil import add_common_arguments, announce_device, default_model, output_stem, pick_device
 from presets import build_model
 from report import write_results
 
@@ -41,7 +41,7 @@ def main() -> None:
         "device_mem_used_mib": round((free_before - free_after) / 2**20, 1),
         "failures": len(stats["capture_failures"]),
     }
-    write_results(results_name("capture", model_name), f"bcg capture of the default ladder: {model_name}", [row],
+    write_results(output_stem(args, "capture", model_name), f"bcg capture of the default ladder: {model_name}", [row],
                   extra={"stats": stats}, out_dir=args.out_dir)
 
 

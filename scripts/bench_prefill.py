@@ -1,12 +1,14 @@
 """Multi-request prefill: eager vs bcg on the same left-padded batches, at equal outputs.
 
-R requests of seeded lengths (uniform in [0.5, 1.5] x the mean) are left-padded to the longest with an attention
+R requests of seeded lengths (uniform in [1 - spread, 1 + spread] x the mean, spread 0.5 by default; 0 gives
+every request exactly the mean length) are left-padded to the longest with an attention
 mask, as HF users batch them. Each call is one prefill as ``generate()`` runs it: a fresh DynamicCache,
 positions from the mask, and ``logits_to_keep=1`` (generate's prefill computes logits for the last token only).
 
     python scripts/bench_prefill.py                                  # qwen3-0.6b, 5 x 4 grid (~2 min on an H100)
     python scripts/bench_prefill.py --max-num-tokens 32768                # capture every point (default: 4096)
     python scripts/bench_prefill.py --model qwen3-8b --requests 1 8 32 --lengths 128 512
+    python scripts/bench_prefill.py --requests 8 --lengths 128 --spread 0            # 8 requests of exactly 128
     python scripts/bench_prefill.py --model tiny --requests 1 4 --lengths 16 --out-dir /tmp/bench   # CPU check
 """
 
@@ -35,10 +37,10 @@ from benchutil import (
     default_model,
     format_rejects,
     median_seconds,
+    output_stem,
     peak_memory_mib,
     pick_device,
     reset_peak_memory,
-    results_name,
     save_plot,
     snapshot,
     stats_since,
@@ -87,10 +89,11 @@ class Measurement:
     timed: StatsDelta | None = None  # bcg: warm-up + timed calls
 
 
-def make_batch(requests: int, mean_length: int, vocab: int, pad: int, seed: int, device: torch.device) -> Batch:
+def make_batch(requests: int, mean_length: int, spread: float, vocab: int, pad: int, seed: int,
+               device: torch.device) -> Batch:
     # Seeded per point, so restricting the grid keeps every remaining point's inputs unchanged.
     generator = torch.Generator().manual_seed(seed * 1_000_003 + requests * 1009 + mean_length)
-    low, high = max(1, round(0.5 * mean_length)), max(1, round(1.5 * mean_length))
+    low, high = max(1, round((1 - spread) * mean_length)), max(1, round((1 + spread) * mean_length))
     lengths = torch.randint(low, high + 1, (requests,), generator=generator)
     seq = int(lengths.max())
     ids = torch.randint(0, vocab, (requests, seq), generator=generator)
@@ -188,9 +191,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add_common_arguments(parser)
     parser.add_argument("--requests", type=int, nargs="+", default=list(REQUESTS), help="requests per call (R)")
     parser.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS), help="mean prompt lengths")
+    parser.add_argument("--spread", type=float, default=0.5,
+                        help="lengths uniform in [1 - spread, 1 + spread] x mean; 0: all equal (default %(default)s)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls per point, the capturing one included")
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per point (median reported)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not 0 <= args.spread < 1:
+        parser.error(f"--spread must be in [0, 1), got {args.spread}")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -200,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     name = args.model or default_model(device)
     model = build_model(name, device, seed=args.seed)
     vocab, pad = model.config.get_text_config(decoder=True).vocab_size, pad_token_id(model.config)
-    batches = [make_batch(r, n, vocab, pad, args.seed, device) for r in args.requests for n in args.lengths]
+    batches = [make_batch(r, n, args.spread, vocab, pad, args.seed, device) for r in args.requests for n in args.lengths]
 
     with torch.no_grad():
         eager = run_contender("eager", model, batches, device, args.warmup, args.repeats)
@@ -212,17 +220,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = [make_row(b, eager[b.key], graphs[b.key], args) for b in batches]
     flagged = [r for r in rows if r["check"] != "ok"]
     title = f"Prefill, {name}: eager vs bcg ({device.type})"
-    plot(rows, args.out_dir / f"{results_name('prefill', name)}.png", title, args.max_num_tokens)
+    plot(rows, args.out_dir / f"{output_stem(args, 'prefill', name)}.png", title, args.max_num_tokens)
     extra = {
         "model": describe(name, model),
         "settings": {"warmup": args.warmup, "repeats": args.repeats, "seed": args.seed,
-                     "max_num_tokens": args.max_num_tokens, "backend": final["backend"], "logits_to_keep": 1},
+                     "spread": args.spread, "max_num_tokens": args.max_num_tokens, "backend": final["backend"], "logits_to_keep": 1},
         "bcg_final_stats": final,
     }
     for row in flagged:
         print(f"UNEXPECTED bcg stats at R={row['requests']} len={row['mean_len']}: replays {row['replays']}, "
               f"rejects {row['rejects']}")
-    write_results(results_name("prefill", name), title, rows, extra, notes=NOTES, out_dir=args.out_dir)
+    write_results(output_stem(args, "prefill", name), title, rows, extra, notes=NOTES, out_dir=args.out_dir)
     return 1 if flagged else 0
 
 

@@ -28,6 +28,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                              "tiny on CPU")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="where results go (default: results/)")
+    parser.add_argument("--out-name", default=None, help="results file stem (default <kind>_<model>)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-num-tokens", type=int, default=DEFAULT_MAX_NUM_TOKENS,
                         help="bcg's max_num_tokens; calls with more tokens run eagerly (default: the library's)")
@@ -36,6 +37,11 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
 def results_name(kind: str, model: str) -> str:
     """File stem for one model's results (a HF id's slashes made safe)."""
     return f"{kind}_{re.sub(r'[^A-Za-z0-9._-]+', '_', model).strip('_')}"
+
+
+def output_stem(args: argparse.Namespace, kind: str, model: str) -> str:
+    """The results file stem: ``--out-name`` when given, else ``<kind>_<model>``."""
+    return args.out_name or results_name(kind, model)
 
 
 def pick_device(name: str | None) -> torch.device:
