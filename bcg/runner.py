@@ -6,6 +6,7 @@ import copy
 import logging
 import threading
 import time
+import traceback
 import warnings
 from functools import partial
 from typing import Any
@@ -190,7 +191,10 @@ class StackRunner:
     def _capture_failed(self, key: tuple[str, int], error: Exception) -> None:
         self.failed[key] = f"{type(error).__name__}: {error}"
         self.stats.capture_failures[f"{key[0]}:{key[1]}"] = self.failed[key]
-        logger.warning("bcg: capture of %s bucket %d failed: %s", key[0], key[1], self.failed[key], exc_info=error)
+        # The traceback as text: a handler that keeps records would otherwise pin the failed run's frames and
+        # their GPU tensors, and the next bucket's capture would run out of memory as well.
+        logger.warning("bcg: capture of %s bucket %d failed: %s\n%s", key[0], key[1], self.failed[key],
+                       "".join(traceback.format_exception(error)).rstrip())
         if not self._warned_capture:
             self._warned_capture = True
             warnings.warn(

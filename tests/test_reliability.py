@@ -169,3 +169,40 @@ def test_out_of_memory_during_capture_leaves_the_eager_answer(monkeypatch):
     stats = handle.stats()
     assert stats["rejects"] == {"capture_failed": 2} and "out of memory" in stats["capture_failures"]["ids:32"]
     assert stats["captured"] == [] and stats["ready"] is True
+
+
+def test_failed_capture_releases_its_tensors_even_when_logs_are_kept(monkeypatch):
+    """The failed run's activations must not outlive it (a kept log record once pinned them, and the next
+    bucket's capture then ran out of memory too)."""
+    import logging
+    import weakref
+
+    from bcg.backends import EagerBackend
+
+    activations = []
+
+    def fail(self, run):
+        activation = torch.empty(1024)
+        activations.append(weakref.ref(activation))
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    class KeepRecords(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.records = []
+
+        def emit(self, record):
+            self.records.append(record)
+
+    keeper = KeepRecords()
+    logging.getLogger("bcg").addHandler(keeper)
+    monkeypatch.setattr(EagerBackend, "capture", fail)
+    try:
+        model = tiny_model("llama")
+        bcg.wrap_model(model, backend="eager")
+        with pytest.warns(bcg.BcgCaptureWarning):
+            _logits(model, *left_padded_batch())
+    finally:
+        logging.getLogger("bcg").removeHandler(keeper)
+    assert any("Traceback" in r.getMessage() for r in keeper.records)  # the traceback is still logged, as text
+    assert activations and activations[0]() is None
