@@ -1,10 +1,13 @@
 """Where a bcg call spends its time: host µs per break and per graph segment, and the top GPU kernels.
 
     python scripts/profile_breaks.py --model qwen3-0.6b --requests 8 --length 128   # a multi-request prefill
-    python scripts/profile_breaks.py --model qwen3-0.6b --decode                      # one decode step, bs 1
+    python scripts/profile_breaks.py --model qwen3-0.6b --requests 8 --length 128 --spread 0   # equal lengths
+    python scripts/profile_breaks.py --model qwen3-0.6b --decode                      # generate(), bs 1
 
 The break body's host time is the budget (see DESIGN.md): this script times every break and every CUDA graph
-segment of one replay on the host, then lists the GPU kernels of eager and bcg side by side (torch.profiler).
+segment of one replay on the host, then lists the GPU kernels of eager and bcg side by side (torch.profiler)
+with the GPU busy time per call. ``--decode`` also times a plain forward loop (no generate()) to separate
+generate()'s own per-step host time from the model's.
 """
 
 from __future__ import annotations
@@ -13,12 +16,16 @@ import argparse
 import statistics
 import time
 from collections import defaultdict
+from functools import partial
 from typing import Any
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
+from transformers import DynamicCache
 
 import bcg
+from bench_prefill import make_batch
 from presets import build_model
 
 _host_times: dict[str, list[float]] = defaultdict(list)
@@ -48,15 +55,24 @@ def instrument(handle: bcg.BcgHandle) -> None:
                 segments[i] = _Timed(segment, label)
 
 
-def batch(requests: int, length: int, vocab: int) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(0)
-    lengths = torch.randint(length // 2, length * 3 // 2 + 1, (requests,), generator=generator)
-    ids = torch.randint(3, vocab, (requests, int(lengths.max())), generator=generator)
-    mask = torch.ones_like(ids)
-    for row, n in enumerate(lengths.tolist()):
-        mask[row, : ids.shape[1] - n] = 0
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return {"input_ids": ids.cuda(), "attention_mask": mask.cuda(), "position_ids": positions.cuda()}
+def batch(requests: int, length: int, spread: float, vocab: int) -> dict[str, torch.Tensor]:
+    """bench_prefill's inputs for one point (same seed, so the figures line up with its tables)."""
+    b = make_batch(requests, length, spread, vocab, pad=0, seed=0, device=torch.device("cuda"))
+    return {"input_ids": b.input_ids, "attention_mask": b.attention_mask, "position_ids": b.position_ids}
+
+
+def forward_loop(model: torch.nn.Module, prompt: dict[str, torch.Tensor], steps: int) -> torch.Tensor:
+    """Greedy decode by plain forward calls: what a step costs without generate()'s own host work."""
+    cache = DynamicCache(config=model.config)
+    logits = model(**prompt, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    mask = prompt["attention_mask"]
+    tokens = []
+    for _ in range(steps):
+        token = logits[:, -1].argmax(-1, keepdim=True)
+        tokens.append(token)
+        mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+        logits = model(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True).logits
+    return torch.cat(tokens, dim=1)
 
 
 def median_ms(fn, repeats: int = 10) -> float:
@@ -70,12 +86,15 @@ def median_ms(fn, repeats: int = 10) -> float:
     return statistics.median(times)
 
 
-def top_kernels(fn, label: str, rows: int = 12) -> None:
+def top_kernels(fn, label: str, rows: int = 12) -> float:
+    """Print the top GPU kernels of one call; return its GPU busy time (sum of kernel times) in ms."""
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
     print(f"\n== {label}: top GPU kernels ==")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=60))
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]  # ops would count their kernels twice
+    return sum(e.device_time_total for e in kernels) / 1e3
 
 
 def main() -> None:
@@ -83,37 +102,43 @@ def main() -> None:
     parser.add_argument("--model", default="qwen3-0.6b")
     parser.add_argument("--requests", type=int, default=8)
     parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--spread", type=float, default=0.5, help="as bench_prefill's --spread")
     parser.add_argument("--decode", action="store_true", help="profile generate(): bs 1, 256-token prompt, 32 new")
     args = parser.parse_args()
 
     model = build_model(args.model, torch.device("cuda"))
     vocab = model.config.vocab_size
+    calls = {}
     if args.decode:
-        prompt = batch(1, 256, vocab)
+        prompt = batch(1, 256, 0.0, vocab)
         del prompt["position_ids"]
-
-        def call() -> Any:  # 31 decode steps and one prefill: the breaks' medians are decode breaks
-            return model.generate(**prompt, max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)
+        steps = 32
+        # 31 decode steps and one prefill each: the breaks' medians are decode breaks
+        calls["generate"] = partial(model.generate, **prompt, max_new_tokens=steps, min_new_tokens=steps,
+                                    do_sample=False, pad_token_id=0)
+        calls["forward loop"] = partial(forward_loop, model, prompt, steps)
     else:
-        inputs = batch(args.requests, args.length, vocab)
+        steps = 1
+        calls["prefill"] = partial(model, **batch(args.requests, args.length, args.spread, vocab), use_cache=True,
+                                   logits_to_keep=1)
 
-        def call() -> Any:
-            return model(**inputs, use_cache=True, logits_to_keep=1)
-
+    rows = []
     with torch.no_grad():
-        eager_ms = median_ms(call)
-        top_kernels(call, "eager")
+        eager = {name: (median_ms(call), top_kernels(call, f"eager {name}")) for name, call in calls.items()}
         handle = bcg.wrap_model(model)
-        call()
+        for call in calls.values():
+            call()
         instrument(handle)
         _host_times.clear()
-        bcg_ms = median_ms(call)
-        top_kernels(call, "bcg")
-    print(f"\nmedian ms: eager {eager_ms:.2f}  bcg {bcg_ms:.2f}  stats {handle.stats()['rejects']} "
-          f"replays {handle.stats()['replays']}")
+        for name, call in calls.items():
+            bcg_ms, bcg_gpu = median_ms(call), top_kernels(call, f"bcg {name}")
+            rows.append((name, *eager[name], bcg_ms, bcg_gpu))
+    print(f"\nbcg rejects {handle.stats()['rejects']}, replays {handle.stats()['replays']}")
+    print(f"{'call':<14}{'eager ms':>10}{'eager GPU ms':>14}{'bcg ms':>10}{'bcg GPU ms':>12}   (per call; /{steps} steps)")
+    for name, *figures in rows:
+        print(f"{name:<14}" + "".join(f"{f:>{w}.2f}" for f, w in zip(figures, (10, 14, 10, 12))))
     for label, times in _host_times.items():
-        print(f"host {label}: {statistics.median(times) * 1e6:.1f} µs median over {len(times)}, "
-              f"{sum(times) / 11 * 1e3:.2f} ms per call")
+        print(f"host {label}: {statistics.median(times) * 1e6:.1f} µs median over {len(times)}")
 
 
 if __name__ == "__main__":
