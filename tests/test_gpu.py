@@ -4,6 +4,7 @@ Run on a CUDA machine with ``python -m pytest -m gpu tests/test_gpu.py``. SmolLM
 pointing at the directory made by ``../shared/tools/get-smollm2.sh``.
 """
 
+import gc
 import json
 import os
 from pathlib import Path
@@ -147,9 +148,11 @@ def test_capture_out_of_memory_falls_back_to_eager():
     with torch.no_grad():
         expected = reference(ids, use_cache=False).logits
     total = torch.cuda.get_device_properties(0).total_memory
+    gc.collect()  # earlier tests' wrapped models are reference cycles: free them before measuring
     torch.cuda.empty_cache()
     # 64 MiB of room: enough for 8 tokens, not for the activations of 4096 (each MLP tensor alone is 128 MiB).
-    torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_allocated() + 64 * 2**20) / total)
+    # The fraction caps *reserved* memory, so the room is counted from what the allocator already holds.
+    torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved() + 64 * 2**20) / total)
     try:
         with pytest.warns(bcg.BcgCaptureWarning, match="OutOfMemoryError"):
             handle = bcg.wrap_model(model, capture_sizes=[8, 4096], max_num_tokens=4096, lazy=False)
