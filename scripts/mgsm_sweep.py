@@ -5,6 +5,11 @@ no lm-eval caches, so every bcg answer is generated fresh. Log-likelihoods are c
 them with a right-padded batch and no attention mask, a different path through the model than generation.
 
     python scripts/mgsm_sweep.py --model Qwen/Qwen2.5-0.5B --tasks mgsm_direct_en,mgsm_native_cot_en
+    python scripts/mgsm_sweep.py --model DIR --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf --max-gen-toks 64 \
+        --attention-kernels eager      # results/mgsm_smollm2-135m-instruct_eager-kernels.md
+
+With the default ``--attention-kernels fast`` bcg's breaks keep SDPA off cuDNN; bf16 greedy text then differs
+from eager's wherever the attention kernel matters. ``eager`` lets SDPA choose as eager does: answers match.
 """
 
 from __future__ import annotations
