@@ -277,7 +277,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = [make_row(c, s, results, floors, args, device) for s in shapes for c in contenders]
     flagged = [r for r in rows if r["check"] != "ok"]
     title = f"Decode, {name}: {args.new_tokens} new tokens ({device.type})"
-    plot(rows, args.out_dir / f"{output_stem(args, 'decode', name)}.png", title)
+    stem = output_stem(args, "decode", name)
+    plot(rows, args.out_dir / f"{stem}.png", title)
     extra = {
         "model": describe(name, model),
         "settings": {"new_tokens": args.new_tokens, "repeats": args.repeats, "seed": args.seed,
@@ -290,7 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for row in flagged:
         print(f"{row['check']}: {row['contender']} at batch {row['batch']}, context {row['context']}: "
               f"replays {row['replays']}, rejects {row['rejects']}")
-    write_results(output_stem(args, "decode", name), title, rows, extra, notes=NOTES, out_dir=args.out_dir)
+    write_results(stem, title, rows, extra, notes=NOTES, out_dir=args.out_dir)
     return 1 if flagged else 0
 
 

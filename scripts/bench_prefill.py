@@ -208,7 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     name = args.model or default_model(device)
     model = build_model(name, device, seed=args.seed)
     vocab, pad = model.config.get_text_config(decoder=True).vocab_size, pad_token_id(model.config)
-    batches = [make_batch(r, n, args.spread, vocab, pad, args.seed, device) for r in args.requests for n in args.lengths]
+    batches = [make_batch(r, n, args.spread, vocab, pad, args.seed, device)
+               for r in args.requests for n in args.lengths]
 
     with torch.no_grad():
         eager = run_contender("eager", model, batches, device, args.warmup, args.repeats)
@@ -220,17 +221,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = [make_row(b, eager[b.key], graphs[b.key], args) for b in batches]
     flagged = [r for r in rows if r["check"] != "ok"]
     title = f"Prefill, {name}: eager vs bcg ({device.type})"
-    plot(rows, args.out_dir / f"{output_stem(args, 'prefill', name)}.png", title, args.max_num_tokens)
+    stem = output_stem(args, "prefill", name)
+    plot(rows, args.out_dir / f"{stem}.png", title, args.max_num_tokens)
     extra = {
         "model": describe(name, model),
-        "settings": {"warmup": args.warmup, "repeats": args.repeats, "seed": args.seed,
-                     "spread": args.spread, "max_num_tokens": args.max_num_tokens, "backend": final["backend"], "logits_to_keep": 1},
+        "settings": {"warmup": args.warmup, "repeats": args.repeats, "seed": args.seed, "spread": args.spread,
+                     "max_num_tokens": args.max_num_tokens, "backend": final["backend"], "logits_to_keep": 1},
         "bcg_final_stats": final,
     }
     for row in flagged:
         print(f"UNEXPECTED bcg stats at R={row['requests']} len={row['mean_len']}: replays {row['replays']}, "
               f"rejects {row['rejects']}")
-    write_results(output_stem(args, "prefill", name), title, rows, extra, notes=NOTES, out_dir=args.out_dir)
+    write_results(stem, title, rows, extra, notes=NOTES, out_dir=args.out_dir)
     return 1 if flagged else 0
 
 

@@ -134,7 +134,8 @@ def main() -> None:
             bcg_ms, bcg_gpu = median_ms(call), top_kernels(call, f"bcg {name}")
             rows.append((name, *eager[name], bcg_ms, bcg_gpu))
     print(f"\nbcg rejects {handle.stats()['rejects']}, replays {handle.stats()['replays']}")
-    print(f"{'call':<14}{'eager ms':>10}{'eager GPU ms':>14}{'bcg ms':>10}{'bcg GPU ms':>12}   (per call; /{steps} steps)")
+    header = f"{'call':<14}{'eager ms':>10}{'eager GPU ms':>14}{'bcg ms':>10}{'bcg GPU ms':>12}"
+    print(f"{header}   (per call; /{steps} steps)")
     for name, *figures in rows:
         print(f"{name:<14}" + "".join(f"{f:>{w}.2f}" for f, w in zip(figures, (10, 14, 10, 12))))
     for label, times in _host_times.items():
