@@ -8,6 +8,7 @@ import threading
 import time
 import traceback
 import warnings
+from contextlib import nullcontext
 from functools import partial
 from typing import Any
 
@@ -20,6 +21,7 @@ from .backends import Backend, Graph
 from .buckets import pick_bucket
 from .eligibility import KNOWN_ARGUMENTS, Call, reject_reason
 from .errors import BcgCaptureWarning, BcgFallbackWarning, BcgInvalidatedWarning
+from .fusion import Fusions
 from .live import LIVE, LiveContext, capture_context, default_position_ids, live_masks
 from .resolve import Stack
 from .stats import Stats
@@ -35,7 +37,7 @@ class StackRunner:
     """Owns the graphs of one model's stack and decides, per call, between replay and the eager forward."""
 
     def __init__(self, model: torch.nn.Module, stack: Stack, backend: Backend, sizes: list[int],
-                 debug: bool | str = False) -> None:
+                 debug: bool | str = False, fusions: Fusions | None = None) -> None:
         self.model = model
         self.stack = stack
         self.config = stack.config
@@ -43,6 +45,7 @@ class StackRunner:
         self.sizes = sizes
         self.debug = debug
         self.strict_addresses = debug in (True, "addresses")
+        self.fusions = fusions
         self.original_forward = stack.module.forward
         self._parameter_names = list(_forward_parameters(self.original_forward))
         self.original_implementation = self.config._attn_implementation
@@ -64,7 +67,7 @@ class StackRunner:
         self.failed: dict[tuple[str, int], str] = {}
         self.output_cls: type | None = None
         self.disabled_reason: str | None = None
-        self.stats = Stats(backend.name)
+        self.stats = Stats(backend.name, fused=fusions.describe() if fusions else {})
         self._lock = threading.Lock()
         self._local = threading.local()
         self._tensor_slots = addresses.tensor_slots(stack.module)
@@ -175,7 +178,8 @@ class StackRunner:
             inputs = {"input_ids": self.static_ids[:, :bucket]}
         else:
             inputs = {"inputs_embeds": self.static_embeds[:, :bucket]}
-        with torch.no_grad(), run_stack_under_bcg(run, self.configs):
+        fused = self.fusions.installed() if self.fusions else nullcontext()
+        with torch.no_grad(), run_stack_under_bcg(run, self.configs), fused:
             output = self.original_forward(
                 **inputs, position_ids=self.static_positions[:, :bucket],
                 attention_mask=None, past_key_values=None, use_cache=False,

@@ -21,6 +21,7 @@ class Stats:
     invalidations: int = 0
     numerics_checks: int = 0
     numerics_max_diff: float | None = None
+    fused: dict[str, int] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def count_reject(self, reason: str) -> None:
@@ -52,4 +53,5 @@ class Stats:
             "bridge_bytes": self.bridge_bytes,
             "invalidations": self.invalidations,
             "numerics": {"checks": self.numerics_checks, "max_diff": self.numerics_max_diff},
+            "fused_kernels": dict(self.fused),
         }

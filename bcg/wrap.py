@@ -14,6 +14,7 @@ from .backends import make_backend
 from .buckets import DEFAULT_MAX_NUM_TOKENS, resolve_capture_sizes, validate_max_num_tokens
 from .eligibility import model_unsupported_reason
 from .errors import BcgFallbackWarning, BcgWarning
+from .fusion import Fusions, find_fusions, unavailable_reason
 from .resolve import find_stack
 from .runner import StackRunner
 from .stats import Stats
@@ -105,6 +106,15 @@ def _use_capturable_experts(model: PreTrainedModel, restore: _Restore) -> None:
     restore.experts_implementation = saved
 
 
+def _fusions(stack: torch.nn.Module) -> Fusions:
+    fusions = find_fusions(stack)
+    if not fusions.norms and not fusions.rotary_modules:
+        warnings.warn("bcg: fused_kernels=True but no RMSNorm or rotary code in this model matches Llama's; "
+                      "nothing is fused", BcgWarning, stacklevel=3)
+    logger.info("bcg: fused kernels for %s", fusions.describe())
+    return fusions
+
+
 def wrap_model(
     model: PreTrainedModel,
     *,
@@ -114,6 +124,7 @@ def wrap_model(
     lazy: bool = True,
     debug: bool | str = False,
     attention_kernels: str = "fast",
+    fused_kernels: bool = False,
 ) -> BcgHandle:
     """Capture ``model``'s layer stack in breakable CUDA graphs keyed by token count and replay it on every call.
 
@@ -129,6 +140,10 @@ def wrap_model(
             memory-efficient / math, no cuDNN (whose per-call planning costs 1-2 ms of host time per layer on
             H100); bf16 outputs then differ from an eager run that picked cuDNN by rounding. ``"eager"``: whatever
             SDPA picks, as in eager: token-identical to eager on the same kernels, slower decode.
+        fused_kernels: capture Triton kernels in place of the model's RMSNorm and rotary-embedding code where
+            that code is Llama's (one launch instead of 8-10 per call: faster small-model steps and prefill).
+            The rotary embedding stays bit-identical; RMSNorm sums its squares in another order, so bf16
+            outputs can differ from eager by rounding. Needs CUDA and triton.
     """
     _check_model(model)
     existing = getattr(model, _HANDLE_ATTRIBUTE, None)
@@ -144,8 +159,12 @@ def wrap_model(
         raise ValueError(f"attention_kernels must be one of {_ATTENTION_KERNELS}, got {attention_kernels!r}")
     if not isinstance(lazy, bool):
         raise ValueError(f"lazy must be True or False, got {lazy!r}")
+    if not isinstance(fused_kernels, bool):
+        raise ValueError(f"fused_kernels must be True or False, got {fused_kernels!r}")
     device = next(model.parameters()).device
     backend_name = _pick_backend(backend, device)
+    if fused_kernels and (why := unavailable_reason(device)) is not None:
+        raise ValueError(f"fused_kernels=True: {why}; wrap without fused_kernels instead")
 
     restore = _Restore()
     stack = find_stack(model)
@@ -160,7 +179,9 @@ def wrap_model(
 
     if backend_name == "cuda":
         _use_capturable_experts(model, restore)
-    runner = StackRunner(model, stack, make_backend(backend_name, device, attention_kernels), sizes, debug=debug)
+    fusions = _fusions(stack.module) if fused_kernels else None
+    runner = StackRunner(model, stack, make_backend(backend_name, device, attention_kernels), sizes, debug=debug,
+                         fusions=fusions)
     restore.stack = stack.module
     restore.instance_forward = stack.module.__dict__.get("forward")
     stack.module.forward = runner.forward
