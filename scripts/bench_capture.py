@@ -11,7 +11,7 @@ import time
 import torch
 
 import bcg
-from benchutil import add_common_arguments, announce_device, default_model, output_stem, pick_device
+from benchutil import add_common_arguments, announce_device, default_model, output_stem, pick_device, wrap_options
 from presets import build_model
 from report import write_results
 
@@ -26,7 +26,7 @@ def main() -> None:
     model = build_model(model_name, device)
     free_before = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
     start = time.perf_counter()
-    handle = bcg.wrap_model(model, lazy=False, max_num_tokens=args.max_num_tokens)
+    handle = bcg.wrap_model(model, lazy=False, **wrap_options(args, device))
     wall = time.perf_counter() - start
     stats = handle.stats()
     free_after = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0

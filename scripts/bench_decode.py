@@ -30,11 +30,11 @@ from transformers import CompileConfig, PreTrainedModel, StaticCache
 
 import bcg
 from benchutil import (
+    FUSED_HELP,
     Series,
     StatsDelta,
     add_common_arguments,
     announce_device,
-    bcg_backend,
     default_model,
     format_rejects,
     hbm_bandwidth,
@@ -46,6 +46,7 @@ from benchutil import (
     snapshot,
     stats_since,
     timed,
+    wrap_options,
 )
 from presets import build_model, decode_weight_bytes, describe, kv_bytes_per_token, pad_token_id
 from report import write_results
@@ -53,7 +54,7 @@ from report import write_results
 # Two shapes, so two compiles of HF's peer (~40 s each): the default run stays within ~4 minutes on qwen3-0.6b.
 BATCHES = (1, 32)
 CONTEXTS = (1024,)
-EAGER, COMPILED, BCG = "eager", "hf-compile", "bcg"
+EAGER, COMPILED, BCG, BCG_FUSED = "eager", "hf-compile", "bcg", "bcg-fused"
 # HF's default CompileConfig, spelled out: what generate() uses when a static cache makes it auto-compile.
 COMPILE_CONFIG = CompileConfig(fullgraph=False, mode="reduce-overhead")
 
@@ -181,7 +182,7 @@ def check(contender: str, measurement: Measurement, shape: Shape, args: argparse
     """bcg: every decode step replays and the prefill replays unless it exceeds max_num_tokens; HF: it compiled."""
     if contender == COMPILED:
         return "ok" if device.type != "cuda" or measurement.compiled else "NOT COMPILED"
-    if contender != BCG:
+    if contender not in (BCG, BCG_FUSED):
         return "ok"
     prefills = 2 * args.repeats  # one per generate(N) and one per generate(1)
     steps = args.repeats * (args.new_tokens - 1)
@@ -222,7 +223,7 @@ def make_row(contender: str, shape: Shape, results: dict[str, dict], floors: Flo
 
 def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     """ms per step against batch: a colour per contender, a line style per context, the floor in black."""
-    colors = {EAGER: "C0", COMPILED: "C1", BCG: "C2", "floor": "black"}
+    colors = {EAGER: "C0", COMPILED: "C1", BCG: "C2", BCG_FUSED: "C3", "floor": "black"}
     series = []
     for context, line in zip(sorted({r["context"] for r in rows}), ("-", "--", ":", "-.") * 4):
         at = [r for r in rows if r["context"] == context]
@@ -244,6 +245,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--contexts", type=int, nargs="+", default=list(CONTEXTS), help="prompt lengths")
     parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated per call (>= 2)")
     parser.add_argument("--repeats", type=int, default=3, help="timed generate(N) / generate(1) pairs per shape")
+    parser.add_argument("--fused-kernels", action="store_true", help=FUSED_HELP)
     parser.add_argument("--skip-compile", action="store_true",
                         help="leave out HF's static cache + torch.compile peer (~40 s of compile per shape)")
     args = parser.parse_args(argv)
@@ -261,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     floors = Floors(decode_weight_bytes(model), kv_bytes_per_token(model.config, model.dtype), hbm_bandwidth(device))
     vocab = model.config.get_text_config(decoder=True).vocab_size
     shapes = [make_shape(b, c, vocab, args.seed, device) for c in args.contexts for b in args.batches]
-    contenders = [EAGER] + ([] if args.skip_compile else [COMPILED]) + [BCG]
+    contenders = [EAGER, *([] if args.skip_compile else [COMPILED]), BCG, *([BCG_FUSED] if args.fused_kernels else [])]
     if COMPILED in contenders and device.type != "cuda":
         print(f"{COMPILED} on {device.type}: static cache only, HF's generate() compiles on accelerators only")
 
@@ -269,10 +271,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if COMPILED in contenders:
         results[COMPILED] = run_contender(COMPILED, model, shapes, args, device)
         release_compiled(model, device)
-    handle = bcg.wrap_model(model, max_num_tokens=args.max_num_tokens, backend=bcg_backend(device))
-    results[BCG] = run_contender(BCG, model, shapes, args, device, handle)
-    final = handle.stats()
-    bcg.unwrap_model(model)
+    final = {}
+    for contender in (c for c in contenders if c in (BCG, BCG_FUSED)):
+        handle = bcg.wrap_model(model, fused_kernels=contender == BCG_FUSED, **wrap_options(args, device))
+        results[contender] = run_contender(contender, model, shapes, args, device, handle)
+        final[contender] = handle.stats()
+        bcg.unwrap_model(model)
 
     rows = [make_row(c, s, results, floors, args, device) for s in shapes for c in contenders]
     flagged = [r for r in rows if r["check"] != "ok"]
@@ -282,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     extra = {
         "model": describe(name, model),
         "settings": {"new_tokens": args.new_tokens, "repeats": args.repeats, "seed": args.seed,
-                     "max_num_tokens": args.max_num_tokens, "backend": final["backend"],
+                     "max_num_tokens": args.max_num_tokens, "backend": final[BCG]["backend"],
                      "compile_config": COMPILE_CONFIG.to_dict() if COMPILED in contenders else None},
         "floors": {"decode_weight_bytes": floors.weight_bytes, "kv_bytes_per_token": floors.kv_bytes_per_token,
                    "hbm_bandwidth_gb_s": floors.bandwidth / 1e9 if floors.bandwidth else None},

@@ -28,12 +28,12 @@ from tqdm import tqdm
 import bcg
 from bcg.buckets import default_capture_sizes, pick_bucket
 from benchutil import (
+    FUSED_HELP,
     MIB,
     Series,
     StatsDelta,
     add_common_arguments,
     announce_device,
-    bcg_backend,
     default_model,
     format_rejects,
     median_seconds,
@@ -45,6 +45,7 @@ from benchutil import (
     snapshot,
     stats_since,
     timed,
+    wrap_options,
 )
 from presets import build_model, describe, pad_token_id
 from report import write_results
@@ -147,10 +148,11 @@ def compare(eager: torch.Tensor, other: torch.Tensor) -> tuple[float, float]:
     return diff, agree
 
 
-def make_row(batch: Batch, eager: Measurement, graphs: Measurement, args: argparse.Namespace) -> dict[str, Any]:
+def make_row(batch: Batch, eager: Measurement, graphs: Measurement, args: argparse.Namespace,
+             fused: Measurement | None = None) -> dict[str, Any]:
     calls = max(args.warmup - 1, 0) + args.repeats
-    replays, rejects = expected_stats(batch, calls, args.max_num_tokens)
-    ok = graphs.timed.replays == replays and graphs.timed.rejects == rejects
+    expected = expected_stats(batch, calls, args.max_num_tokens)
+    ok = all((m.timed.replays, m.timed.rejects) == expected for m in (graphs, fused) if m is not None)
     diff, agree = compare(eager.logits, graphs.logits)
     bucket = pick_bucket(default_capture_sizes(args.max_num_tokens), batch.tokens)
     return {
@@ -173,15 +175,25 @@ def make_row(batch: Batch, eager: Measurement, graphs: Measurement, args: argpar
         "rejects": format_rejects(graphs.timed.rejects),
         "max_abs_diff": diff,
         "argmax_agree": agree,
+        **(fused_columns(eager, fused) if fused is not None else {}),
         "check": "ok" if ok else "UNEXPECTED",
     }
 
 
+def fused_columns(eager: Measurement, fused: Measurement) -> dict[str, Any]:
+    """bcg with fused_kernels=True beside the plain figures: time, speedup, and its logits against eager's."""
+    diff, agree = compare(eager.logits, fused.logits)
+    return {"fused_ms": fused.ms, "fused_speedup": eager.ms / fused.ms, "fused_capture_s": fused.first.capture_seconds,
+            "fused_max_abs_diff": diff, "fused_argmax_agree": agree}
+
+
 def plot(rows: list[dict[str, Any]], path: Path, title: str, max_num_tokens: int) -> None:
     series = []
-    for requests in sorted({r["requests"] for r in rows}):
-        points = sorted((r["tokens"], r["speedup"]) for r in rows if r["requests"] == requests)
-        series.append(Series(f"R={requests}", [p[0] for p in points], [p[1] for p in points]))
+    for key, label, style in (("speedup", "", "o-"), ("fused_speedup", ", fused", "s--")):
+        for index, requests in enumerate(sorted({r["requests"] for r in rows if key in r})):
+            points = sorted((r["tokens"], r[key]) for r in rows if r["requests"] == requests)
+            series.append(Series(f"R={requests}{label}", [p[0] for p in points], [p[1] for p in points],
+                                 style=style, color=f"C{index}"))
     save_plot(path, series, "tokens per call (padded)", "speedup over eager (x)", title, hline=1.0,
               vline=(max_num_tokens, "bcg max_num_tokens"))
 
@@ -193,6 +205,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS), help="mean prompt lengths")
     parser.add_argument("--spread", type=float, default=0.5,
                         help="lengths uniform in [1 - spread, 1 + spread] x mean; 0: all equal (default %(default)s)")
+    parser.add_argument("--fused-kernels", action="store_true", help=FUSED_HELP)
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls per point, the capturing one included")
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per point (median reported)")
     args = parser.parse_args(argv)
@@ -213,20 +226,26 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     with torch.no_grad():
         eager = run_contender("eager", model, batches, device, args.warmup, args.repeats)
-        handle = bcg.wrap_model(model, max_num_tokens=args.max_num_tokens, backend=bcg_backend(device))
+        handle = bcg.wrap_model(model, **wrap_options(args, device))
         graphs = run_contender("bcg", model, batches, device, args.warmup, args.repeats, handle)
-    final = handle.stats()
-    bcg.unwrap_model(model)
+        final = {"bcg": handle.stats()}
+        bcg.unwrap_model(model)
+        fused = {}
+        if args.fused_kernels:
+            handle = bcg.wrap_model(model, fused_kernels=True, **wrap_options(args, device))
+            fused = run_contender("bcg-fused", model, batches, device, args.warmup, args.repeats, handle)
+            final["bcg-fused"] = handle.stats()
+            bcg.unwrap_model(model)
 
-    rows = [make_row(b, eager[b.key], graphs[b.key], args) for b in batches]
+    rows = [make_row(b, eager[b.key], graphs[b.key], args, fused.get(b.key)) for b in batches]
     flagged = [r for r in rows if r["check"] != "ok"]
-    title = f"Prefill, {name}: eager vs bcg ({device.type})"
+    title = f"Prefill, {name}: eager vs bcg{' (and fused kernels)' if fused else ''} ({device.type})"
     stem = output_stem(args, "prefill", name)
     plot(rows, args.out_dir / f"{stem}.png", title, args.max_num_tokens)
     extra = {
         "model": describe(name, model),
         "settings": {"warmup": args.warmup, "repeats": args.repeats, "seed": args.seed, "spread": args.spread,
-                     "max_num_tokens": args.max_num_tokens, "backend": final["backend"], "logits_to_keep": 1},
+                     "max_num_tokens": args.max_num_tokens, "backend": final["bcg"]["backend"], "logits_to_keep": 1},
         "bcg_final_stats": final,
     }
     for row in flagged:

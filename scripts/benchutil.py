@@ -59,6 +59,14 @@ def bcg_backend(device: torch.device) -> str:
     return "cuda" if device.type == "cuda" else "eager"
 
 
+FUSED_HELP = "also measure bcg with fused_kernels=True (Triton RMSNorm and rotary kernels in the graphs; CUDA)"
+
+
+def wrap_options(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """``bcg.wrap_model`` keyword arguments from the common command-line options."""
+    return {"max_num_tokens": args.max_num_tokens, "backend": bcg_backend(device)}
+
+
 def announce_device(device: torch.device) -> None:
     if device.type == "cuda":
         print(f"device: {torch.cuda.get_device_name(device)}")

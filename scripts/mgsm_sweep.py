@@ -295,7 +295,8 @@ class SweepResult:
 
 def sweep(model: torch.nn.Module, tokenizer: Any, configs: list[dict[str, Any]], batch_sizes: list[int],
           limit: int | None, docs: list[dict[str, Any]], loglik_samples: int, backend: str | None,
-          manager: Any, progress: Log = log, attention_kernels: str = "fast") -> SweepResult:
+          manager: Any, progress: Log = log, attention_kernels: str = "fast",
+          fused_kernels: bool = False) -> SweepResult:
     """Eager runs first, then the same model wrapped by bcg; unwrapped again at the end."""
     import bcg
 
@@ -304,8 +305,9 @@ def sweep(model: torch.nn.Module, tokenizer: Any, configs: list[dict[str, Any]],
     model.generation_config.disable_compile = True
     eager = run_phase("eager", model, tokenizer, configs, batch_sizes, limit, pairs, manager, docs,
                       progress=progress)
-    progress(f"wrapping with bcg (backend={backend}, attention_kernels={attention_kernels})")
-    handle = bcg.wrap_model(model, backend=backend, attention_kernels=attention_kernels)
+    progress(f"wrapping with bcg (backend={backend}, attention_kernels={attention_kernels}, "
+             f"fused_kernels={fused_kernels})")
+    handle = bcg.wrap_model(model, backend=backend, attention_kernels=attention_kernels, fused_kernels=fused_kernels)
     try:
         wrapped = run_phase("bcg", model, tokenizer, configs, batch_sizes, limit, pairs, manager, docs, handle,
                             progress=progress)
@@ -344,6 +346,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--attention-kernels", choices=["fast", "eager"], default="fast",
                    help="SDPA kernels inside bcg's breaks: 'fast' (flash/efficient, bcg's default) or 'eager' "
                         "(SDPA's own pick, as in the eager run: token-identical on the same kernels)")
+    p.add_argument("--fused-kernels", action="store_true",
+                   help="wrap with fused_kernels=True (Triton RMSNorm/rotary in the graphs; bf16 rounding may differ)")
     p.add_argument("--loglik-samples", type=int, default=32, help="log-likelihood requests to compare (0: skip)")
     p.add_argument("--out-name", help="results file stem (default mgsm_<model basename>)")
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="default %(default)s")
@@ -383,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load_model(args)
 
     result = sweep(model, tokenizer, configs, batch_sizes, args.limit, docs, args.loglik_samples, args.backend,
-                   manager, attention_kernels=args.attention_kernels)
+                   manager, attention_kernels=args.attention_kernels, fused_kernels=args.fused_kernels)
 
     name = args.out_name or default_out_name(args)
     failures = acceptance_failures(result.rows)
