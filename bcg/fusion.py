@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,6 +22,9 @@ from torch import nn
 from transformers.models.llama import modeling_llama
 
 _ROPE_NAME = "apply_rotary_pos_emb"
+# The rotary swap patches a modeling module that other models may share: one swap at a time (re-entrant, as
+# nested swaps restore in order), so each puts back what it found.
+_SWAP_LOCK = threading.RLock()
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -117,18 +121,20 @@ class Fusions:
     @contextmanager
     def installed(self) -> Iterator[None]:
         """The fused code in place of the model's for the duration (one stack run), then the model's again."""
-        saved_rotary = [(m, getattr(m, _ROPE_NAME)) for m in self.rotary_modules]
-        for norm in self.norms:
-            norm.forward = _bound_forward(norm)
-        for modeling, original in saved_rotary:
-            setattr(modeling, _ROPE_NAME, _fused_rotary(original))
-        try:
-            yield
-        finally:
-            for norm in self.norms:
-                norm.__dict__.pop("forward", None)
+        with _SWAP_LOCK:
+            norms = [n for n in self.norms if "forward" not in n.__dict__]  # leave a forward set since alone
+            saved_rotary = [(m, getattr(m, _ROPE_NAME)) for m in self.rotary_modules]
+            for norm in norms:
+                norm.forward = _bound_forward(norm)
             for modeling, original in saved_rotary:
-                setattr(modeling, _ROPE_NAME, original)
+                setattr(modeling, _ROPE_NAME, _fused_rotary(original))
+            try:
+                yield
+            finally:
+                for norm in norms:
+                    del norm.forward
+                for modeling, original in saved_rotary:
+                    setattr(modeling, _ROPE_NAME, original)
 
 
 def _bound_forward(norm: nn.Module) -> Callable:

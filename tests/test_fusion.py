@@ -70,3 +70,15 @@ def test_fused_kernels_refuse_a_cpu_model_and_non_bool_values():
     with pytest.raises(ValueError, match="fused_kernels must be True or False"):
         bcg.wrap_model(model, backend="eager", fused_kernels="yes")
     assert not hasattr(model, "_bcg_handle")
+
+
+def test_a_forward_set_on_a_norm_after_wrapping_is_left_in_place():
+    model = tiny_model("qwen3")
+    fusions = find_fusions(model.model)
+    norm = fusions.norms[0]
+    own = norm.forward  # e.g. a hook library's instance-level forward
+    norm.forward = own
+    with fusions.installed():
+        assert norm.forward is own
+    assert norm.forward is own
+
