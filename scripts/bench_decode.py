@@ -8,6 +8,7 @@ bandwidth measured here with a large device-to-device copy.
     python scripts/bench_decode.py                                   # qwen3-0.6b, batch 1 and 32, context 1024
     python scripts/bench_decode.py --batches 1 8 32 --contexts 256 1024    # full grid: 6 compiles, ~8 min
     python scripts/bench_decode.py --model llama-3.1-8b --skip-compile
+    python scripts/bench_decode.py --model qwen3-8b --batches 1 8 --contexts 256 --skip-compile --fused-kernels
     python scripts/bench_decode.py --model tiny --batches 1 2 --contexts 16 --new-tokens 4 --out-dir /tmp/bench
 """
 
@@ -304,7 +305,8 @@ NOTES = """\
 eager: HF's default DynamicCache. hf-compile: a StaticCache (max_cache_len = context + N, made once per shape and
 reset in place between calls) passed as past_key_values, with which generate() auto-compiles its decode forward
 (CompileConfig(mode="reduce-overhead", fullgraph=False), HF's default; the prefill is not compiled); run on the
-unwrapped model before bcg. bcg: `bcg.wrap_model` (lazy capture) with the default DynamicCache.
+unwrapped model before bcg. bcg: `bcg.wrap_model` (lazy capture) with the default DynamicCache; bcg-fused
+(`--fused-kernels`): the same, wrapped again with `fused_kernels=True`.
 ms_per_token = (median t(generate N) - median t(generate 1)) / (N - 1); tok_s = batch / ms_per_token.
 floor_w_ms: decode weight bytes (untied input embeddings excluded; every MoE expert counted) / HBM bandwidth;
 floor_wkv_ms adds the KV cache at its mean length; of_floor = floor_wkv_ms / ms_per_token.

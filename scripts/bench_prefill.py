@@ -9,6 +9,7 @@ positions from the mask, and ``logits_to_keep=1`` (generate's prefill computes l
     python scripts/bench_prefill.py --max-num-tokens 32768                # capture every point (default: 4096)
     python scripts/bench_prefill.py --model qwen3-8b --requests 1 8 32 --lengths 128 512
     python scripts/bench_prefill.py --requests 8 --lengths 128 --spread 0            # 8 requests of exactly 128
+    python scripts/bench_prefill.py --requests 8 --lengths 128 --spread 0 --fused-kernels  # + fused kernels
     python scripts/bench_prefill.py --model tiny --requests 1 4 --lengths 16 --out-dir /tmp/bench   # CPU check
 """
 
@@ -226,16 +227,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     with torch.no_grad():
         eager = run_contender("eager", model, batches, device, args.warmup, args.repeats)
-        handle = bcg.wrap_model(model, **wrap_options(args, device))
-        graphs = run_contender("bcg", model, batches, device, args.warmup, args.repeats, handle)
-        final = {"bcg": handle.stats()}
-        bcg.unwrap_model(model)
-        fused = {}
-        if args.fused_kernels:
-            handle = bcg.wrap_model(model, fused_kernels=True, **wrap_options(args, device))
-            fused = run_contender("bcg-fused", model, batches, device, args.warmup, args.repeats, handle)
-            final["bcg-fused"] = handle.stats()
+        measured, final = {}, {}
+        for label in ("bcg", "bcg-fused") if args.fused_kernels else ("bcg",):
+            handle = bcg.wrap_model(model, fused_kernels=label == "bcg-fused", **wrap_options(args, device))
+            measured[label] = run_contender(label, model, batches, device, args.warmup, args.repeats, handle)
+            final[label] = handle.stats()
             bcg.unwrap_model(model)
+    graphs, fused = measured["bcg"], measured.get("bcg-fused", {})
 
     rows = [make_row(b, eager[b.key], graphs[b.key], args, fused.get(b.key)) for b in batches]
     flagged = [r for r in rows if r["check"] != "ok"]
@@ -258,7 +256,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 NOTES = """\
 Each call: `model(input_ids, attention_mask, position_ids, use_cache=True, logits_to_keep=1)`, a left-padded
 batch with positions from the mask and a fresh DynamicCache, as `generate()` runs its prefill (last-token logits
-only). Eager runs first on the unwrapped model, then `bcg.wrap_model` and the same inputs. Times: median of the
+only). Eager runs first on the unwrapped model, then `bcg.wrap_model` and the same inputs (with `--fused-kernels`,
+then unwrapped and wrapped again with `fused_kernels=True` for the `fused_*` columns). Times: median of the
 timed calls after the warm-up calls (the first of which captures bcg's bucket, largest batches first), wall clock
 between device synchronisations. tok/s counts real (non-pad) tokens. `replays`/`rejects`: bcg's counters over the
 warm-up + timed calls after the capturing one; `check` is ok when every call replays (tokens <= max_num_tokens) or
