@@ -1,4 +1,4 @@
-"""The transformers side of a break: the registered ``bcg`` attention function, bridges and the break body.
+"""A break: the registered ``bcg`` attention function, the bridges around it and the break body.
 
 While a stack runs under bcg (warm-up, capture, or an eager-backend replay) its attention modules call
 ``bcg_attention_forward`` instead of sdpa/flash/eager. That function copies q/k/v into owned bridge buffers
@@ -12,7 +12,6 @@ bcg registers no mask function on purpose: for an implementation unknown to ``At
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -21,16 +20,15 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AttentionInterface
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from . import hf
 from .live import LIVE
 
 ATTENTION_NAME = "bcg"
 
 # Attention kwargs that change from call to call: the break takes them from the live context, never from capture.
 _PER_CALL_KWARGS = frozenset(
-    {"position_ids", "cache_position", "past_key_values", "use_cache", "output_attentions",
+    {"position_ids", "cache_position", *hf.CACHE_ARGUMENTS, "use_cache", "output_attentions",
      "output_hidden_states", "attention_mask", "return_dict"}
 )
 
@@ -81,74 +79,23 @@ class BreakSlot:
     k: torch.Tensor
     v: torch.Tensor
     out: torch.Tensor
-    direct_sdpa: bool = False
-    is_causal: bool = True  # the layer's own flag, as sdpa_attention_forward resolves it
-
-
-# Per-layer kwargs the direct SDPA path understands; anything else (softcap, sinks, biases) takes the model's function.
-_PLAIN_SDPA_KWARGS = frozenset({"scaling", "dropout", "sliding_window", "is_causal"})
-
-
-def original_attention_function(implementation: str | None, module: nn.Module) -> Callable:
-    """The function the model itself would call for ``implementation`` (its own eager one for "eager")."""
-    if implementation in (None, "eager"):
-        fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
-        if fn is None:
-            raise NotImplementedError(f"{type(module).__name__} has no module-level eager_attention_forward")
-        return fn
-    return ALL_ATTENTION_FUNCTIONS[implementation]
 
 
 def run_break(slot: BreakSlot) -> None:
-    """The eager body between two graph segments: cache update and attention on the live tokens."""
+    """The eager body between two graph segments: cache update and attention on the live tokens.
+
+    Calls the model's own attention function (transformers' ``sdpa_attention_forward`` and its kernel dispatch,
+    flash, or the modeling file's eager one), so the break computes exactly what the eager model computes.
+    """
     live = LIVE.get()
     q = live.tokens_of(slot.q, heads_first=True)
     k = live.tokens_of(slot.k, heads_first=True)
     v = live.tokens_of(slot.v, heads_first=True)
     if live.cache is not None:
-        k, v = live.cache.update(k, v, slot.layer_idx)
-    out = live.tokens_of(slot.out, heads_first=False)
-    mask = live.mask_for(slot.layer_type)
-    if slot.direct_sdpa:
-        _sdpa_into(out, slot, q, k, v, mask)
-    else:
-        result, _ = slot.attention_fn(slot.module, q, k, v, mask, position_ids=live.position_ids, **slot.kwargs)
-        out.copy_(result)
-
-
-def _sdpa_into(out: torch.Tensor, slot: BreakSlot, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               mask: torch.Tensor | None) -> None:
-    """transformers' sdpa_attention_forward for plain layers, writing straight into the output bridge.
-
-    The break's host time is the budget of a replay: this skips the wrapper's generic checks and its
-    ``transpose().contiguous()`` copy. Same kernel choices: GQA through ``enable_gqa`` when there is no mask,
-    repeated KV heads otherwise, causal only for an unmasked multi-token query.
-    """
-    q_len = q.shape[2]
-    groups = q.shape[1] // k.shape[1]
-    extra = {}
-    if groups > 1:
-        if mask is None:
-            extra["enable_gqa"] = True
-        else:
-            k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
-    is_causal = q_len > 1 and mask is None and slot.is_causal
-    if is_causal and k.shape[2] > q_len:  # prefill into an empty static cache: keys past the query are unused
-        k, v = k[:, :, :q_len], v[:, :, :q_len]
-    result = torch.nn.functional.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, scale=slot.kwargs.get("scaling"), is_causal=is_causal, **extra
-    )
-    out.copy_(result.transpose(1, 2))
-
-
-def _layer_is_causal(module: nn.Module, kwargs: dict) -> bool:
-    explicit = kwargs.get("is_causal")
-    return getattr(module, "is_causal", True) if explicit is None else bool(explicit)
-
-
-def _repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
-    batch, heads, length, dim = states.shape
-    return states[:, :, None].expand(batch, heads, groups, length, dim).reshape(batch, heads * groups, length, dim)
+        k, v = hf.update_cache(live.cache, k, v, slot.layer_idx)
+    result, _ = slot.attention_fn(slot.module, q, k, v, live.mask_for(slot.layer_type),
+                                  position_ids=live.position_ids, **slot.kwargs)
+    live.tokens_of(slot.out, heads_first=False).copy_(result)
 
 
 @dataclass
@@ -189,10 +136,8 @@ class StackRun:
             module=module,
             layer_idx=layer_idx,
             layer_type=layer_type,
-            attention_fn=original_attention_function(self.original_implementation, module),
+            attention_fn=hf.attention_function(self.original_implementation, module),
             kwargs=constant_kwargs,
-            direct_sdpa=self.original_implementation == "sdpa" and set(constant_kwargs) <= _PLAIN_SDPA_KWARGS,
-            is_causal=_layer_is_causal(module, constant_kwargs),
             q=self.bridges.get("q", heads, dim, query.dtype),
             k=self.bridges.get("k", kv_heads, k_dim, key.dtype),
             v=self.bridges.get("v", kv_heads, v_dim, value.dtype),
@@ -229,27 +174,14 @@ def bcg_attention_forward(
     return slot.out[:n].unsqueeze(0), None
 
 
-AttentionInterface.register(ATTENTION_NAME, bcg_attention_forward)
-
-
-@contextmanager
-def attention_implementation(configs: list[Any], name: str) -> Iterator[None]:
-    """Point every config the stack reads at ``name`` for the duration (without touching sub-configs)."""
-    saved = [(config, config._attn_implementation_internal) for config in configs]
-    for config in configs:
-        config._attn_implementation_internal = name
-    try:
-        yield
-    finally:
-        for config, value in saved:
-            config._attn_implementation_internal = value
+hf.register_attention(ATTENTION_NAME, bcg_attention_forward)
 
 
 @contextmanager
 def run_stack_under_bcg(run: StackRun, configs: list[Any]) -> Iterator[StackRun]:
     token = ACTIVE_RUN.set(run)
     try:
-        with attention_implementation(configs, ATTENTION_NAME):
+        with hf.attention_implementation(configs, ATTENTION_NAME):
             yield run
     finally:
         ACTIVE_RUN.reset(token)

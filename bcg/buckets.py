@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import numbers
 from collections.abc import Iterable
 
 # Past ~4k tokens a prefill is GPU-bound and replaying gains nothing (results/prefill_qwen3-0.6b_grid.md:
@@ -21,13 +22,14 @@ def default_capture_sizes(max_num_tokens: int) -> list[int]:
 
 
 def _is_positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+    """Any integral type (int, NumPy or torch integers), not bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
 
 
 def validate_max_num_tokens(max_num_tokens: object) -> int:
     if not _is_positive_int(max_num_tokens):
         raise ValueError(f"max_num_tokens must be a positive int, got {max_num_tokens!r}; e.g. max_num_tokens=4096")
-    return max_num_tokens  # type: ignore[return-value]
+    return int(max_num_tokens)  # type: ignore[arg-type]
 
 
 def resolve_capture_sizes(capture_sizes: Iterable[int] | None, max_num_tokens: int) -> list[int]:
@@ -48,7 +50,7 @@ def resolve_capture_sizes(capture_sizes: Iterable[int] | None, max_num_tokens: i
         raise ValueError(
             f"capture_sizes {too_big} exceed max_num_tokens={max_num_tokens}; raise max_num_tokens or drop those sizes"
         )
-    return sorted(set(sizes))
+    return sorted({int(s) for s in sizes})
 
 
 def pick_bucket(sizes: list[int], num_tokens: int) -> int | None:

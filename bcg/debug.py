@@ -1,14 +1,22 @@
 """Address checks: graphs read weights, bridges and static inputs by address, so a moved tensor must be noticed.
 
-``fingerprint`` is the cheap check run before every replay; ``address_book`` records every tensor a graph reads
-by name, and ``changed_paths`` names those that moved (``debug=True`` raises with that list).
+``AddressWatch`` is the cheap check run before every replay: a sample of the stack's tensors (a move, cast or
+``to()`` changes them all) plus torch's registration hooks, which see any parameter, buffer or submodule assigned
+anew (``load_state_dict(assign=True)``, ``module.weight = ...``). ``address_book`` records every tensor a graph reads
+by name, and ``changed_paths`` names those that moved (``debug=True`` walks it on every call and raises).
 """
 
 from __future__ import annotations
 
+import weakref
+from typing import Any
+
 from torch import nn
+from torch.nn.modules import module as torch_module
 
 from .errors import BcgAddressError
+
+_SAMPLE = 64  # tensors fingerprinted per call: enough to see a whole-model move, cheap enough for every replay
 
 
 def tensor_slots(module: nn.Module) -> list[tuple[str, dict, str]]:
@@ -24,6 +32,51 @@ def tensor_slots(module: nn.Module) -> list[tuple[str, dict, str]]:
 def fingerprint(slots: list[tuple[str, dict, str]]) -> tuple:
     """Storage address and dtype of each slot's current tensor (a move to another device changes the address)."""
     return tuple(None if (t := store[name]) is None else (t.data_ptr(), t.dtype) for _, store, name in slots)
+
+
+class AddressWatch:
+    """Says cheaply whether the stack's tensors may have moved since ``reset()``; a False is never wrong for
+    moves, casts and reassignments (an in-place ``param.data = ...`` on one unsampled tensor needs ``debug=True``)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.reset()
+        _WATCHES.add(self)
+        _install_hooks()
+
+    def reset(self) -> None:
+        self.slots = tensor_slots(self.module)
+        step = max(1, len(self.slots) // _SAMPLE)
+        self.sample = self.slots[::step] + self.slots[-1:]
+        self.module_ids = {id(m) for m in self.module.modules()}
+        self.recorded = fingerprint(self.sample)
+        self.reassigned = False
+
+    def moved(self) -> bool:
+        return self.reassigned or fingerprint(self.sample) != self.recorded
+
+    def close(self) -> None:
+        _WATCHES.discard(self)
+
+
+_WATCHES: weakref.WeakSet[AddressWatch] = weakref.WeakSet()
+_HOOKS: list[Any] = []
+
+
+def _on_registration(module: nn.Module, name: str, value: Any) -> None:
+    for watch in list(_WATCHES):
+        if id(module) in watch.module_ids:
+            watch.reassigned = True
+
+
+def _install_hooks() -> None:
+    """One process-wide hook per kind (torch has no per-module registration hooks); watches are held weakly."""
+    if not _HOOKS:
+        _HOOKS.extend([
+            torch_module.register_module_parameter_registration_hook(_on_registration),
+            torch_module.register_module_buffer_registration_hook(_on_registration),
+            torch_module.register_module_module_registration_hook(_on_registration),
+        ])
 
 
 def address_book(slots: list[tuple[str, dict, str]], extra: dict) -> dict[str, tuple]:

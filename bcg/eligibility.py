@@ -2,42 +2,77 @@
 
 from __future__ import annotations
 
+import enum
+from collections.abc import Container
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-from transformers.cache_utils import (
-    DynamicCache,
-    DynamicLayer,
-    DynamicSlidingWindowLayer,
-    StaticCache,
-    StaticLayer,
-    StaticSlidingWindowLayer,
-)
+from torch import nn
 
-if TYPE_CHECKING:
-    from .runner import StackRunner
+from . import hf
+from .buckets import pick_bucket
 
-_SUPPORTED_CACHES = (DynamicCache, StaticCache)
-_SUPPORTED_CACHE_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer, StaticLayer, StaticSlidingWindowLayer)
+
+class Reject(str, enum.Enum):
+    """Why a call ran eagerly: the keys of ``stats()["rejects"]``."""
+
+    NOT_READY = "not_ready"
+    REENTRANT = "reentrant"
+    TRAINING = "training"
+    GRAD_ENABLED = "grad_enabled"
+    OUTPUT_ATTENTIONS = "output_attentions"
+    OUTPUT_HIDDEN_STATES = "output_hidden_states"
+    OUTPUT_ROUTER_LOGITS = "output_router_logits"
+    UNSUPPORTED_ARGUMENT = "unsupported_argument"
+    BAD_INPUT = "bad_input"
+    EMPTY_INPUT = "empty_input"
+    WRONG_DEVICE = "wrong_device"
+    UNSUPPORTED_POSITION_IDS = "unsupported_position_ids"
+    UNSUPPORTED_MASK = "unsupported_mask"
+    UNSUPPORTED_CACHE = "unsupported_cache"
+    TOO_MANY_TOKENS = "too_many_tokens"
+    PADDING_WASTE = "padding_waste"
+    CAPTURE_FAILED = "capture_failed"
+
+
+# Rejects that will come back on every call of the same kind: said once in a warning, with what to do.
+REPEATING = {
+    Reject.UNSUPPORTED_ARGUMENT: "bcg does not know what it changes; if it changes nothing the stack computes, "
+                                 "report it (with your transformers version) so bcg can accept it",
+    Reject.UNSUPPORTED_CACHE: "use a DynamicCache or StaticCache (the default of generate()) to get replays",
+    Reject.UNSUPPORTED_MASK: "pass a 2D padding mask [batch, length] (or a 4D mask / dict as generate() builds)",
+    Reject.UNSUPPORTED_POSITION_IDS: "pass position_ids as [batch, length] or [1, length]",
+    Reject.WRONG_DEVICE: "put the inputs on the model's device",
+}
+
+_OUTPUT_FLAGS = {
+    "output_attentions": Reject.OUTPUT_ATTENTIONS,
+    "output_hidden_states": Reject.OUTPUT_HIDDEN_STATES,
+    "output_router_logits": Reject.OUTPUT_ROUTER_LOGITS,
+}
 _ATTENTION_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "chunked_attention"})
-_OUTPUT_FLAGS = ("output_attentions", "output_hidden_states", "output_router_logits")
 # Arguments a stack forward may receive that bcg understands (or that change nothing it computes).
 KNOWN_ARGUMENTS = frozenset(
-    {"input_ids", "attention_mask", "position_ids", "past_key_values", "inputs_embeds", "use_cache",
+    {"input_ids", "attention_mask", "position_ids", *hf.CACHE_ARGUMENTS, "inputs_embeds", "use_cache",
      "cache_position", "return_dict", *_OUTPUT_FLAGS}
 )
 
 
 @dataclass
 class Call:
-    """The arguments of one stack forward call, by name."""
+    """The arguments of one stack forward call, by name; ``extra`` holds the ones bcg does not know."""
 
     arguments: dict[str, Any]
     extra: dict[str, Any] = field(default_factory=dict)
 
     def get(self, name: str) -> Any:
         return self.arguments.get(name)
+
+    @property
+    def cache(self) -> Any:
+        """The KV cache, under whichever name the caller used (``cache`` or the older ``past_key_values``)."""
+        return next((self.arguments[n] for n in hf.CACHE_ARGUMENTS if self.arguments.get(n) is not None), None)
 
     @property
     def tokens(self) -> torch.Tensor | None:
@@ -48,84 +83,104 @@ class Call:
     def kind(self) -> str:
         return "ids" if self.get("input_ids") is not None else "embeds"
 
+    @property
+    def num_tokens(self) -> int:
+        return self.tokens.shape[0] * self.tokens.shape[1]
+
+
+@dataclass
+class Target:
+    """What a call is checked against: the wrapped stack, where its weights live, and the captured sizes."""
+
+    module: nn.Module
+    config: Any
+    device: torch.device
+    dtype: torch.dtype
+    sizes: list[int]
+
+
+@dataclass(frozen=True)
+class Rejection:
+    reason: Reject
+    detail: str = ""  # what exactly, for the once-only warning of a repeating reject
+
 
 def _flag(call: Call, name: str, config: Any) -> bool:
     value = call.get(name)
     return bool(getattr(config, name, False) if value is None else value)
 
 
-def _cache_supported(cache: Any) -> bool:
-    if cache is None:
+def _needs_grad(call: Call, target: Target) -> bool:
+    embeds = call.get("inputs_embeds")
+    if embeds is not None and embeds.requires_grad:
         return True
-    if type(cache) not in _SUPPORTED_CACHES or getattr(cache, "offloading", False):
-        return False
-    return all(isinstance(layer, _SUPPORTED_CACHE_LAYERS) for layer in getattr(cache, "layers", ()))
+    return any(p.requires_grad for p in target.module.parameters())
 
 
-def _input_problem(runner: StackRunner, call: Call) -> str | None:
+def _input_problem(call: Call, target: Target) -> Rejection | None:
     ids, embeds = call.get("input_ids"), call.get("inputs_embeds")
     if (ids is None) == (embeds is None):
-        return "bad_input"
+        return Rejection(Reject.BAD_INPUT)
     if ids is not None and (ids.ndim != 2 or ids.dtype.is_floating_point):
-        return "bad_input"
-    if embeds is not None and (embeds.ndim != 3 or embeds.dtype != runner.dtype):
-        return "bad_input"
-    if call.tokens.shape[0] * call.tokens.shape[1] == 0:
-        return "empty_input"
+        return Rejection(Reject.BAD_INPUT)
+    if embeds is not None and (embeds.ndim != 3 or embeds.dtype != target.dtype):
+        return Rejection(Reject.BAD_INPUT)
+    if call.num_tokens == 0:
+        return Rejection(Reject.EMPTY_INPUT)
     return None
 
 
-def _device_problem(runner: StackRunner, call: Call) -> str | None:
+def _device_problem(call: Call, target: Target) -> Rejection | None:
     for name in ("input_ids", "inputs_embeds", "attention_mask", "position_ids"):
         value = call.get(name)
-        if isinstance(value, torch.Tensor) and value.device != runner.device:
-            return "wrong_device"
+        if isinstance(value, torch.Tensor) and value.device != target.device:
+            return Rejection(Reject.WRONG_DEVICE, f"{name} on {value.device}, model on {target.device}")
     return None
 
 
-def _shape_problem(call: Call) -> str | None:
+def _shape_problem(call: Call) -> Rejection | None:
     batch, seq = call.tokens.shape[:2]
     positions = call.get("position_ids")
-    if positions is not None and (positions.ndim != 2 or positions.shape[-1] != seq or positions.shape[0] not in (1, batch)):
-        return "unsupported_position_ids"
+    if positions is not None and (
+        positions.ndim != 2 or positions.shape[-1] != seq or positions.shape[0] not in (1, batch)
+    ):
+        return Rejection(Reject.UNSUPPORTED_POSITION_IDS, f"position_ids of shape {tuple(positions.shape)}")
     mask = call.get("attention_mask")
     if mask is None or isinstance(mask, dict):
         return None
     if not isinstance(mask, torch.Tensor) or mask.ndim not in (2, 4) or mask.shape[0] != batch:
-        return "unsupported_mask"
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        return Rejection(Reject.UNSUPPORTED_MASK, f"attention_mask {shape}")
     return None
 
 
-def reject_reason(runner: StackRunner, call: Call) -> str | None:
-    """Why this call must run eagerly, or None when it can replay."""
-    if runner.disabled_reason is not None:
-        return "not_ready"
-    if runner.model.training:
-        return "training"
-    if torch.is_grad_enabled() and runner.needs_grad(call):
-        return "grad_enabled"
-    for flag in _OUTPUT_FLAGS:
-        if _flag(call, flag, runner.config):
-            return flag
+def reject_reason(call: Call, target: Target, failed: Container[tuple[str, int]]) -> Rejection | None:
+    """Why this call must run eagerly, or None when it can replay. ``failed`` holds (kind, bucket) that failed."""
+    if target.module.training:
+        return Rejection(Reject.TRAINING)
+    if torch.is_grad_enabled() and _needs_grad(call, target):
+        return Rejection(Reject.GRAD_ENABLED)
+    for flag, reason in _OUTPUT_FLAGS.items():
+        if _flag(call, flag, target.config):
+            return Rejection(reason)
     if call.extra:
-        return "unsupported_argument"
-    problem = _input_problem(runner, call) or _device_problem(runner, call) or _shape_problem(call)
+        return Rejection(Reject.UNSUPPORTED_ARGUMENT, f"argument(s) {sorted(call.extra)}")
+    problem = _input_problem(call, target) or _device_problem(call, target) or _shape_problem(call)
     if problem:
         return problem
-    if not _cache_supported(call.get("past_key_values")):
-        return "unsupported_cache"
-    num_tokens = call.tokens.shape[0] * call.tokens.shape[1]
-    bucket = runner.bucket_for(num_tokens)
+    if (why := hf.unsupported_cache_reason(call.cache)) is not None:
+        return Rejection(Reject.UNSUPPORTED_CACHE, why)
+    bucket = pick_bucket(target.sizes, call.num_tokens)
     if bucket is None:
-        return "too_many_tokens"
-    if bucket > 2 * num_tokens:
-        return "padding_waste"
-    if (call.kind, bucket) in runner.failed:
-        return "capture_failed"
+        return Rejection(Reject.TOO_MANY_TOKENS)
+    if bucket > 2 * call.num_tokens:
+        return Rejection(Reject.PADDING_WASTE)
+    if (call.kind, bucket) in failed:
+        return Rejection(Reject.CAPTURE_FAILED)
     return None
 
 
-def model_unsupported_reason(model: Any, config: Any) -> str | None:
+def model_unsupported_reason(model: Any, config: Any, stack_forward: Any) -> str | None:
     """Why this model as a whole must stay eager (said once, in a warning), or None."""
     if any(p.device.type == "meta" for p in model.parameters()):
         return "some weights are on the meta device (not loaded)"
@@ -142,10 +197,13 @@ def model_unsupported_reason(model: Any, config: Any) -> str | None:
     rope_sets = rope.values() if all(isinstance(v, dict) for v in rope.values()) and rope else [rope]
     if any(isinstance(r, dict) and r.get("rope_type", r.get("type")) in ("dynamic", "longrope") for r in rope_sets):
         return "dynamic RoPE recomputes frequencies from the sequence length at run time"
-    implementation = getattr(config, "_attn_implementation", None) or "eager"
+    implementation = hf.attention_implementation_of(config) or "eager"
     if implementation.startswith("paged"):
         return f"attention implementation '{implementation}' manages its own cache"
-    can_set = getattr(type(model), "_can_set_attn_implementation", None)
-    if can_set is not None and not can_set():
+    if not hf.uses_attention_interface(model):
         return f"{type(model).__name__}'s attention does not go through transformers' AttentionInterface"
+    missing = hf.missing_stack_arguments(stack_forward)
+    if missing:
+        return (f"the stack's forward does not take {missing}, which bcg needs to replay it (a transformers "
+                "version bcg does not know?)")
     return None

@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.models.llama import modeling_llama
+
+from . import hf
 
 _ROPE_NAME = "apply_rotary_pos_emb"
 # The rotary swap patches a modeling module that other models may share: one swap at a time (re-entrant, as
@@ -50,7 +51,7 @@ def is_llama_rms_norm(module: nn.Module) -> bool:
     forward = getattr(type(module), "forward", None)
     weight = getattr(module, "weight", None)
     return (
-        _same_code(forward, modeling_llama.LlamaRMSNorm.forward)
+        _same_code(forward, hf.LLAMA_RMS_NORM_FORWARD)
         and "forward" not in module.__dict__
         and isinstance(weight, torch.Tensor) and weight.ndim == 1
         and isinstance(getattr(module, "variance_epsilon", None), float)
@@ -58,8 +59,8 @@ def is_llama_rms_norm(module: nn.Module) -> bool:
 
 
 def has_llama_rotary(modeling: ModuleType) -> bool:
-    return _same_code(getattr(modeling, _ROPE_NAME, None), modeling_llama.apply_rotary_pos_emb) and _same_code(
-        getattr(modeling, "rotate_half", None), modeling_llama.rotate_half
+    return _same_code(getattr(modeling, _ROPE_NAME, None), hf.LLAMA_ROTARY) and _same_code(
+        getattr(modeling, "rotate_half", None), hf.LLAMA_ROTATE_HALF
     )
 
 

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers.masking_utils import create_masks_for_generate
+
+from . import hf
 
 # Model types whose stacks derive default positions from the 2D attention mask instead of counting from the cache.
 _MASK_DERIVED_POSITIONS = frozenset({"opt"})
@@ -55,10 +56,6 @@ def capture_context(bucket: int) -> LiveContext:
     return LiveContext(batch=1, seq=bucket, num_tokens=bucket, bucket=bucket)
 
 
-def past_length(cache: Any) -> int | torch.Tensor:
-    return cache.get_seq_length() if cache is not None else 0
-
-
 def default_position_ids(
     model_type: str, attention_mask: Any, cache: Any, batch: int, seq: int, device: torch.device
 ) -> torch.Tensor | None:
@@ -69,7 +66,7 @@ def default_position_ids(
         positions = torch.cumsum(attention_mask, dim=1)
         positions = (positions * attention_mask - 1).long()
         return positions[:, -seq:]
-    positions = torch.arange(seq, device=device) + past_length(cache)
+    positions = torch.arange(seq, device=device) + hf.past_length(cache)
     return positions.unsqueeze(0).expand(batch, seq)
 
 
@@ -90,10 +87,4 @@ def live_masks(
     """
     if isinstance(attention_mask, dict) or (isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 4):
         return attention_mask
-    return create_masks_for_generate(
-        config=config,
-        inputs_embeds=torch.empty((batch, seq, 0), dtype=dtype, device=device),
-        attention_mask=attention_mask,
-        past_key_values=cache,
-        position_ids=position_ids,
-    )
+    return hf.create_masks(config, attention_mask, cache, position_ids, batch, seq, dtype, device)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from . import hf
 from .errors import BcgResolveWarning
 
 
@@ -18,14 +19,6 @@ class Stack:
     path: str
     layers: nn.ModuleList
     config: object  # the stack's own (text) config
-
-
-def _num_layers(model: nn.Module) -> int | None:
-    config = getattr(model, "config", None)
-    if config is None:
-        return None
-    text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    return getattr(text_config, "num_hidden_layers", None)
 
 
 def _layer_list(module: nn.Module, num_layers: int | None) -> nn.ModuleList | None:
@@ -46,8 +39,8 @@ def _path_of(model: nn.Module, target: nn.Module) -> str:
 
 def find_stack(model: nn.Module) -> Stack | None:
     """Find the decoder stack via ``get_decoder()``; fall back to a module scan (with a warning), or None."""
-    num_layers = _num_layers(model)
-    candidate = model.get_decoder() if hasattr(model, "get_decoder") else None
+    num_layers = hf.num_hidden_layers(model)
+    candidate = hf.decoder_of(model)
     if candidate is not None and candidate is not model and isinstance(candidate, nn.Module):
         layers = _layer_list(candidate, num_layers)
         if layers is not None:

@@ -13,13 +13,13 @@ from functools import partial
 from typing import Any
 
 import torch
-from transformers.cache_utils import DynamicCache
 
 from . import debug as addresses
+from . import hf
 from .attention import Bridges, BreakSlot, StackRun, run_break, run_stack_under_bcg
 from .backends import Backend, Graph
 from .buckets import pick_bucket
-from .eligibility import KNOWN_ARGUMENTS, Call, reject_reason
+from .eligibility import KNOWN_ARGUMENTS, REPEATING, Call, Reject, Rejection, Target, reject_reason
 from .errors import BcgCaptureWarning, BcgFallbackWarning, BcgInvalidatedWarning
 from .fusion import Fusions
 from .live import LIVE, LiveContext, capture_context, default_position_ids, live_masks
@@ -47,13 +47,15 @@ class StackRunner:
         self.strict_addresses = debug in (True, "addresses")
         self.fusions = fusions
         self.original_forward = stack.module.forward
-        self._parameter_names = list(_forward_parameters(self.original_forward))
-        self.original_implementation = self.config._attn_implementation
-        self.configs = _configs_of(stack.module)
+        self._parameter_names = _positional_parameters(self.original_forward)
+        self.cache_argument = hf.cache_argument(self.original_forward)
+        self.original_implementation = hf.attention_implementation_of(self.config)
+        self.configs = hf.attention_configs(stack.module)
         self.layer_types = getattr(self.config, "layer_types", None)
         self.model_type = getattr(self.config, "model_type", "")
         first = next(stack.module.parameters())
         self.device, self.dtype = first.device, first.dtype
+        self.target = Target(stack.module, self.config, self.device, self.dtype, sizes)
         self.expected_breaks = len(stack.layers)
 
         max_tokens = sizes[-1]
@@ -70,17 +72,17 @@ class StackRunner:
         self.stats = Stats(backend.name, fused=fusions.describe() if fusions else {})
         self._lock = threading.Lock()
         self._local = threading.local()
-        self._tensor_slots = addresses.tensor_slots(stack.module)
-        self._fingerprint = addresses.fingerprint(self._tensor_slots)
+        self._watch = addresses.AddressWatch(stack.module)
         self._address_book: dict[str, tuple] | None = None
         self._warned_capture = False
+        self._warned_rejects: set[Rejection] = set()
 
     # ----- the patched forward -----
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if torch.compiler.is_compiling():  # traced by dynamo: step aside, uncounted (a lock cannot be traced)
             return self.original_forward(*args, **kwargs)
         if getattr(self._local, "active", False):
-            self.stats.count_reject("reentrant")
+            self.stats.count_reject(Reject.REENTRANT.value)
             return self.original_forward(*args, **kwargs)
         call = self._bind(args, kwargs)
         with self._lock:  # static buffers and the attention switch are shared: one call at a time
@@ -91,37 +93,41 @@ class StackRunner:
                 self._local.active = False
 
     def _forward_locked(self, call: Call, args: tuple, kwargs: dict) -> Any:
-        reason = reject_reason(self, call)
-        if reason is None:
+        """1. eligible? 2. weights where the graphs expect them? 3. bucket and graph 4. replay; else eager."""
+        if self.disabled_reason is None:
             self._check_addresses()
-            bucket = self.bucket_for(call.tokens.shape[0] * call.tokens.shape[1])
+        rejection = Rejection(Reject.NOT_READY) if self.disabled_reason else reject_reason(call, self.target, self.failed)
+        if rejection is None:
+            bucket = pick_bucket(self.sizes, call.num_tokens)
             graph = self._graph(call.kind, bucket)
             if graph is None:
-                reason = "capture_failed" if self.disabled_reason is None else "not_ready"
+                rejection = Rejection(Reject.CAPTURE_FAILED if self.disabled_reason is None else Reject.NOT_READY)
             else:
                 replay = self._replay_beside_eager if self.debug == "numerics" else self._replay
                 output = replay(graph, call, bucket)
                 if output is not None:
                     return output
-                reason = "unsupported_mask"
-        self.stats.count_reject(reason)
+                rejection = Rejection(Reject.UNSUPPORTED_MASK, "a mask layout transformers left to the model")
+        self._count_reject(rejection)
         return self.original_forward(*args, **kwargs)
+
+    def _count_reject(self, rejection: Rejection) -> None:
+        self.stats.count_reject(rejection.reason.value)
+        advice = REPEATING.get(rejection.reason)
+        if advice is not None and rejection not in self._warned_rejects:
+            self._warned_rejects.add(rejection)
+            warnings.warn(
+                f"bcg: {type(self.model).__name__} ran eagerly ({rejection.reason.value}: {rejection.detail}) and "
+                f"will on every such call: {advice}. Counts are in handle.stats()['rejects'].",
+                BcgFallbackWarning,
+                stacklevel=5,
+            )
 
     def _bind(self, args: tuple, kwargs: dict) -> Call:
         arguments = dict(zip(self._parameter_names, args))
         arguments.update(kwargs)
         extra = {k: v for k, v in arguments.items() if k not in KNOWN_ARGUMENTS and v is not None and v is not False}
         return Call(arguments, extra)
-
-    # ----- eligibility helpers -----
-    def bucket_for(self, num_tokens: int) -> int | None:
-        return pick_bucket(self.sizes, num_tokens)
-
-    def needs_grad(self, call: Call) -> bool:
-        embeds = call.get("inputs_embeds")
-        if embeds is not None and embeds.requires_grad:
-            return True
-        return any(p.requires_grad for p in self.stack.module.parameters())
 
     @property
     def ready(self) -> bool:
@@ -182,7 +188,7 @@ class StackRunner:
         with torch.no_grad(), run_stack_under_bcg(run, self.configs), fused:
             output = self.original_forward(
                 **inputs, position_ids=self.static_positions[:, :bucket],
-                attention_mask=None, past_key_values=None, use_cache=False,
+                attention_mask=None, use_cache=False, **{self.cache_argument: None},
             )
         if run.breaks != self.expected_breaks:
             raise BreakCountError(
@@ -213,6 +219,11 @@ class StackRunner:
         self.free_graphs()
         warnings.warn(f"bcg: {reason}; the model stays eager", BcgFallbackWarning, stacklevel=6)
 
+    def close(self) -> None:
+        """Free the graphs and stop watching the model (unwrap)."""
+        self.free_graphs()
+        self._watch.close()
+
     def free_graphs(self) -> None:
         for graph in self.graphs.values():
             graph.free()
@@ -227,16 +238,20 @@ class StackRunner:
         extra["bcg.static.position_ids"] = self.static_positions
         if self.static_embeds is not None:
             extra["bcg.static.inputs_embeds"] = self.static_embeds
-        return addresses.address_book(self._tensor_slots, extra)
+        return addresses.address_book(addresses.tensor_slots(self.stack.module), extra)
 
     def _check_addresses(self) -> None:
-        """Graphs replay weights by address: if the model moved since capture, drop the graphs (or raise in debug)."""
-        current = addresses.fingerprint(self._tensor_slots)
-        if current == self._fingerprint:
-            return
+        """Graphs replay weights by address: if the model moved since capture, drop the graphs (or raise in debug).
+
+        Always on: the cheap watch. ``debug=True``: every tensor's address, every call, and an error naming them.
+        """
         if self.strict_addresses and self._address_book is not None:
-            addresses.raise_address_error(addresses.changed_paths(self._address_book, self._current_address_book()))
-        self._fingerprint = current
+            changed = addresses.changed_paths(self._address_book, self._current_address_book())
+            if changed:
+                addresses.raise_address_error(changed)
+        if not self._watch.moved():
+            return
+        self._watch.reset()
         if self.graphs:
             warnings.warn(
                 "bcg: the model's weights moved or changed dtype since capture (to(), half(), "
@@ -246,7 +261,12 @@ class StackRunner:
             )
             self.stats.invalidations += 1
             self.free_graphs()
-        self.dtype = next(self.stack.module.parameters()).dtype
+        first = next(self.stack.module.parameters())
+        if first.device != self.device:
+            self._disable(f"the model moved from {self.device} to {first.device} after wrapping; bcg's buffers and "
+                          f"graph pool live on {self.device}: call bcg.unwrap_model(model) and wrap it again")
+            return
+        self.dtype = self.target.dtype = first.dtype
         # Slots and bridges carry the old dtype and module references: rebuild them at the next capture.
         self.slots.clear()
         self.bridges.buffers.clear()
@@ -258,12 +278,12 @@ class StackRunner:
         tokens = call.tokens
         batch, seq = tokens.shape[:2]
         num_tokens = batch * seq
-        cache = call.get("past_key_values")
+        cache = call.cache
         use_cache = call.get("use_cache")
         if use_cache is None:
             use_cache = getattr(self.config, "use_cache", True)
         if cache is None and use_cache:
-            cache = DynamicCache(config=self.config)
+            cache = hf.new_dynamic_cache(self.config)
         mask = call.get("attention_mask")
         positions = call.get("position_ids")
         if positions is None:
@@ -288,19 +308,19 @@ class StackRunner:
         self.stats.count_replay()
         # The static output is overwritten by the next replay: hand the caller its own copy.
         hidden = hidden[0, :num_tokens].view(batch, seq, -1).clone()
-        return self.output_cls(last_hidden_state=hidden, past_key_values=cache)
+        return hf.output_with_cache(self.output_cls, hidden, cache)
 
     def _replay_beside_eager(self, graph: Graph, call: Call, bucket: int) -> Any | None:
         """debug="numerics": replay, then run eager on a copy of the cache and record the largest difference."""
-        shadow_cache = copy.deepcopy(call.get("past_key_values"))
+        shadow_cache = copy.deepcopy(call.cache)
         output = self._replay(graph, call, bucket)
         if output is not None:
+            arguments = {k: v for k, v in call.arguments.items() if k not in hf.CACHE_ARGUMENTS}
             with torch.no_grad():
-                eager = self.original_forward(**{**call.arguments, "past_key_values": shadow_cache})
+                eager = self.original_forward(**arguments, **{self.cache_argument: shadow_cache})
             diff = (output.last_hidden_state.float() - eager[0].float()).abs().max().item()
             self.stats.record_numerics(diff)
-            num_tokens = call.tokens.shape[0] * call.tokens.shape[1]
-            logger.info("bcg numerics: %d tokens, max |graph - eager| = %.3e", num_tokens, diff)
+            logger.info("bcg numerics: %d tokens, max |graph - eager| = %.3e", call.num_tokens, diff)
         return output
 
     def _fill_static(self, kind: str, tokens: torch.Tensor, positions: torch.Tensor, n: int, bucket: int) -> None:
@@ -313,20 +333,7 @@ class StackRunner:
             self.bridges.zero_output_tails(n, bucket)
 
 
-def _forward_parameters(forward: Any) -> list[str]:
-    import inspect
-
-    return [
-        name for name, p in inspect.signature(forward).parameters.items()
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-    ]
-
-
-def _configs_of(module: torch.nn.Module) -> list[Any]:
-    """Every distinct config object the stack's modules read their attention implementation from."""
-    seen: dict[int, Any] = {}
-    for sub in module.modules():
-        config = getattr(sub, "config", None)
-        if config is not None and hasattr(config, "_attn_implementation_internal"):
-            seen.setdefault(id(config), config)
-    return list(seen.values())
+def _positional_parameters(forward: Any) -> list[str]:
+    """Names of the arguments a caller may pass by position, in order."""
+    return [name for name, p in hf.forward_parameters(forward).items()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import PreTrainedModel
 
+from . import hf
 from .backends import make_backend
 from .buckets import DEFAULT_MAX_NUM_TOKENS, resolve_capture_sizes, validate_max_num_tokens
 from .eligibility import model_unsupported_reason
@@ -32,8 +32,7 @@ class _Restore:
 
     stack: torch.nn.Module | None = None
     instance_forward: Any = None  # an instance-level forward that existed before (e.g. an accelerate hook)
-    disable_compile: Any = None
-    experts_implementation: dict | None = None
+    experts_implementation: Any = None
 
 
 class BcgHandle:
@@ -59,7 +58,7 @@ class BcgHandle:
 
 
 def _check_model(model: Any) -> None:
-    if not isinstance(model, PreTrainedModel):
+    if not hf.is_pretrained_model(model):
         raise TypeError(
             f"bcg.wrap_model expects a transformers *ForCausalLM model, got {type(model).__name__}; "
             "load one with AutoModelForCausalLM.from_pretrained(...)"
@@ -91,19 +90,12 @@ def _pick_backend(backend: str | None, device: torch.device) -> str:
     return backend
 
 
-def _use_capturable_experts(model: PreTrainedModel, restore: _Restore) -> None:
+def _use_capturable_experts(model: Any, restore: _Restore) -> None:
     """MoE experts must run a capturable implementation: the default eager loop syncs on ``nonzero``."""
-    if getattr(model.config, "_experts_implementation", None) != "eager":
-        return
-    if not hasattr(model, "set_experts_implementation"):
-        return
     try:
-        saved = model.get_experts_implementation()
-        model.set_experts_implementation("grouped_mm")
+        restore.experts_implementation = hf.use_capturable_experts(model)
     except (ValueError, ImportError, KeyError) as error:
         logger.info("bcg: could not switch experts to grouped_mm (%s); capture may fail and fall back", error)
-        return
-    restore.experts_implementation = saved
 
 
 def _fusions(stack: torch.nn.Module) -> Fusions:
@@ -116,7 +108,7 @@ def _fusions(stack: torch.nn.Module) -> Fusions:
 
 
 def wrap_model(
-    model: PreTrainedModel,
+    model: Any,
     *,
     capture_sizes: list[int] | None = None,
     max_num_tokens: int = DEFAULT_MAX_NUM_TOKENS,
@@ -169,7 +161,7 @@ def wrap_model(
     restore = _Restore()
     stack = find_stack(model)
     reason = "no layer stack found (no module holds a ModuleList of num_hidden_layers layers)" if stack is None else (
-        model_unsupported_reason(model, stack.config)
+        model_unsupported_reason(model, stack.config, stack.module.forward)
     )
     if reason is not None:
         warnings.warn(f"bcg: {type(model).__name__} stays eager: {reason}", BcgFallbackWarning, stacklevel=2)
@@ -186,8 +178,10 @@ def wrap_model(
     restore.instance_forward = stack.module.__dict__.get("forward")
     stack.module.forward = runner.forward
     # generate() compiles the forward for static caches; a compiled graph wrapper must not be compiled again.
-    restore.disable_compile = model.generation_config.disable_compile
-    model.generation_config.disable_compile = True
+    if not hf.prevent_auto_compile(model):
+        warnings.warn("bcg: this transformers has no hook to keep generate() from compiling the forward; a static "
+                      "cache may make generate() trace the model with torch.compile instead of replaying",
+                      BcgWarning, stacklevel=2)
     handle = BcgHandle(model, runner, backend_name, None, restore)
     setattr(model, _HANDLE_ATTRIBUTE, handle)
     logger.info("bcg: wrapped %s at '%s' (%d layers), backend=%s, sizes=%s",
@@ -197,8 +191,8 @@ def wrap_model(
     return handle
 
 
-def unwrap_model(model: PreTrainedModel) -> PreTrainedModel:
-    """Restore the stack's forward, the experts implementation and the generation config; free the graphs."""
+def unwrap_model(model: Any) -> Any:
+    """Restore the stack's forward, the experts implementation and generate()'s compile choice; free the graphs."""
     handle: BcgHandle | None = getattr(model, _HANDLE_ATTRIBUTE, None)
     if handle is None:
         warnings.warn("bcg: unwrap_model called on a model that is not wrapped; nothing to do", BcgWarning,
@@ -210,10 +204,10 @@ def unwrap_model(model: PreTrainedModel) -> PreTrainedModel:
             del restore.stack.forward
         else:
             restore.stack.forward = restore.instance_forward
-        model.generation_config.disable_compile = restore.disable_compile
+        hf.allow_auto_compile(model)
     if restore.experts_implementation is not None:
-        model.set_experts_implementation(restore.experts_implementation)
+        hf.set_experts_implementation(model, restore.experts_implementation)
     if handle.runner is not None:
-        handle.runner.free_graphs()
+        handle.runner.close()
     delattr(model, _HANDLE_ATTRIBUTE)
     return model

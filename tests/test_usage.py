@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from transformers import DynamicCache, StaticCache
+from transformers import CompileConfig, DynamicCache, StaticCache
 
 import bcg
 from tiny_models import VOCAB, left_padded_batch, tiny_model
@@ -21,15 +21,19 @@ def _generate(model, ids, mask, **kwargs):
     return model.generate(ids, attention_mask=mask, max_new_tokens=6, pad_token_id=0, **kwargs)
 
 
-def test_generate_static_cache_matches_and_is_not_compiled(pair):
+def test_generate_static_cache_matches_and_is_not_compiled(pair, monkeypatch):
     reference, wrapped, handle = pair
     ids, mask = left_padded_batch()
     expected = _generate(reference, ids, mask, do_sample=False, cache_implementation="static")
-    got = _generate(wrapped, ids, mask, do_sample=False, cache_implementation="static")
+    # A compile config that compiles on any device: generate() would compile the forward were bcg not preventing it.
+    compile_config = CompileConfig()
+    compile_config._compile_all_devices = True
+    monkeypatch.setattr(wrapped, "get_compiled_call", lambda *a: pytest.fail("generate() compiled a wrapped model"))
+    got = _generate(wrapped, ids, mask, do_sample=False, cache_implementation="static", compile_config=compile_config)
     assert torch.equal(got, expected)
     assert handle.stats()["replays"] == 6
     assert handle.stats()["rejects"] == {}
-    assert wrapped.generation_config.disable_compile is True
+    assert wrapped.generation_config.disable_compile in (None, False)  # bcg writes nothing save_pretrained could save
 
 
 def test_sampling_with_seed_matches(pair):

@@ -1,0 +1,213 @@
+"""Every transformers internal bcg touches, in one place.
+
+transformers moves its internals monthly (5.24 renamed the stack's, the layers' and the attention modules'
+``past_key_values`` argument to ``cache``), so names are read from the installed version's own signatures
+wherever they can be, and no other bcg module imports transformers. Supported: transformers 5.17 to the newest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.cache_utils import (
+    DynamicCache,
+    DynamicLayer,
+    DynamicSlidingWindowLayer,
+    StaticCache,
+    StaticLayer,
+    StaticSlidingWindowLayer,
+)
+from transformers.masking_utils import create_masks_for_generate
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama import modeling_llama
+
+# The KV cache's argument name, newest first: "cache" since 5.24, "past_key_values" before (and deprecated after).
+CACHE_ARGUMENTS = ("cache", "past_key_values")
+# What a stack forward must take for bcg to call it on static inputs and route a call's cache into the breaks.
+REQUIRED_STACK_ARGUMENTS = ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "use_cache")
+
+SUPPORTED_CACHES = (DynamicCache, StaticCache)
+_SUPPORTED_CACHE_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer, StaticLayer, StaticSlidingWindowLayer)
+
+# Llama's reference code, which fusion.py recognises in other models by bytecode.
+LLAMA_RMS_NORM_FORWARD = modeling_llama.LlamaRMSNorm.forward
+LLAMA_ROTARY = modeling_llama.apply_rotary_pos_emb
+LLAMA_ROTATE_HALF = modeling_llama.rotate_half
+
+
+# ----- models and stacks -----
+def is_pretrained_model(model: Any) -> bool:
+    return isinstance(model, PreTrainedModel)
+
+
+def decoder_of(model: nn.Module) -> nn.Module | None:
+    return model.get_decoder() if hasattr(model, "get_decoder") else None
+
+
+def num_hidden_layers(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    return getattr(text_config, "num_hidden_layers", None)
+
+
+def uses_attention_interface(model: nn.Module) -> bool:
+    """Whether the model's attention goes through ``ALL_ATTENTION_FUNCTIONS`` (what bcg swaps for its breaks)."""
+    can_set = getattr(type(model), "_can_set_attn_implementation", None)
+    return can_set is None or bool(can_set())
+
+
+def forward_parameters(forward: Callable) -> dict[str, inspect.Parameter]:
+    return dict(inspect.signature(forward).parameters)
+
+
+def cache_argument(forward: Callable) -> str | None:
+    """The name under which ``forward`` takes the KV cache in the installed transformers, or None."""
+    parameters = forward_parameters(forward)
+    return next((name for name in CACHE_ARGUMENTS if name in parameters), None)
+
+
+def missing_stack_arguments(forward: Callable) -> list[str]:
+    """Arguments bcg passes to (or reads from) a stack forward that this one does not take."""
+    parameters = forward_parameters(forward)
+    missing = [name for name in REQUIRED_STACK_ARGUMENTS if name not in parameters]
+    if cache_argument(forward) is None:
+        missing.append(" or ".join(CACHE_ARGUMENTS))
+    return missing
+
+
+def output_with_cache(output_cls: type, hidden: torch.Tensor, cache: Any) -> Any:
+    """The stack's own output class holding ``hidden`` and the live cache, under whichever field name it uses."""
+    names = {field.name for field in dataclasses.fields(output_cls)}
+    cache_field = next((name for name in CACHE_ARGUMENTS if name in names), None)
+    return output_cls(last_hidden_state=hidden, **({cache_field: cache} if cache_field else {}))
+
+
+# ----- caches -----
+def new_dynamic_cache(config: Any) -> DynamicCache:
+    """The cache a stack creates for itself when called with ``use_cache`` and no cache."""
+    return DynamicCache(config=config)
+
+
+def unsupported_cache_reason(cache: Any) -> str | None:
+    """Why the breaks cannot update ``cache`` in place of the model, naming the class; None when they can."""
+    if cache is None:
+        return None
+    if type(cache) not in SUPPORTED_CACHES:
+        return f"cache class {type(cache).__name__} (supported: DynamicCache, StaticCache)"
+    if getattr(cache, "offloading", False):
+        return f"an offloading {type(cache).__name__}"
+    layers = [type(layer).__name__ for layer in getattr(cache, "layers", ()) if not isinstance(layer, _SUPPORTED_CACHE_LAYERS)]
+    if layers:
+        return f"cache layer classes {sorted(set(layers))} (supported: full and sliding, dynamic and static)"
+    return None
+
+
+def past_length(cache: Any) -> int | torch.Tensor:
+    return cache.get_seq_length() if cache is not None else 0
+
+
+def update_cache(cache: Any, keys: torch.Tensor, values: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return cache.update(keys, values, layer_idx)
+
+
+# ----- masks -----
+_MASK_CACHE_ARGUMENT = cache_argument(create_masks_for_generate)
+
+
+def create_masks(config: Any, attention_mask: Any, cache: Any, position_ids: torch.Tensor, batch: int, seq: int,
+                 dtype: torch.dtype, device: torch.device) -> torch.Tensor | dict | None:
+    """transformers' own per-layer-type masks for a call, as the model would build them (``config`` carries the
+    model's original attention implementation)."""
+    return create_masks_for_generate(
+        config=config,
+        inputs_embeds=torch.empty((batch, seq, 0), dtype=dtype, device=device),
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        **{_MASK_CACHE_ARGUMENT: cache},
+    )
+
+
+# ----- attention functions -----
+def register_attention(name: str, function: Callable) -> None:
+    AttentionInterface.register(name, function)
+
+
+def attention_function(implementation: str | None, module: nn.Module) -> Callable:
+    """The function the model itself calls for ``implementation`` (its modeling file's own for "eager")."""
+    if implementation in (None, "eager"):
+        function = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+        if function is None:
+            raise NotImplementedError(f"{type(module).__name__} has no module-level eager_attention_forward")
+        return function
+    return ALL_ATTENTION_FUNCTIONS[implementation]
+
+
+def attention_implementation_of(config: Any) -> str | None:
+    return config._attn_implementation
+
+
+def attention_configs(module: nn.Module) -> list[Any]:
+    """Every distinct config object the stack's modules read their attention implementation from."""
+    seen: dict[int, Any] = {}
+    for sub in module.modules():
+        config = getattr(sub, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation_internal"):
+            seen.setdefault(id(config), config)
+    return list(seen.values())
+
+
+@contextmanager
+def attention_implementation(configs: list[Any], name: str) -> Iterator[None]:
+    """Point every config the stack reads at ``name`` for the duration (without touching sub-configs)."""
+    saved = [(config, config._attn_implementation_internal) for config in configs]
+    for config in configs:
+        config._attn_implementation_internal = name
+    try:
+        yield
+    finally:
+        for config, value in saved:
+            config._attn_implementation_internal = value
+
+
+# ----- generate() and experts -----
+def _never_compile(*args: Any, **kwargs: Any) -> bool:
+    return False
+
+
+def prevent_auto_compile(model: PreTrainedModel) -> bool:
+    """Keep ``generate()`` from compiling the forward (it does for static caches): bcg's graphs must not be traced.
+
+    Shadows the model's ``_valid_auto_compile_criteria`` on the instance instead of writing ``generation_config``,
+    so nothing reaches ``save_pretrained``. Returns False when this transformers has no such hook.
+    """
+    if not hasattr(type(model), "_valid_auto_compile_criteria"):
+        return False
+    model._valid_auto_compile_criteria = _never_compile
+    return True
+
+
+def allow_auto_compile(model: PreTrainedModel) -> None:
+    model.__dict__.pop("_valid_auto_compile_criteria", None)
+
+
+def use_capturable_experts(model: PreTrainedModel) -> str | None:
+    """Switch MoE experts from the eager loop (which syncs on ``nonzero``) to ``grouped_mm``; return what it was."""
+    if getattr(model.config, "_experts_implementation", None) != "eager" or not hasattr(model, "set_experts_implementation"):
+        return None
+    saved = model.get_experts_implementation()
+    model.set_experts_implementation("grouped_mm")
+    return saved
+
+
+def set_experts_implementation(model: PreTrainedModel, implementation: Any) -> None:
+    model.set_experts_implementation(implementation)
