@@ -46,7 +46,7 @@ class AddressWatch:
 
     def reset(self) -> None:
         self.slots = tensor_slots(self.module)
-        step = max(1, len(self.slots) // _SAMPLE)
+        step = max(1, -(-len(self.slots) // _SAMPLE))
         self.sample = self.slots[::step] + self.slots[-1:]
         self.module_ids = {id(m) for m in self.module.modules()}
         self.recorded = fingerprint(self.sample)

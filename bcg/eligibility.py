@@ -38,6 +38,8 @@ class Reject(str, enum.Enum):
 
 # Rejects that will come back on every call of the same kind: said once in a warning, with what to do.
 REPEATING = {
+    Reject.GRAD_ENABLED: "run inference under torch.no_grad() or torch.inference_mode() (generate() does), or "
+                         "freeze the weights with model.requires_grad_(False)",
     Reject.UNSUPPORTED_ARGUMENT: "bcg does not know what it changes; if it changes nothing the stack computes, "
                                  "report it (with your transformers version) so bcg can accept it",
     Reject.UNSUPPORTED_CACHE: "use a DynamicCache or StaticCache (the default of generate()) to get replays",

@@ -42,6 +42,30 @@ def test_swapped_weights_are_seen():
         torch.testing.assert_close(_logits(model, ids), _logits(reference, ids))
 
 
+def test_a_reassigned_parameter_invalidates_without_debug():
+    reference, model = tiny_model("llama"), tiny_model("llama")
+    handle = bcg.wrap_model(model, backend="eager")
+    ids, _ = left_padded_batch(pads=(0, 0, 0))
+    _logits(model, ids)
+    for m in (reference, model):
+        layer = m.model.layers[1].self_attn.q_proj
+        layer.weight = torch.nn.Parameter(layer.weight.detach() * 2)
+    with pytest.warns(bcg.BcgInvalidatedWarning):
+        torch.testing.assert_close(_logits(model, ids), _logits(reference, ids))
+    assert handle.stats()["invalidations"] == 1
+    _logits(model, ids)
+    assert handle.stats()["invalidations"] == 1  # recaptured once, then steady
+
+
+def test_the_always_on_address_check_reads_a_bounded_sample():
+    model = tiny_model("llama", num_hidden_layers=40)
+    handle = bcg.wrap_model(model, backend="eager")
+    watch = handle.runner._watch
+    assert len(watch.slots) > 300 and len(watch.sample) <= 65
+    model.double()  # a cast moves every tensor: the sample sees it
+    assert watch.moved()
+
+
 def test_debug_addresses_names_the_changed_parameter():
     model = tiny_model("llama")
     bcg.wrap_model(model, backend="eager", debug=True)

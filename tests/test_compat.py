@@ -1,0 +1,123 @@
+"""transformers compatibility: the cache under either argument name, and fallbacks that say so (never silent)."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from transformers import DynamicCache, QuantizedCache
+
+import bcg
+from bcg import hf
+from tiny_models import left_padded_batch, tiny_model
+
+
+def _fallback_warnings(caught):
+    return [w for w in caught if issubclass(w.category, bcg.BcgFallbackWarning)]
+
+
+def test_the_stack_takes_the_cache_under_the_installed_name():
+    model = tiny_model("llama")
+    name = hf.cache_argument(model.model.forward)
+    assert name in hf.CACHE_ARGUMENTS
+    handle = bcg.wrap_model(model, backend="eager")
+    assert handle.runner.cache_argument == name
+
+
+@pytest.mark.parametrize("name", hf.CACHE_ARGUMENTS)
+def test_stack_call_with_either_cache_name_replays_and_fills_the_cache(name):
+    """5.24 renamed past_key_values to cache and still accepts the old name (deprecated): both must replay."""
+    reference, model = tiny_model("qwen3"), tiny_model("qwen3")
+    if name not in hf.forward_parameters(model.model.forward) and name != "past_key_values":
+        pytest.skip(f"this transformers' stack does not take {name!r}")
+    ids, mask = left_padded_batch()
+    handle = bcg.wrap_model(model, backend="eager")
+    caches = []
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the deprecated name, on versions that renamed it
+        for m in (reference, model):
+            cache = DynamicCache(config=m.config)
+            out = m.model(input_ids=ids, attention_mask=mask, use_cache=True, **{name: cache})
+            caches.append((out.last_hidden_state, cache))
+    (expected, expected_cache), (got, got_cache) = caches
+    real = mask.bool()
+    torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=1e-5)
+    assert got_cache.get_seq_length() == expected_cache.get_seq_length() == ids.shape[1]
+    torch.testing.assert_close(got_cache.layers[1].keys, expected_cache.layers[1].keys)
+    assert handle.stats()["replays"] == 1 and handle.stats()["rejects"] == {}
+
+
+def test_returned_output_carries_the_live_cache():
+    model = tiny_model("llama")
+    name = hf.cache_argument(model.model.forward)
+    bcg.wrap_model(model, backend="eager")
+    ids, mask = left_padded_batch()
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        out = model.model(input_ids=ids, attention_mask=mask, use_cache=True, **{name: cache})
+    assert out[1] is cache  # the output's cache field, whatever this transformers names it
+
+
+def test_an_unknown_stack_argument_warns_once_naming_it():
+    reference, model = tiny_model("llama"), tiny_model("llama")
+    handle = bcg.wrap_model(model, backend="eager")
+    ids, mask = left_padded_batch()
+    original = handle.runner.original_forward
+    handle.runner.original_forward = lambda *a, surprise=None, **k: original(*a, **k)
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        for _ in range(3):
+            got = model.model(input_ids=ids, attention_mask=mask, surprise=torch.ones(1))
+    fallback = _fallback_warnings(caught)
+    assert len(fallback) == 1
+    assert "surprise" in str(fallback[0].message) and "unsupported_argument" in str(fallback[0].message)
+    assert handle.stats()["rejects"] == {"unsupported_argument": 3}
+    with torch.no_grad():
+        expected = reference.model(input_ids=ids, attention_mask=mask)
+    torch.testing.assert_close(got.last_hidden_state[mask.bool()], expected.last_hidden_state[mask.bool()])
+
+
+def test_an_unsupported_cache_class_warns_once_naming_it():
+    model = tiny_model("llama")
+    handle = bcg.wrap_model(model, backend="eager")
+    ids, _ = left_padded_batch(pads=(0, 0, 0))
+
+    class MyCache(DynamicCache):
+        pass
+
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        for _ in range(2):
+            model(ids, use_cache=True, **{hf.cache_argument(model.forward): MyCache(config=model.config)})
+    fallback = _fallback_warnings(caught)
+    assert len(fallback) == 1 and "MyCache" in str(fallback[0].message)
+    assert handle.stats()["rejects"] == {"unsupported_cache": 2}
+    assert QuantizedCache.__name__ in (hf.unsupported_cache_reason(object.__new__(QuantizedCache)) or "")
+
+
+def test_a_stack_forward_without_the_arguments_bcg_needs_stays_eager_with_a_warning(monkeypatch):
+    model = tiny_model("llama")
+    original = model.model.forward
+    monkeypatch.setattr(model.model, "forward", lambda input_ids=None, attention_mask=None: original(input_ids, attention_mask))
+    with pytest.warns(bcg.BcgFallbackWarning, match="does not take"):
+        handle = bcg.wrap_model(model, backend="eager")
+    assert handle.stats()["ready"] is False
+
+
+def test_plain_calls_with_grad_enabled_warn_once_saying_how_to_replay():
+    model = tiny_model("llama")
+    handle = bcg.wrap_model(model, backend="eager")
+    ids, mask = left_padded_batch()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(ids, attention_mask=mask)
+        model(ids, attention_mask=mask)
+    fallback = _fallback_warnings(caught)
+    assert len(fallback) == 1 and "no_grad" in str(fallback[0].message)
+    assert handle.stats()["rejects"] == {"grad_enabled": 2}
+
+
+@pytest.mark.parametrize("sizes", [np.array([4, 16]), [np.int64(4), torch.tensor(16).item()], (np.int32(4), 16)])
+def test_capture_sizes_accept_integral_types(sizes):
+    handle = bcg.wrap_model(tiny_model("llama"), capture_sizes=sizes, max_num_tokens=np.int64(16), backend="eager")
+    assert handle.runner.sizes == [4, 16] and all(type(s) is int for s in handle.runner.sizes)
