@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -31,6 +31,10 @@ _PER_CALL_KWARGS = frozenset(
     {"position_ids", "cache_position", *hf.CACHE_ARGUMENTS, "use_cache", "output_attentions",
      "output_hidden_states", "attention_mask", "return_dict"}
 )
+
+
+class StructureError(RuntimeError):
+    """The stack's attention calls do not fit one break per attention layer, in order: the model stays eager."""
 
 
 class Bridges:
@@ -79,6 +83,8 @@ class BreakSlot:
     k: torch.Tensor
     v: torch.Tensor
     out: torch.Tensor
+    reuses_kv: bool = False  # reads the keys/values a storing layer of its type left (Gemma 3n / 4 KV sharing)
+    stores_kv: bool = False
 
 
 def run_break(slot: BreakSlot) -> None:
@@ -92,10 +98,22 @@ def run_break(slot: BreakSlot) -> None:
     k = live.tokens_of(slot.k, heads_first=True)
     v = live.tokens_of(slot.v, heads_first=True)
     if live.cache is not None:
-        k, v = hf.update_cache(live.cache, k, v, slot.layer_idx)
+        # Without a cache the bridges already hold the shared keys/values: the graph copied them in like any other.
+        if slot.reuses_kv:
+            k, v = live.shared_kv[slot.layer_type]
+        else:
+            k, v = hf.update_cache(live.cache, k, v, slot.layer_idx)
+        if slot.stores_kv:
+            live.shared_kv[slot.layer_type] = _owned(k, slot.k), _owned(v, slot.v)
     result, _ = slot.attention_fn(slot.module, q, k, v, live.mask_for(slot.layer_type),
                                   position_ids=live.position_ids, **slot.kwargs)
     live.tokens_of(slot.out, heads_first=False).copy_(result)
+
+
+def _owned(states: torch.Tensor, bridge: torch.Tensor) -> torch.Tensor:
+    """``states``, copied if it is a view of a bridge that later layers overwrite before a reusing layer reads it."""
+    same = states.untyped_storage().data_ptr() == bridge.untyped_storage().data_ptr()
+    return states.clone() if same else states
 
 
 @dataclass
@@ -108,21 +126,32 @@ class StackRun:
     layer_types: list[str] | None
     break_fn: Callable[[BreakSlot], None]
     breaks: int = 0
+    _seen: set = field(default_factory=set)
+    _stored_types: set = field(default_factory=set)
 
     def slot_for(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  kwargs: dict) -> BreakSlot:
         index = self.breaks
         self.breaks += 1
+        if id(module) in self._seen:
+            raise StructureError(f"{type(module).__name__} (layer {getattr(module, 'layer_idx', '?')}) is applied "
+                                 "several times per forward (a looped layer stack); its cache slots move per pass")
+        self._seen.add(id(module))
         if index < len(self.slots):
             slot = self.slots[index]
             if slot.module is not module:
-                raise RuntimeError(
-                    f"bcg: attention call {index} came from {type(module).__name__} "
+                raise StructureError(
+                    f"attention call {index} came from {type(module).__name__} "
                     f"(layer {getattr(module, 'layer_idx', '?')}), not the layer seen at first capture"
                 )
-            return slot
-        slot = self._new_slot(module, query, key, value, kwargs)
-        self.slots.append(slot)
+        else:
+            slot = self._new_slot(module, query, key, value, kwargs)
+            self.slots.append(slot)
+        if slot.reuses_kv and slot.layer_type not in self._stored_types:
+            raise StructureError(f"layer {slot.layer_idx} reuses {slot.layer_type} keys/values that no earlier layer "
+                                 "of this stack stores (they come from outside the stack)")
+        if slot.stores_kv:
+            self._stored_types.add(slot.layer_type)
         return slot
 
     def _new_slot(self, module, query, key, value, kwargs) -> BreakSlot:
@@ -132,6 +161,7 @@ class StackRun:
         kv_heads, _, k_dim = key.shape[1:]
         v_dim = value.shape[-1]
         constant_kwargs = {k: v for k, v in kwargs.items() if k not in _PER_CALL_KWARGS}
+        reuses_kv, stores_kv = hf.kv_sharing(module)
         return BreakSlot(
             module=module,
             layer_idx=layer_idx,
@@ -142,6 +172,8 @@ class StackRun:
             k=self.bridges.get("k", kv_heads, k_dim, key.dtype),
             v=self.bridges.get("v", kv_heads, v_dim, value.dtype),
             out=self.bridges.get("out", heads, v_dim, query.dtype),
+            reuses_kv=reuses_kv,
+            stores_kv=stores_kv,
         )
 
 

@@ -30,6 +30,7 @@ class Reject(str, enum.Enum):
     WRONG_DEVICE = "wrong_device"
     UNSUPPORTED_POSITION_IDS = "unsupported_position_ids"
     UNSUPPORTED_MASK = "unsupported_mask"
+    MASK_FAILED = "mask_failed"
     UNSUPPORTED_CACHE = "unsupported_cache"
     TOO_MANY_TOKENS = "too_many_tokens"
     PADDING_WASTE = "padding_waste"
@@ -44,6 +45,8 @@ REPEATING = {
                                  "report it (with your transformers version) so bcg can accept it",
     Reject.UNSUPPORTED_CACHE: "use a DynamicCache or StaticCache (the default of generate()) to get replays",
     Reject.UNSUPPORTED_MASK: "pass a 2D padding mask [batch, length] (or a 4D mask / dict as generate() builds)",
+    Reject.MASK_FAILED: "transformers' mask utilities failed on this call; please report it with your transformers "
+                        "version",
     Reject.UNSUPPORTED_POSITION_IDS: "pass position_ids as [batch, length] or [1, length]",
     Reject.WRONG_DEVICE: "put the inputs on the model's device",
 }
@@ -53,11 +56,13 @@ _OUTPUT_FLAGS = {
     "output_hidden_states": Reject.OUTPUT_HIDDEN_STATES,
     "output_router_logits": Reject.OUTPUT_ROUTER_LOGITS,
 }
-_ATTENTION_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "chunked_attention"})
 # Arguments a stack forward may receive that bcg understands (or that change nothing it computes).
 KNOWN_ARGUMENTS = frozenset(
     {"input_ids", "attention_mask", "position_ids", *hf.CACHE_ARGUMENTS, "inputs_embeds", "use_cache",
-     "cache_position", "return_dict", *_OUTPUT_FLAGS}
+     "cache_position", "return_dict", *_OUTPUT_FLAGS,
+     # Gemma 4 (5.24+) passes it so its stack may cut the last layers' work to the kept tokens; bcg returns every
+     # position and the CausalLM slices, so the logits are the same.
+     "logits_to_keep"}
 )
 
 
@@ -193,8 +198,10 @@ def model_unsupported_reason(model: Any, config: Any, stack_forward: Any) -> str
     if len(placements) > 1:
         return f"the model is split across devices {sorted(placements)}; bcg captures single-device models"
     layer_types = set(getattr(config, "layer_types", None) or ())
-    if layer_types - _ATTENTION_LAYER_TYPES:
-        return f"layer types {sorted(layer_types - _ATTENTION_LAYER_TYPES)} are not plain attention (recurrent mixers)"
+    if layer_types - set(hf.ATTENTION_LAYER_TYPES):
+        return f"layer types {sorted(layer_types - set(hf.ATTENTION_LAYER_TYPES))} are not plain attention (recurrent mixers)"
+    if hf.caches_latents(config):
+        return "multi-head latent attention caches compressed latents, not the keys/values bcg's breaks would cache"
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     rope_sets = rope.values() if all(isinstance(v, dict) for v in rope.values()) and rope else [rope]
     if any(isinstance(r, dict) and r.get("rope_type", r.get("type")) in ("dynamic", "longrope") for r in rope_sets):

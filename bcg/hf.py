@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AttentionInterface, PreTrainedModel
+from transformers import AttentionInterface, PreTrainedModel, cache_utils
 from transformers.cache_utils import (
     DynamicCache,
     DynamicLayer,
@@ -25,7 +25,7 @@ from transformers.cache_utils import (
     StaticLayer,
     StaticSlidingWindowLayer,
 )
-from transformers.masking_utils import create_masks_for_generate
+from transformers.masking_utils import LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING, create_masks_for_generate
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama import modeling_llama
 
@@ -34,8 +34,12 @@ CACHE_ARGUMENTS = ("cache", "past_key_values")
 # What a stack forward must take for bcg to call it on static inputs and route a call's cache into the breaks.
 REQUIRED_STACK_ARGUMENTS = ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "use_cache")
 
+# Layer types whose token mixer is attention through the AttentionInterface (what a break runs).
+ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
 SUPPORTED_CACHES = (DynamicCache, StaticCache)
-_SUPPORTED_CACHE_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer, StaticLayer, StaticSlidingWindowLayer)
+# DummyLayer (5.24+) holds the slot of a layer that reads another layer's keys/values and is never updated.
+_SUPPORTED_CACHE_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer, StaticLayer, StaticSlidingWindowLayer,
+                           *([cache_utils.DummyLayer] if hasattr(cache_utils, "DummyLayer") else []))
 
 # Llama's reference code, which fusion.py recognises in other models by bytecode.
 LLAMA_RMS_NORM_FORWARD = modeling_llama.LlamaRMSNorm.forward
@@ -85,6 +89,18 @@ def missing_stack_arguments(forward: Callable) -> list[str]:
     return missing
 
 
+def caches_latents(config: Any) -> bool:
+    """Multi-head latent attention (DeepSeek-V2/V3, LongCat, ...) caches compressed latents, not the keys/values it
+    hands to the attention function: a break would fill the cache with something else than the model does."""
+    return getattr(config, "kv_lora_rank", None) is not None
+
+
+def kv_sharing(module: nn.Module) -> tuple[bool, bool]:
+    """(reuses, stores): whether this attention module reads another layer's keys/values instead of updating the
+    cache (Gemma 3n / Gemma 4), and whether its own post-update keys/values are what such layers read."""
+    return bool(getattr(module, "is_kv_shared_layer", False)), bool(getattr(module, "store_full_length_kv", False))
+
+
 def output_with_cache(output_cls: type, hidden: torch.Tensor, cache: Any) -> Any:
     """The stack's own output class holding ``hidden`` and the live cache, under whichever field name it uses."""
     names = {field.name for field in dataclasses.fields(output_cls)}
@@ -122,19 +138,25 @@ def update_cache(cache: Any, keys: torch.Tensor, values: torch.Tensor, layer_idx
 
 # ----- masks -----
 _MASK_CACHE_ARGUMENT = cache_argument(create_masks_for_generate)
+# transformers 5.17's create_chunked_causal_mask does not take the block_sequence_ids that create_masks_for_generate
+# passes to every layer type's function (Llama 4 failed there): such versions get the per-type calls made here.
+_MASK_FUNCTIONS_TAKE_ALL = all(
+    "block_sequence_ids" in forward_parameters(LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING[t]) for t in ATTENTION_LAYER_TYPES
+)
 
 
 def create_masks(config: Any, attention_mask: Any, cache: Any, position_ids: torch.Tensor, batch: int, seq: int,
                  dtype: torch.dtype, device: torch.device) -> torch.Tensor | dict | None:
     """transformers' own per-layer-type masks for a call, as the model would build them (``config`` carries the
     model's original attention implementation)."""
-    return create_masks_for_generate(
-        config=config,
-        inputs_embeds=torch.empty((batch, seq, 0), dtype=dtype, device=device),
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        **{_MASK_CACHE_ARGUMENT: cache},
-    )
+    kwargs = dict(config=config, inputs_embeds=torch.empty((batch, seq, 0), dtype=dtype, device=device),
+                  attention_mask=attention_mask, position_ids=position_ids, **{_MASK_CACHE_ARGUMENT: cache})
+    layer_types = set(getattr(config.get_text_config(), "layer_types", None) or ())
+    if _MASK_FUNCTIONS_TAKE_ALL or not layer_types or not layer_types <= set(LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING):
+        return create_masks_for_generate(**kwargs)
+    kwargs["config"] = config.get_text_config()
+    functions = {t: LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING[t] for t in layer_types}
+    return {t: f(**{k: v for k, v in kwargs.items() if k in forward_parameters(f)}) for t, f in functions.items()}
 
 
 # ----- attention functions -----

@@ -29,6 +29,7 @@ class LiveContext:
     cache: Any = None
     masks: torch.Tensor | dict | None = None
     position_ids: torch.Tensor | None = None
+    shared_kv: dict = field(default_factory=dict, repr=False)  # layer type -> keys/values a storing layer left
     _views: dict = field(default_factory=dict, repr=False)
 
     def mask_for(self, layer_type: str) -> torch.Tensor | None:

@@ -16,7 +16,7 @@ import torch
 
 from . import debug as addresses
 from . import hf
-from .attention import Bridges, BreakSlot, StackRun, run_break, run_stack_under_bcg
+from .attention import Bridges, BreakSlot, StackRun, StructureError, run_break, run_stack_under_bcg
 from .backends import Backend, Graph
 from .buckets import pick_bucket
 from .eligibility import KNOWN_ARGUMENTS, REPEATING, Call, Reject, Rejection, Target, reject_reason
@@ -27,10 +27,6 @@ from .resolve import Stack
 from .stats import Stats
 
 logger = logging.getLogger("bcg")
-
-
-class BreakCountError(RuntimeError):
-    """Fewer or more attention breaks than attention layers: some attention would run inside a graph."""
 
 
 class StackRunner:
@@ -105,9 +101,9 @@ class StackRunner:
             else:
                 replay = self._replay_beside_eager if self.debug == "numerics" else self._replay
                 output = replay(graph, call, bucket)
-                if output is not None:
+                if not isinstance(output, Rejection):
                     return output
-                rejection = Rejection(Reject.UNSUPPORTED_MASK, "a mask layout transformers left to the model")
+                rejection = output
         self._count_reject(rejection)
         return self.original_forward(*args, **kwargs)
 
@@ -158,7 +154,7 @@ class StackRunner:
         token = LIVE.set(capture_context(bucket))
         try:
             graph = self.backend.capture(partial(self._run_stack, kind, bucket))
-        except BreakCountError as error:
+        except StructureError as error:
             self._disable(str(error))
             return None
         except Exception as error:  # capture must never take the model down: the call runs eagerly instead
@@ -191,7 +187,7 @@ class StackRunner:
                 attention_mask=None, use_cache=False, **{self.cache_argument: None},
             )
         if run.breaks != self.expected_breaks:
-            raise BreakCountError(
+            raise StructureError(
                 f"{run.breaks} attention calls went through bcg's breaks but the stack has "
                 f"{self.expected_breaks} layers; some attention would be captured inside a graph"
             )
@@ -274,10 +270,9 @@ class StackRunner:
         self._address_book = None
 
     # ----- replay -----
-    def _replay(self, graph: Graph, call: Call, bucket: int) -> Any | None:
-        tokens = call.tokens
-        batch, seq = tokens.shape[:2]
-        num_tokens = batch * seq
+    def _live_context(self, call: Call, bucket: int) -> LiveContext | Rejection:
+        """The call's cache, positions and masks, made before anything touches the cache (so eager can still answer)."""
+        batch, seq = call.tokens.shape[:2]
         cache = call.cache
         use_cache = call.get("use_cache")
         if use_cache is None:
@@ -289,16 +284,23 @@ class StackRunner:
         if positions is None:
             positions = default_position_ids(self.model_type, mask, cache, batch, seq, self.device)
             if positions is None:
-                return None
+                return Rejection(Reject.UNSUPPORTED_MASK, "a prepared mask, from which this model derives positions")
         positions = positions.expand(batch, seq)
-        masks = live_masks(self.config, mask, cache, positions, batch, seq, self.dtype, self.device)
-        if isinstance(masks, dict) and any(slot.layer_type not in masks for slot in self.slots):
-            return None
+        try:
+            masks = live_masks(self.config, mask, cache, positions, batch, seq, self.dtype, self.device)
+        except Exception as error:
+            return Rejection(Reject.MASK_FAILED, f"{type(error).__name__}: {error}")
+        if isinstance(masks, dict) and (missing := {s.layer_type for s in self.slots} - set(masks)):
+            return Rejection(Reject.UNSUPPORTED_MASK, f"no mask for layer types {sorted(missing)}")
         if isinstance(masks, torch.Tensor) and masks.ndim == 2:
-            return None  # transformers deferred the mask to the model: a layout bcg does not know
+            return Rejection(Reject.UNSUPPORTED_MASK, "a mask layout transformers leaves to the model")
+        return LiveContext(batch, seq, call.num_tokens, bucket, cache, masks, positions)
 
-        self._fill_static(call.kind, tokens, positions, num_tokens, bucket)
-        live = LiveContext(batch, seq, num_tokens, bucket, cache, masks, positions)
+    def _replay(self, graph: Graph, call: Call, bucket: int) -> Any | Rejection:
+        live = self._live_context(call, bucket)
+        if isinstance(live, Rejection):
+            return live
+        self._fill_static(call.kind, call.tokens, live.position_ids, live.num_tokens, bucket)
         token = LIVE.set(live)
         try:
             with self.backend.replay_context():
@@ -307,14 +309,14 @@ class StackRunner:
             LIVE.reset(token)
         self.stats.count_replay()
         # The static output is overwritten by the next replay: hand the caller its own copy.
-        hidden = hidden[0, :num_tokens].view(batch, seq, -1).clone()
-        return hf.output_with_cache(self.output_cls, hidden, cache)
+        hidden = hidden[0, :live.num_tokens].view(live.batch, live.seq, -1).clone()
+        return hf.output_with_cache(self.output_cls, hidden, live.cache)
 
-    def _replay_beside_eager(self, graph: Graph, call: Call, bucket: int) -> Any | None:
+    def _replay_beside_eager(self, graph: Graph, call: Call, bucket: int) -> Any | Rejection:
         """debug="numerics": replay, then run eager on a copy of the cache and record the largest difference."""
         shadow_cache = copy.deepcopy(call.cache)
         output = self._replay(graph, call, bucket)
-        if output is not None:
+        if not isinstance(output, Rejection):
             arguments = {k: v for k, v in call.arguments.items() if k not in hf.CACHE_ARGUMENTS}
             with torch.no_grad():
                 eager = self.original_forward(**arguments, **{self.cache_argument: shadow_cache})

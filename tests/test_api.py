@@ -93,7 +93,31 @@ def _dynamic_rope_llama():
     return tiny_model("llama", rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
 
 
-@pytest.mark.parametrize("build, match", [(_falcon, "AttentionInterface"), (_dynamic_rope_llama, "dynamic RoPE")])
+def _from_config(model_type, **kwargs):
+    def build():
+        try:
+            config = AutoConfig.for_model(model_type, vocab_size=128, hidden_size=64, intermediate_size=128,
+                                          num_attention_heads=4, **kwargs)
+        except ValueError:
+            pytest.skip(f"this transformers has no {model_type}")
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(config).eval()
+    return build
+
+
+_MLA = _from_config("deepseek_v3", num_hidden_layers=2, first_k_dense_replace=2, num_key_value_heads=4, q_lora_rank=32,
+                    kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, moe_intermediate_size=32,
+                    n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1)
+# Two stacks cycled over (a layer list shorter than num_hidden_layers) and a stack that loops over its middle layers.
+_CYCLED_STACKS = _from_config("hrm_text", num_hidden_layers=2, head_dim=16, H_cycles=2, L_cycles=2)
+_LOOPED_LAYERS = _from_config("dory", num_hidden_layers=6, n_input_layers=2, n_output_layers=2, n_recurrent_loops=2,
+                              num_key_value_heads=2, head_dim=16, sliding_window=4)
+
+
+@pytest.mark.parametrize("build, match", [
+    (_falcon, "AttentionInterface"), (_dynamic_rope_llama, "dynamic RoPE"), (_MLA, "latent"),
+    (_CYCLED_STACKS, "no layer stack"), (_LOOPED_LAYERS, "several times per forward"),
+])
 def test_unsupported_models_warn_once_and_stay_correct(build, match):
     reference, model = build(), build()
     ids, mask = left_padded_batch()

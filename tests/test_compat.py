@@ -121,3 +121,39 @@ def test_plain_calls_with_grad_enabled_warn_once_saying_how_to_replay():
 def test_capture_sizes_accept_integral_types(sizes):
     handle = bcg.wrap_model(tiny_model("llama"), capture_sizes=sizes, max_num_tokens=np.int64(16), backend="eager")
     assert handle.runner.sizes == [4, 16] and all(type(s) is int for s in handle.runner.sizes)
+
+
+@pytest.mark.parametrize("arch", ["gemma4_text", "gemma3n_text"])
+def test_kv_sharing_layers_read_the_stored_keys_with_a_static_cache(arch):
+    reference, model = tiny_model(arch), tiny_model(arch)
+    handle = bcg.wrap_model(model, backend="eager")
+    ids, mask = left_padded_batch()
+    kwargs = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0,
+                  cache_implementation="static", return_dict_in_generate=True)
+    expected, got = reference.generate(ids, **kwargs), model.generate(ids, **kwargs)
+    assert torch.equal(got.sequences, expected.sequences)
+    assert handle.stats()["replays"] == 5 and handle.stats()["rejects"] == {}
+    expected_cache, got_cache = (getattr(o, hf.CACHE_ARGUMENTS[0], None) or o.past_key_values for o in (expected, got))
+    for layer in (2, 3):  # the layers whose keys/values the shared layers read
+        torch.testing.assert_close(got_cache.layers[layer].keys, expected_cache.layers[layer].keys)
+
+
+def test_a_mask_that_transformers_cannot_build_runs_eagerly_with_one_warning(monkeypatch):
+    import bcg.runner
+
+    reference, model = tiny_model("llama"), tiny_model("llama")
+    handle = bcg.wrap_model(model, backend="eager")
+    ids, mask = left_padded_batch()
+
+    def broken(*args, **kwargs):
+        raise TypeError("create_chunked_causal_mask() got an unexpected keyword argument")
+
+    monkeypatch.setattr(bcg.runner, "live_masks", broken)
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        got = [model(ids, attention_mask=mask).logits for _ in range(2)]
+        expected = reference(ids, attention_mask=mask).logits
+    fallback = _fallback_warnings(caught)
+    assert len(fallback) == 1 and "create_chunked_causal_mask" in str(fallback[0].message)
+    assert handle.stats()["rejects"] == {"mask_failed": 2}
+    assert torch.equal(got[1], expected)

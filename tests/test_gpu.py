@@ -18,7 +18,8 @@ from tiny_models import left_padded_batch, tiny_model
 pytestmark = pytest.mark.gpu
 # MoE models are tested in bf16 below: in fp32 the experts' grouped_mm fallback copies from the host and
 # cannot be captured (those buckets fall back to eager, counted as capture_failed).
-GPU_ARCHITECTURES = ["llama", "qwen3", "mistral", "gemma2", "gpt2", "opt", "phi3", "gemma3_text"]
+GPU_ARCHITECTURES = ["llama", "qwen3", "mistral", "gemma2", "gpt2", "opt", "phi3", "gemma3_text", "gemma4_text",
+                     "gemma3n_text"]
 GENERATE = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
 
 
@@ -134,7 +135,7 @@ def test_smollm2_batched_mgsm_generation_matches_eager():
     print(f"fused kernels: {sum(a == b for a, b in zip(fused, eager))}/8 texts identical to eager")
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "gpt_oss"])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "gpt_oss", "llama4_text"])
 def test_moe_bf16_graphs_match_eager(arch):
     """MoE experts run transformers' grouped_mm kernels (bf16 on Hopper) inside the graphs."""
     model = tiny_model(arch, dtype=torch.bfloat16, device="cuda")

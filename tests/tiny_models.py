@@ -9,6 +9,10 @@ VOCAB = 128
 _COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 _MOE = dict(num_experts=4, num_local_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+_GEMMA_KV_SHARING = dict(
+    num_hidden_layers=6, num_kv_shared_layers=2, head_dim=16, sliding_window=4, hidden_size_per_layer_input=8,
+    vocab_size_per_layer_input=VOCAB, layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2,
+)
 
 # model_type -> config overrides. Sliding windows are small so they bite inside the test sequences.
 ARCHITECTURES: dict[str, dict] = {
@@ -35,6 +39,12 @@ ARCHITECTURES: dict[str, dict] = {
     "qwen3_moe": dict(_MOE, head_dim=16),
     "mixtral": dict(_MOE, sliding_window=None),
     "gpt_oss": dict(_MOE, head_dim=16, sliding_window=6, layer_types=["sliding_attention", "full_attention"]),
+    # Layers 4 and 5 have no cache slot of their own: they read the keys/values layers 3 and 2 stored (KV sharing).
+    "gemma4_text": dict(_GEMMA_KV_SHARING, global_head_dim=32),
+    "gemma3n_text": dict(_GEMMA_KV_SHARING, laurel_rank=8, altup_num_inputs=2, activation_sparsity_pattern=[0.0] * 6),
+    # Chunked attention on three layers of four (its get_decoder() returns the model: the stack is found by scanning).
+    "llama4_text": dict(num_hidden_layers=4, head_dim=16, intermediate_size_mlp=128, num_local_experts=2,
+                        num_experts_per_tok=1, attention_chunk_size=4),
 }
 
 
