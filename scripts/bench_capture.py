@@ -11,7 +11,15 @@ import time
 import torch
 
 import bcg
-from benchutil import add_common_arguments, announce_device, default_model, output_stem, pick_device, wrap_options
+from benchutil import (
+    add_common_arguments,
+    announce_device,
+    default_model,
+    output_stem,
+    pick_device,
+    speed_caveat,
+    wrap_options,
+)
 from presets import build_model
 from report import write_results
 
@@ -42,7 +50,7 @@ def main() -> None:
         "failures": len(stats["capture_failures"]),
     }
     write_results(output_stem(args, "capture", model_name), f"bcg capture of the default ladder: {model_name}", [row],
-                  extra={"stats": stats}, out_dir=args.out_dir)
+                  extra={"stats": stats}, out_dir=args.out_dir, caveat=speed_caveat(device))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ every figure: the physical floor, the bytes one decode step must read (weights; 
 bandwidth measured here with a large device-to-device copy.
 
     python scripts/bench_decode.py                                   # qwen3-0.6b, batch 1 and 32, context 1024
+                                                                     # no GPU: the quick check (tiny, small grid)
     python scripts/bench_decode.py --batches 1 8 32 --contexts 256 1024    # full grid: 6 compiles, ~8 min
     python scripts/bench_decode.py --model llama-3.1-8b --skip-compile
     python scripts/bench_decode.py --model qwen3-8b --batches 1 8 --contexts 256 --skip-compile --fused-kernels
@@ -30,21 +31,26 @@ from tqdm import tqdm
 from transformers import CompileConfig, PreTrainedModel, StaticCache
 
 import bcg
+from bcg.hf import cache_argument
 from benchutil import (
     FUSED_HELP,
     Series,
     StatsDelta,
     add_common_arguments,
     announce_device,
-    default_model,
+    device_tag,
     format_rejects,
+    grid_help,
     hbm_bandwidth,
     output_stem,
     peak_memory_mib,
     pick_device,
     reset_peak_memory,
+    resolve_defaults,
     save_plot,
     snapshot,
+    speed_caveat,
+    speed_columns,
     stats_since,
     timed,
     wrap_options,
@@ -53,8 +59,9 @@ from presets import build_model, decode_weight_bytes, describe, kv_bytes_per_tok
 from report import write_results
 
 # Two shapes, so two compiles of HF's peer (~40 s each): the default run stays within ~4 minutes on qwen3-0.6b.
-BATCHES = (1, 32)
-CONTEXTS = (1024,)
+# Without a GPU and --model, the quick check: seconds on 2 CPU cores.
+FULL = {"batches": [1, 32], "contexts": [1024], "new_tokens": 128, "repeats": 3}
+QUICK = {"batches": [1, 2], "contexts": [16], "new_tokens": 8, "repeats": 2}
 EAGER, COMPILED, BCG, BCG_FUSED = "eager", "hf-compile", "bcg", "bcg-fused"
 # HF's default CompileConfig, spelled out: what generate() uses when a static cache makes it auto-compile.
 COMPILE_CONFIG = CompileConfig(fullgraph=False, mode="reduce-overhead")
@@ -109,7 +116,7 @@ def make_generate(contender: str, model: PreTrainedModel, shape: Shape, new_toke
         # One StaticCache per shape, reset in place between calls. cache_implementation="static" would make a
         # fresh cache per call, and torch re-records CUDA graphs whenever a static-address input moves.
         cache = StaticCache(config=model.config, max_cache_len=shape.context + new_tokens)
-        kwargs["past_key_values"] = cache
+        kwargs[cache_argument(model.forward)] = cache
         if model.device.type == "cuda":  # HF compiles on accelerators only (it warns when asked on CPU)
             kwargs["compile_config"] = COMPILE_CONFIG
 
@@ -206,7 +213,7 @@ def make_row(contender: str, shape: Shape, results: dict[str, dict], floors: Flo
         "contender": contender,
         "ms_per_token": ms,
         "tok_s": shape.batch / ms * 1e3,
-        "speedup": eager.per_token_ms(args.new_tokens) / ms,
+        **speed_columns(device, speedup=eager.per_token_ms(args.new_tokens) / ms),
         "floor_w_ms": floors.ms(shape, args.new_tokens, with_kv=False),
         "floor_wkv_ms": floor_kv,
         "of_floor": floor_kv / ms if floor_kv is not None else None,
@@ -242,15 +249,17 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser)
-    parser.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
-    parser.add_argument("--contexts", type=int, nargs="+", default=list(CONTEXTS), help="prompt lengths")
-    parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated per call (>= 2)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed generate(N) / generate(1) pairs per shape")
+    parser.add_argument("--batches", type=int, nargs="+", help=grid_help("batches", FULL, QUICK))
+    parser.add_argument("--contexts", type=int, nargs="+", help="prompt lengths; " + grid_help("contexts", FULL, QUICK))
+    parser.add_argument("--new-tokens", type=int,
+                        help="tokens generated per call (>= 2); " + grid_help("new_tokens", FULL, QUICK))
+    parser.add_argument("--repeats", type=int,
+                        help="timed generate(N) / generate(1) pairs per shape; " + grid_help("repeats", FULL, QUICK))
     parser.add_argument("--fused-kernels", action="store_true", help=FUSED_HELP)
     parser.add_argument("--skip-compile", action="store_true",
                         help="leave out HF's static cache + torch.compile peer (~40 s of compile per shape)")
     args = parser.parse_args(argv)
-    if args.new_tokens < 2:
+    if args.new_tokens is not None and args.new_tokens < 2:
         parser.error("--new-tokens must be at least 2 (per-token time subtracts generate(1))")
     return args
 
@@ -259,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     device = pick_device(args.device)
     announce_device(device)
-    name = args.model or default_model(device)
+    name = resolve_defaults(args, device, FULL, QUICK)
     model = build_model(name, device, seed=args.seed)
     floors = Floors(decode_weight_bytes(model), kv_bytes_per_token(model.config, model.dtype), hbm_bandwidth(device))
     vocab = model.config.get_text_config(decoder=True).vocab_size
@@ -281,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     rows = [make_row(c, s, results, floors, args, device) for s in shapes for c in contenders]
     flagged = [r for r in rows if r["check"] != "ok"]
-    title = f"Decode, {name}: {args.new_tokens} new tokens ({device.type})"
+    title = f"Decode, {name}: {args.new_tokens} new tokens ({device_tag(device)})"
     stem = output_stem(args, "decode", name)
     plot(rows, args.out_dir / f"{stem}.png", title)
     extra = {
@@ -296,14 +305,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     for row in flagged:
         print(f"{row['check']}: {row['contender']} at batch {row['batch']}, context {row['context']}: "
               f"replays {row['replays']}, rejects {row['rejects']}")
-    write_results(stem, title, rows, extra, notes=NOTES, out_dir=args.out_dir)
+    write_results(stem, title, rows, extra, notes=NOTES, out_dir=args.out_dir, caveat=speed_caveat(device))
     return 1 if flagged else 0
 
 
 NOTES = """\
 `generate(input_ids, attention_mask, do_sample=False, min_new_tokens=N, max_new_tokens=N, eos_token_id=None)`.
 eager: HF's default DynamicCache. hf-compile: a StaticCache (max_cache_len = context + N, made once per shape and
-reset in place between calls) passed as past_key_values, with which generate() auto-compiles its decode forward
+reset in place between calls) passed as the cache argument, with which generate() auto-compiles its decode forward
 (CompileConfig(mode="reduce-overhead", fullgraph=False), HF's default; the prefill is not compiled); run on the
 unwrapped model before bcg. bcg: `bcg.wrap_model` (lazy capture) with the default DynamicCache; bcg-fused
 (`--fused-kernels`): the same, wrapped again with `fused_kernels=True`.

@@ -6,6 +6,7 @@ mask, as HF users batch them. Each call is one prefill as ``generate()`` runs it
 positions from the mask, and ``logits_to_keep=1`` (generate's prefill computes logits for the last token only).
 
     python scripts/bench_prefill.py                                  # qwen3-0.6b, 5 x 4 grid (~2 min on an H100)
+                                                                     # no GPU: the quick check (tiny, 2 x 2 grid)
     python scripts/bench_prefill.py --max-num-tokens 32768                # capture every point (default: 4096)
     python scripts/bench_prefill.py --model qwen3-8b --requests 1 8 32 --lengths 128 512
     python scripts/bench_prefill.py --requests 8 --lengths 128 --spread 0            # 8 requests of exactly 128
@@ -35,15 +36,19 @@ from benchutil import (
     StatsDelta,
     add_common_arguments,
     announce_device,
-    default_model,
+    device_tag,
     format_rejects,
+    grid_help,
     median_seconds,
     output_stem,
     peak_memory_mib,
     pick_device,
     reset_peak_memory,
+    resolve_defaults,
     save_plot,
     snapshot,
+    speed_caveat,
+    speed_columns,
     stats_since,
     timed,
     wrap_options,
@@ -51,8 +56,9 @@ from benchutil import (
 from presets import build_model, describe, pad_token_id
 from report import write_results
 
-REQUESTS = (1, 4, 8, 16, 32)
-LENGTHS = (64, 128, 256, 512)
+# The grid on a GPU (or with --model), and the quick check that runs without either: seconds on 2 CPU cores.
+FULL = {"requests": [1, 4, 8, 16, 32], "lengths": [64, 128, 256, 512], "warmup": 3, "repeats": 10}
+QUICK = {"requests": [1, 4], "lengths": [16, 64], "warmup": 2, "repeats": 3}
 
 
 @dataclass
@@ -149,7 +155,7 @@ def compare(eager: torch.Tensor, other: torch.Tensor) -> tuple[float, float]:
     return diff, agree
 
 
-def make_row(batch: Batch, eager: Measurement, graphs: Measurement, args: argparse.Namespace,
+def make_row(batch: Batch, eager: Measurement, graphs: Measurement, args: argparse.Namespace, device: torch.device,
              fused: Measurement | None = None) -> dict[str, Any]:
     calls = max(args.warmup - 1, 0) + args.repeats
     expected = expected_stats(batch, calls, args.max_num_tokens)
@@ -164,7 +170,7 @@ def make_row(batch: Batch, eager: Measurement, graphs: Measurement, args: argpar
         "bucket": bucket if bucket is not None else "eager",
         "eager_ms": eager.ms,
         "bcg_ms": graphs.ms,
-        "speedup": eager.ms / graphs.ms,
+        **speed_columns(device, speedup=eager.ms / graphs.ms),
         "eager_tok_s": batch.real_tokens / eager.ms * 1e3,
         "bcg_tok_s": batch.real_tokens / graphs.ms * 1e3,
         "bcg_first_s": graphs.first_s,
@@ -176,23 +182,23 @@ def make_row(batch: Batch, eager: Measurement, graphs: Measurement, args: argpar
         "rejects": format_rejects(graphs.timed.rejects),
         "max_abs_diff": diff,
         "argmax_agree": agree,
-        **(fused_columns(eager, fused) if fused is not None else {}),
+        **(fused_columns(eager, fused, device) if fused is not None else {}),
         "check": "ok" if ok else "UNEXPECTED",
     }
 
 
-def fused_columns(eager: Measurement, fused: Measurement) -> dict[str, Any]:
+def fused_columns(eager: Measurement, fused: Measurement, device: torch.device) -> dict[str, Any]:
     """bcg with fused_kernels=True beside the plain figures: time, speedup, and its logits against eager's."""
     diff, agree = compare(eager.logits, fused.logits)
-    return {"fused_ms": fused.ms, "fused_speedup": eager.ms / fused.ms, "fused_capture_s": fused.first.capture_seconds,
-            "fused_max_abs_diff": diff, "fused_argmax_agree": agree}
+    return {"fused_ms": fused.ms, **speed_columns(device, fused_speedup=eager.ms / fused.ms),
+            "fused_capture_s": fused.first.capture_seconds, "fused_max_abs_diff": diff, "fused_argmax_agree": agree}
 
 
 def plot(rows: list[dict[str, Any]], path: Path, title: str, max_num_tokens: int) -> None:
     series = []
-    for key, label, style in (("speedup", "", "o-"), ("fused_speedup", ", fused", "s--")):
+    for key, label, style in (("bcg_ms", "", "o-"), ("fused_ms", ", fused", "s--")):
         for index, requests in enumerate(sorted({r["requests"] for r in rows if key in r})):
-            points = sorted((r["tokens"], r[key]) for r in rows if r["requests"] == requests)
+            points = sorted((r["tokens"], r["eager_ms"] / r[key]) for r in rows if r["requests"] == requests)
             series.append(Series(f"R={requests}{label}", [p[0] for p in points], [p[1] for p in points],
                                  style=style, color=f"C{index}"))
     save_plot(path, series, "tokens per call (padded)", "speedup over eager (x)", title, hline=1.0,
@@ -202,13 +208,17 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str, max_num_tokens: int
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser)
-    parser.add_argument("--requests", type=int, nargs="+", default=list(REQUESTS), help="requests per call (R)")
-    parser.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS), help="mean prompt lengths")
+    parser.add_argument("--requests", type=int, nargs="+",
+                        help="requests per call (R); " + grid_help("requests", FULL, QUICK))
+    parser.add_argument("--lengths", type=int, nargs="+",
+                        help="mean prompt lengths; " + grid_help("lengths", FULL, QUICK))
     parser.add_argument("--spread", type=float, default=0.5,
                         help="lengths uniform in [1 - spread, 1 + spread] x mean; 0: all equal (default %(default)s)")
     parser.add_argument("--fused-kernels", action="store_true", help=FUSED_HELP)
-    parser.add_argument("--warmup", type=int, default=3, help="untimed calls per point, the capturing one included")
-    parser.add_argument("--repeats", type=int, default=10, help="timed calls per point (median reported)")
+    parser.add_argument("--warmup", type=int,
+                        help="untimed calls per point, the capturing one included; " + grid_help("warmup", FULL, QUICK))
+    parser.add_argument("--repeats", type=int,
+                        help="timed calls per point (median reported); " + grid_help("repeats", FULL, QUICK))
     args = parser.parse_args(argv)
     if not 0 <= args.spread < 1:
         parser.error(f"--spread must be in [0, 1), got {args.spread}")
@@ -219,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     device = pick_device(args.device)
     announce_device(device)
-    name = args.model or default_model(device)
+    name = resolve_defaults(args, device, FULL, QUICK)
     model = build_model(name, device, seed=args.seed)
     vocab, pad = model.config.get_text_config(decoder=True).vocab_size, pad_token_id(model.config)
     batches = [make_batch(r, n, args.spread, vocab, pad, args.seed, device)
@@ -235,9 +245,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             bcg.unwrap_model(model)
     graphs, fused = measured["bcg"], measured.get("bcg-fused", {})
 
-    rows = [make_row(b, eager[b.key], graphs[b.key], args, fused.get(b.key)) for b in batches]
+    rows = [make_row(b, eager[b.key], graphs[b.key], args, device, fused.get(b.key)) for b in batches]
     flagged = [r for r in rows if r["check"] != "ok"]
-    title = f"Prefill, {name}: eager vs bcg{' (and fused kernels)' if fused else ''} ({device.type})"
+    title = f"Prefill, {name}: eager vs bcg{' (and fused kernels)' if fused else ''} ({device_tag(device)})"
     stem = output_stem(args, "prefill", name)
     plot(rows, args.out_dir / f"{stem}.png", title, args.max_num_tokens)
     extra = {
@@ -249,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for row in flagged:
         print(f"UNEXPECTED bcg stats at R={row['requests']} len={row['mean_len']}: replays {row['replays']}, "
               f"rejects {row['rejects']}")
-    write_results(stem, title, rows, extra, notes=NOTES, out_dir=args.out_dir)
+    write_results(stem, title, rows, extra, notes=NOTES, out_dir=args.out_dir, caveat=speed_caveat(device))
     return 1 if flagged else 0
 
 

@@ -25,7 +25,7 @@ T = TypeVar("T")
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="preset name (see scripts/presets.py) or a HF id/path; default qwen3-0.6b on a GPU, "
-                             "tiny on CPU")
+                             "else tiny (in bench_prefill/bench_decode: the quick check, a small grid)")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="where results go (default: results/)")
     parser.add_argument("--out-name", default=None, help="results file stem (default <kind>_<model>)")
@@ -67,14 +67,60 @@ def wrap_options(args: argparse.Namespace, device: torch.device) -> dict[str, An
     return {"max_num_tokens": args.max_num_tokens, "backend": bcg_backend(device)}
 
 
+def measures_speed(device: torch.device) -> bool:
+    """Whether a run's times are speed figures: only on a GPU, where bcg replays real CUDA graphs."""
+    return device.type == "cuda"
+
+
+def speed_caveat(device: torch.device) -> str | None:
+    """None on a GPU; elsewhere the warning that the run's console output and results files carry."""
+    if measures_speed(device):
+        return None
+    return (f"NOT speed figures: on {device.type} bcg runs its eager backend (no CUDA graphs), so this run checks "
+            "the code path only and leaves speedups out; speed needs a GPU.")
+
+
+def speed_columns(device: torch.device, **ratios: float) -> dict[str, float]:
+    """The speedup columns on a GPU; none elsewhere, where they would read as speed figures."""
+    return ratios if measures_speed(device) else {}
+
+
+def device_tag(device: torch.device) -> str:
+    """The device as titles (tables, plots) name it; off a GPU with the speed caveat."""
+    return device.type if measures_speed(device) else f"{device.type}: code path only, NOT speed figures"
+
+
 def announce_device(device: torch.device) -> None:
-    if device.type == "cuda":
+    if measures_speed(device):
         print(f"device: {torch.cuda.get_device_name(device)}")
         return
     print("=" * 78)
-    print(f"device: {device}. bcg runs with backend='eager' (no CUDA graphs): this checks that the benchmark")
-    print("runs end to end. Its speed figures mean nothing; they need a GPU.")
+    print(f"device: {device}. {speed_caveat(device)}")
     print("=" * 78)
+
+
+def grid_help(option: str, full: dict[str, Any], quick: dict[str, Any]) -> str:
+    """Help text naming an option's default on a GPU (or with --model) and in the quick CPU check."""
+    return f"default {_spelled(full[option])}; {_spelled(quick[option])} in the quick check (no GPU, no --model)"
+
+
+def resolve_defaults(args: argparse.Namespace, device: torch.device, full: dict[str, Any],
+                     quick: dict[str, Any]) -> str:
+    """Fill in ``--model`` and the unset grid options (``full`` on a GPU or with ``--model``, else the quick check);
+    return the model name."""
+    is_quick = args.model is None and not measures_speed(device)
+    args.model = args.model or default_model(device)
+    for option, value in (quick if is_quick else full).items():
+        if getattr(args, option) is None:
+            setattr(args, option, value)
+    if is_quick:
+        chosen = " ".join(f"--{option.replace('_', '-')} {_spelled(getattr(args, option))}" for option in quick)
+        print(f"no GPU and no --model: the quick check, --model {args.model} {chosen}")
+    return args.model
+
+
+def _spelled(value: Any) -> str:
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
 def synchronize(device: torch.device) -> None:

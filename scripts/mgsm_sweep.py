@@ -26,7 +26,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from benchutil import StatsDelta, format_rejects, results_name, snapshot, stats_since, timed
+from benchutil import (
+    StatsDelta,
+    announce_device,
+    format_rejects,
+    results_name,
+    snapshot,
+    speed_caveat,
+    speed_columns,
+    stats_since,
+    timed,
+)
 from report import RESULTS_DIR, write_results
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -246,8 +256,8 @@ def disagreements(eager: TaskRun, wrapped: TaskRun) -> list[dict[str, Any]]:
             for d in sorted(eager.responses) if eager.responses[d] != wrapped.responses[d]]
 
 
-def row(task: str, bs: int, eager: TaskRun, wrapped: TaskRun, differing: int,
-        loglik: dict[str, Any] | None) -> dict[str, Any]:
+def row(task: str, bs: int, eager: TaskRun, wrapped: TaskRun, differing: int, loglik: dict[str, Any] | None,
+        device: torch.device) -> dict[str, Any]:
     """One table row: scores side by side, agreement, throughput, what bcg did, the log-likelihood check."""
     n = len(eager.responses)
     out: dict[str, Any] = {"task": task, "batch_size": bs, "n": n}
@@ -260,7 +270,7 @@ def row(task: str, bs: int, eager: TaskRun, wrapped: TaskRun, differing: int,
         agreement=(n - differing) / n,
         eager_tok_s=eager_tps,
         bcg_tok_s=bcg_tps,
-        speedup=bcg_tps / eager_tps,
+        **speed_columns(device, speedup=bcg_tps / eager_tps),
         replays=wrapped.bcg.replays,
         rejects=format_rejects(wrapped.bcg.rejects),
         capture_s=wrapped.bcg.capture_seconds,
@@ -322,7 +332,7 @@ def sweep(model: torch.nn.Module, tokenizer: Any, configs: list[dict[str, Any]],
         wrapped_run = wrapped.tasks[task, bs]
         differing[key] = disagreements(eager_run, wrapped_run)
         responses[key] = {"eager": eager_run.responses, "bcg": wrapped_run.responses}
-        rows.append(row(task, bs, eager_run, wrapped_run, len(differing[key]), loglik.get(bs)))
+        rows.append(row(task, bs, eager_run, wrapped_run, len(differing[key]), loglik.get(bs), model.device))
     return SweepResult(rows, differing, loglik, bcg_stats, responses)
 
 
@@ -378,6 +388,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from lm_eval.tasks import TaskManager
 
+    device = torch.device(args.device)
+    announce_device(device)
+
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     log(f"data: {args.data_dir or 'lm-eval hub dataset'}; indexing lm-eval tasks")
     manager = TaskManager()
@@ -396,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
              "loglik": result.loglik, "bcg_stats": result.bcg_stats, "acceptance_failures": failures,
              "disagreements": {k: v[:MAX_DISAGREEMENTS] for k, v in result.disagreements.items()}}
     write_results(name, f"MGSM eager vs bcg: {args.model}", result.rows, extra=extra, notes=notes,
-                  out_dir=args.out_dir)
+                  out_dir=args.out_dir, caveat=speed_caveat(device))
     if args.log_samples:
         path = Path(args.out_dir) / f"{name}_samples.json"
         path.write_text(json.dumps(result.responses, indent=1, ensure_ascii=False) + "\n")

@@ -25,6 +25,7 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import DynamicCache
 
 import bcg
+from bcg.hf import cache_argument
 from bench_prefill import make_batch
 from presets import build_model
 
@@ -63,15 +64,15 @@ def batch(requests: int, length: int, spread: float, vocab: int) -> dict[str, to
 
 def forward_loop(model: torch.nn.Module, prompt: dict[str, torch.Tensor], steps: int) -> torch.Tensor:
     """Greedy decode by plain forward calls: what a step costs without generate()'s own host work."""
-    cache = DynamicCache(config=model.config)
-    logits = model(**prompt, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    cache = {cache_argument(model.forward): DynamicCache(config=model.config)}
+    logits = model(**prompt, **cache, use_cache=True, logits_to_keep=1).logits
     mask = prompt["attention_mask"]
     tokens = []
     for _ in range(steps):
         token = logits[:, -1].argmax(-1, keepdim=True)
         tokens.append(token)
         mask = torch.cat([mask, torch.ones_like(token)], dim=1)
-        logits = model(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True).logits
+        logits = model(input_ids=token, attention_mask=mask, **cache, use_cache=True).logits
     return torch.cat(tokens, dim=1)
 
 

@@ -53,21 +53,26 @@ def _fmt(value: Any) -> str:
 
 
 def write_results(name: str, title: str, rows: list[dict[str, Any]], extra: dict[str, Any] | None = None,
-                  notes: str = "", out_dir: Path | None = None) -> tuple[Path, Path]:
-    """Write ``<name>.json`` and ``<name>.md``; print the table; return both paths."""
+                  notes: str = "", out_dir: Path | None = None, caveat: str | None = None) -> tuple[Path, Path]:
+    """Write ``<name>.json`` and ``<name>.md``; print the table; return both paths.
+
+    ``caveat`` (e.g. that CPU times are no speed figures) heads the Markdown, sits in the JSON and follows the table.
+    """
     out_dir = Path(out_dir or RESULTS_DIR)
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"command": command(), "machine": machine(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    payload = {"title": title, **meta, "rows": rows, **(extra or {})}
+    payload = {"title": title, "caveat": caveat, **meta, "rows": rows, **(extra or {})}
     json_path = out_dir / f"{name}.json"
     json_path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     table = markdown_table(rows)
-    md = [f"# {title}", "", f"Command: `{meta['command']}`", "",
+    md = [f"# {title}", "", *([f"**{caveat}**", ""] if caveat else []), f"Command: `{meta['command']}`", "",
           f"Machine: {json.dumps(meta['machine'])}", "", f"Date: {meta['date']}", "", table]
     if notes:
         md += ["", notes, ""]
     md_path = out_dir / f"{name}.md"
     md_path.write_text("\n".join(md))
     print(table)
+    if caveat:
+        print(caveat)
     print(f"wrote {json_path} and {md_path}")
     return json_path, md_path

@@ -59,3 +59,20 @@ def test_bench_decode_tiny(tmp_path):
         # one timed generate(3) and one generate(1): 2 prefills + 2 decode steps, all replayed
         assert row["rejects"] == "0" and row["replays"] == 4
     assert _plotted(tmp_path / "decode_tiny.png")
+
+
+def test_bench_prefill_without_gpu_defaults_to_the_quick_check(tmp_path, capsys):
+    """No GPU and no --model: the tiny quick grid, labelled everywhere as no speed figures, without speedups."""
+    assert bench_prefill.main(["--device", "cpu", "--out-dir", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "prefill_tiny.json").read_text())
+    quick = bench_prefill.QUICK
+    assert payload["model"]["model"] == "tiny"
+    assert [(r["requests"], r["mean_len"]) for r in payload["rows"]] == [
+        (r, n) for r in quick["requests"] for n in quick["lengths"]]
+    assert (payload["settings"]["warmup"], payload["settings"]["repeats"]) == (quick["warmup"], quick["repeats"])
+    assert all(r["check"] == "ok" and "speedup" not in r for r in payload["rows"])
+    printed, markdown = capsys.readouterr().out, (tmp_path / "prefill_tiny.md").read_text()
+    assert "quick check" in printed
+    for text in (payload["caveat"], payload["title"], markdown, printed):
+        assert "NOT speed figures" in text
+    assert "speedup |" not in markdown and "speedup |" not in printed  # no speedup column in the tables
