@@ -7,6 +7,7 @@ pointing at the directory made by ``../shared/tools/get-smollm2.sh``.
 import gc
 import json
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,7 @@ from tiny_models import left_padded_batch, tiny_model
 pytestmark = pytest.mark.gpu
 # MoE models are tested in bf16 below: in fp32 the experts' grouped_mm fallback copies from the host and
 # cannot be captured (those buckets fall back to eager, counted as capture_failed).
-GPU_ARCHITECTURES = ["llama", "qwen3", "mistral", "gemma2", "gpt2", "opt", "phi3", "gemma3_text", "gemma4_text",
-                     "gemma3n_text"]
+GPU_ARCHITECTURES = ["llama", "qwen3", "mistral", "gemma2", "gpt2", "opt", "phi3", "gemma3_text", "gemma4_text"]
 GENERATE = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
 
 
@@ -48,6 +48,31 @@ def test_real_graphs_match_eager_fp32(arch):
     bcg.unwrap_model(model)
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, reference)
+
+
+def test_gemma3n_replays_or_falls_back_with_a_warning_where_its_code_cannot_be_captured():
+    """transformers 5.17's Gemma 3n copies a CPU scalar to the GPU in its forward, which no CUDA graph can hold:
+    that capture fails with one warning and the calls run eagerly; newer versions capture and replay."""
+    model = tiny_model("gemma3n_text", device="cuda")
+    ids, mask = left_padded_batch(device="cuda")
+    with torch.no_grad():
+        reference = model(input_ids=ids, attention_mask=mask).logits
+    reference_tokens = model.generate(ids, attention_mask=mask, **GENERATE)
+    handle = bcg.wrap_model(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask).logits
+        tokens = model.generate(ids, attention_mask=mask, **GENERATE)
+    real = mask.bool()
+    torch.testing.assert_close(logits[real], reference[real], atol=1e-4, rtol=1e-4)
+    assert torch.equal(tokens, reference_tokens)
+    stats = handle.stats()
+    if stats["capture_failures"]:
+        assert all("CPU and CUDA" in reason for reason in stats["capture_failures"].values())
+        assert sum(issubclass(w.category, bcg.BcgCaptureWarning) for w in caught) == 1
+    else:
+        assert stats["replays"] == 1 + GENERATE["max_new_tokens"] and stats["rejects"] == {}
 
 
 def test_segments_alternate_graph_and_break_once_per_layer():
