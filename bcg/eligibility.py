@@ -72,6 +72,7 @@ class Call:
 
     arguments: dict[str, Any]
     extra: dict[str, Any] = field(default_factory=dict)
+    autocast: str = ""  # the autocast state the call runs under ("" when off): graphs are captured per state
 
     def get(self, name: str) -> Any:
         return self.arguments.get(name)
@@ -87,8 +88,13 @@ class Call:
         return ids if ids is not None else self.get("inputs_embeds")
 
     @property
-    def kind(self) -> str:
+    def inputs(self) -> str:
         return "ids" if self.get("input_ids") is not None else "embeds"
+
+    @property
+    def kind(self) -> str:
+        """The graph family this call replays: its input kind and autocast state ("ids", "embeds@autocast-...")."""
+        return self.inputs + (f"@{self.autocast}" if self.autocast else "")
 
     @property
     def num_tokens(self) -> int:
@@ -110,6 +116,9 @@ class Target:
 class Rejection:
     reason: Reject
     detail: str = ""  # what exactly, for the once-only warning of a repeating reject
+
+    def describe(self) -> str:
+        return f"{self.reason.value}: {self.detail}" if self.detail else self.reason.value
 
 
 def _flag(call: Call, name: str, config: Any) -> bool:

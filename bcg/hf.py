@@ -29,6 +29,8 @@ from transformers.masking_utils import LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING, c
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama import modeling_llama
 
+from . import patching
+
 # The KV cache's argument name, newest first: "cache" since 5.24, "past_key_values" before (and deprecated after).
 CACHE_ARGUMENTS = ("cache", "past_key_values")
 # What a stack forward must take for bcg to call it on static inputs and route a call's cache into the breaks.
@@ -202,6 +204,9 @@ def attention_implementation(configs: list[Any], name: str) -> Iterator[None]:
 
 
 # ----- generate() and experts -----
+_AUTO_COMPILE_CHECK = "_valid_auto_compile_criteria"
+
+
 def _never_compile(*args: Any, **kwargs: Any) -> bool:
     return False
 
@@ -209,17 +214,18 @@ def _never_compile(*args: Any, **kwargs: Any) -> bool:
 def prevent_auto_compile(model: PreTrainedModel) -> bool:
     """Keep ``generate()`` from compiling the forward (it does for static caches): bcg's graphs must not be traced.
 
-    Shadows the model's ``_valid_auto_compile_criteria`` on the instance instead of writing ``generation_config``,
-    so nothing reaches ``save_pretrained``. Returns False when this transformers has no such hook.
+    Shadows the model's compile check on the instance instead of writing ``generation_config``, so nothing reaches
+    ``save_pretrained`` (and copies drop it). Returns False when this transformers has no such check.
     """
-    if not hasattr(type(model), "_valid_auto_compile_criteria"):
+    if not hasattr(type(model), _AUTO_COMPILE_CHECK):
         return False
-    model._valid_auto_compile_criteria = _never_compile
+    patching.patch(model, _AUTO_COMPILE_CHECK, _never_compile)
     return True
 
 
 def allow_auto_compile(model: PreTrainedModel) -> None:
-    model.__dict__.pop("_valid_auto_compile_criteria", None)
+    if patching.is_patched(model, _AUTO_COMPILE_CHECK):
+        delattr(model, _AUTO_COMPILE_CHECK)
 
 
 def use_capturable_experts(model: PreTrainedModel) -> str | None:

@@ -56,10 +56,11 @@ class StackRunner:
 
         max_tokens = sizes[-1]
         self.bridges = Bridges(max_tokens, self.device)
-        self.static_ids = torch.zeros(1, max_tokens, dtype=torch.long, device=self.device)
-        self.static_positions = torch.zeros(1, max_tokens, dtype=torch.long, device=self.device)
+        with torch.inference_mode(False):  # wrap_model may be called under inference mode; these outlive it
+            self.static_ids = torch.zeros(1, max_tokens, dtype=torch.long, device=self.device)
+            self.static_positions = torch.zeros(1, max_tokens, dtype=torch.long, device=self.device)
         self.static_embeds: torch.Tensor | None = None
-        self.slots: list[BreakSlot] = []
+        self.slots: dict[str, list[BreakSlot]] = {}  # per graph kind: bridges' dtypes follow the autocast state
         self.break_fn = backend.wrap_break(run_break)
         self.graphs: dict[tuple[str, int], Graph] = {}
         self.failed: dict[tuple[str, int], str] = {}
@@ -91,7 +92,7 @@ class StackRunner:
     def _forward_locked(self, call: Call, args: tuple, kwargs: dict) -> Any:
         """1. eligible? 2. weights where the graphs expect them? 3. bucket and graph 4. replay; else eager."""
         if self.disabled_reason is None:
-            self._check_addresses()
+            self._check_state()
         rejection = Rejection(Reject.NOT_READY) if self.disabled_reason else reject_reason(call, self.target, self.failed)
         if rejection is None:
             bucket = pick_bucket(self.sizes, call.num_tokens)
@@ -113,7 +114,7 @@ class StackRunner:
         if advice is not None and rejection not in self._warned_rejects:
             self._warned_rejects.add(rejection)
             warnings.warn(
-                f"bcg: {type(self.model).__name__} ran eagerly ({rejection.reason.value}: {rejection.detail}) and "
+                f"bcg: {type(self.model).__name__} ran eagerly ({rejection.describe()}) and "
                 f"will on every such call: {advice}. Counts are in handle.stats()['rejects'].",
                 BcgFallbackWarning,
                 stacklevel=5,
@@ -123,7 +124,7 @@ class StackRunner:
         arguments = dict(zip(self._parameter_names, args))
         arguments.update(kwargs)
         extra = {k: v for k, v in arguments.items() if k not in KNOWN_ARGUMENTS and v is not None and v is not False}
-        return Call(arguments, extra)
+        return Call(arguments, extra, _autocast_state(self.device))
 
     @property
     def ready(self) -> bool:
@@ -147,13 +148,15 @@ class StackRunner:
 
     def _capture(self, kind: str, bucket: int) -> Graph | None:
         key = (kind, bucket)
-        if kind == "embeds" and self.static_embeds is None:
-            hidden = self.config.hidden_size
-            self.static_embeds = torch.zeros(1, self.sizes[-1], hidden, dtype=self.dtype, device=self.device)
         start = time.perf_counter()
         token = LIVE.set(capture_context(bucket))
         try:
-            graph = self.backend.capture(partial(self._run_stack, kind, bucket))
+            # Tensors made while capturing outlive the call: never inference tensors, whatever mode the caller is in.
+            with torch.inference_mode(False):
+                if kind.startswith("embeds") and self.static_embeds is None:
+                    shape = (1, self.sizes[-1], self.config.hidden_size)
+                    self.static_embeds = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                graph = self.backend.capture(partial(self._run_stack, kind, bucket))
         except StructureError as error:
             self._disable(str(error))
             return None
@@ -175,8 +178,9 @@ class StackRunner:
 
     def _run_stack(self, kind: str, bucket: int) -> torch.Tensor:
         """One run of the original stack forward on the static inputs, attention routed through the breaks."""
-        run = StackRun(self.slots, self.bridges, self.original_implementation, self.layer_types, self.break_fn)
-        if kind == "ids":
+        slots = self.slots.setdefault(kind, [])
+        run = StackRun(slots, self.bridges, self.original_implementation, self.layer_types, self.break_fn)
+        if kind.startswith("ids"):
             inputs = {"input_ids": self.static_ids[:, :bucket]}
         else:
             inputs = {"inputs_embeds": self.static_embeds[:, :bucket]}
@@ -236,36 +240,43 @@ class StackRunner:
             extra["bcg.static.inputs_embeds"] = self.static_embeds
         return addresses.address_book(addresses.tensor_slots(self.stack.module), extra)
 
-    def _check_addresses(self) -> None:
-        """Graphs replay weights by address: if the model moved since capture, drop the graphs (or raise in debug).
+    def _check_state(self) -> None:
+        """Graphs bake in weight addresses and the attention function: if either changed, drop them (debug: raise).
 
-        Always on: the cheap watch. ``debug=True``: every tensor's address, every call, and an error naming them.
+        Always on: the cheap address watch. ``debug=True``: every tensor's address, every call, and an error naming
+        those that moved.
         """
         if self.strict_addresses and self._address_book is not None:
             changed = addresses.changed_paths(self._address_book, self._current_address_book())
             if changed:
                 addresses.raise_address_error(changed)
-        if not self._watch.moved():
-            return
-        self._watch.reset()
+        implementation = hf.attention_implementation_of(self.config)
+        if implementation != self.original_implementation:
+            self.original_implementation = implementation
+            self.configs = hf.attention_configs(self.stack.module)
+            self._invalidate(f"the attention implementation changed to {implementation!r} since capture")
+        elif self._watch.moved():
+            self._watch.reset()
+            first = next(self.stack.module.parameters())
+            if first.device != self.device:
+                self._disable(f"the model moved from {self.device} to {first.device} after wrapping; bcg's buffers "
+                              f"and graph pool live on {self.device}: call bcg.unwrap_model(model) and wrap it again")
+                return
+            self.dtype = self.target.dtype = first.dtype
+            self._invalidate("the model's weights moved or changed dtype since capture (to(), half(), "
+                             "load_state_dict(assign=True), ...)")
+
+    def _invalidate(self, why: str) -> None:
+        """Drop every graph and what was built for them; the next calls capture again under the new state."""
         if self.graphs:
-            warnings.warn(
-                "bcg: the model's weights moved or changed dtype since capture (to(), half(), "
-                "load_state_dict(assign=True), ...); dropping all graphs, they are captured again on use",
-                BcgInvalidatedWarning,
-                stacklevel=6,
-            )
+            warnings.warn(f"bcg: {why}; dropping all graphs, they are captured again on use", BcgInvalidatedWarning,
+                          stacklevel=7)
             self.stats.invalidations += 1
             self.free_graphs()
-        first = next(self.stack.module.parameters())
-        if first.device != self.device:
-            self._disable(f"the model moved from {self.device} to {first.device} after wrapping; bcg's buffers and "
-                          f"graph pool live on {self.device}: call bcg.unwrap_model(model) and wrap it again")
-            return
-        self.dtype = self.target.dtype = first.dtype
-        # Slots and bridges carry the old dtype and module references: rebuild them at the next capture.
+        # Slots and bridges carry the old dtype, attention function and module references.
         self.slots.clear()
         self.bridges.buffers.clear()
+        self.failed.clear()
         self.static_embeds = None
         self._address_book = None
 
@@ -290,7 +301,7 @@ class StackRunner:
             masks = live_masks(self.config, mask, cache, positions, batch, seq, self.dtype, self.device)
         except Exception as error:
             return Rejection(Reject.MASK_FAILED, f"{type(error).__name__}: {error}")
-        if isinstance(masks, dict) and (missing := {s.layer_type for s in self.slots} - set(masks)):
+        if isinstance(masks, dict) and (missing := {s.layer_type for s in self.slots[call.kind]} - set(masks)):
             return Rejection(Reject.UNSUPPORTED_MASK, f"no mask for layer types {sorted(missing)}")
         if isinstance(masks, torch.Tensor) and masks.ndim == 2:
             return Rejection(Reject.UNSUPPORTED_MASK, "a mask layout transformers leaves to the model")
@@ -300,7 +311,7 @@ class StackRunner:
         live = self._live_context(call, bucket)
         if isinstance(live, Rejection):
             return live
-        self._fill_static(call.kind, call.tokens, live.position_ids, live.num_tokens, bucket)
+        self._fill_static(call.inputs, call.tokens, live.position_ids, live.num_tokens, bucket)
         token = LIVE.set(live)
         try:
             with self.backend.replay_context():
@@ -325,8 +336,8 @@ class StackRunner:
             logger.info("bcg numerics: %d tokens, max |graph - eager| = %.3e", call.num_tokens, diff)
         return output
 
-    def _fill_static(self, kind: str, tokens: torch.Tensor, positions: torch.Tensor, n: int, bucket: int) -> None:
-        flat = self.static_ids if kind == "ids" else self.static_embeds
+    def _fill_static(self, inputs: str, tokens: torch.Tensor, positions: torch.Tensor, n: int, bucket: int) -> None:
+        flat = self.static_ids if inputs == "ids" else self.static_embeds
         flat[0, :n].copy_(tokens.reshape(n, *tokens.shape[2:]))
         self.static_positions[0, :n].copy_(positions.reshape(n))
         if bucket > n:  # harmless pad in the tail: token 0 at position 0, zero attention output
@@ -339,3 +350,10 @@ def _positional_parameters(forward: Any) -> list[str]:
     """Names of the arguments a caller may pass by position, in order."""
     return [name for name, p in hf.forward_parameters(forward).items()
             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def _autocast_state(device: torch.device) -> str:
+    """The autocast state on the model's device type, as part of a graph key ("" when autocast is off)."""
+    if not torch.is_autocast_enabled(device.type):
+        return ""
+    return f"autocast-{str(torch.get_autocast_dtype(device.type)).removeprefix('torch.')}"

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from . import hf
+from . import hf, patching
 from .backends import make_backend
 from .buckets import DEFAULT_MAX_NUM_TOKENS, resolve_capture_sizes, validate_max_num_tokens
 from .eligibility import model_unsupported_reason
@@ -51,6 +51,10 @@ class BcgHandle:
         if self.runner is None:
             return Stats(self.backend).as_dict(ready=False, disabled_reason=self.inactive_reason)
         return self.runner.stats.as_dict(ready=self.runner.ready, disabled_reason=self.runner.disabled_reason)
+
+    def __reduce__(self) -> tuple:
+        # A copy or pickle of a wrapped model is an unwrapped model (see patching.py): the handle becomes None.
+        return patching.dropped, ()
 
     def __repr__(self) -> str:
         s = self.stats()
@@ -176,7 +180,7 @@ def wrap_model(
                          fusions=fusions)
     restore.stack = stack.module
     restore.instance_forward = stack.module.__dict__.get("forward")
-    stack.module.forward = runner.forward
+    patching.patch(stack.module, "forward", runner.forward)
     # generate() compiles the forward for static caches; a compiled graph wrapper must not be compiled again.
     if not hf.prevent_auto_compile(model):
         warnings.warn("bcg: this transformers has no hook to keep generate() from compiling the forward; a static "

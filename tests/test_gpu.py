@@ -222,6 +222,43 @@ def test_cast_on_gpu_invalidates_and_recaptures():
     assert handle.stats()["invalidations"] == 1 and handle.stats()["replays"] == 2
 
 
+def test_inference_mode_and_autocast_on_real_graphs():
+    """Buffers made under inference mode stay usable; each autocast state replays a graph captured under it."""
+    reference = tiny_model("qwen3", device="cuda")
+    model = tiny_model("qwen3", device="cuda")
+    handle = bcg.wrap_model(model)
+    ids, mask = left_padded_batch(device="cuda")
+    real = mask.bool()
+    with torch.inference_mode():
+        first = model(ids, attention_mask=mask).logits
+    with torch.no_grad():
+        expected = reference(ids, attention_mask=mask).logits
+        plain = model(ids, attention_mask=mask).logits
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            autocast, expected_autocast = (m(ids, attention_mask=mask).logits.float() for m in (model, reference))
+        again = model(ids, attention_mask=mask).logits
+    for got in (first, plain, again):
+        torch.testing.assert_close(got[real], expected[real], atol=1e-4, rtol=1e-4)
+    assert (autocast[real] - expected_autocast[real]).abs().max() < 2e-2 * expected_autocast[real].abs().max()
+    assert (autocast[real] - expected[real]).abs().max() > 0  # it really ran in bf16
+    stats = handle.stats()
+    assert stats["replays"] == 4 and stats["rejects"] == {}
+    assert stats["captured_graphs"] == ["ids:32", "ids@autocast-bfloat16:32"]
+
+
+def test_deepcopy_of_a_captured_model_is_unwrapped_and_right():
+    import copy
+
+    model = tiny_model("llama", device="cuda")
+    handle = bcg.wrap_model(model)
+    ids, mask = left_padded_batch(device="cuda")
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask).logits
+        clone = copy.deepcopy(model)
+        torch.testing.assert_close(clone(ids, attention_mask=mask).logits, expected, atol=1e-4, rtol=1e-4)
+    assert handle.stats()["replays"] == 1 and getattr(clone, "_bcg_handle", None) is None
+
+
 def test_randomized_parity_real_graphs():
     """The CPU hypothesis test's space, on real graphs (a fixed sample: capture per example is the slow part)."""
     generator = torch.Generator().manual_seed(11)
