@@ -138,6 +138,28 @@ def update_cache(cache: Any, keys: torch.Tensor, values: torch.Tensor, layer_idx
     return cache.update(keys, values, layer_idx)
 
 
+def full_static_layers(cache: Any) -> list | None:
+    """The layers of a StaticCache whose every layer is a full (not sliding) static layer, allocated already: such
+    a cache updates only tensors at fixed addresses (keys, values, a length counter), so a decode step can be one
+    graph. None for any other cache (sliding static layers keep Python-side state a graph cannot update)."""
+    if type(cache) is not StaticCache or getattr(cache, "offloading", False):
+        return None
+    layers = list(cache.layers)
+    if not layers or any(type(layer) is not StaticLayer or not layer.is_initialized for layer in layers):
+        return None
+    return layers
+
+
+def static_layer_tensors(layer: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(keys, values, length counter) of a full static cache layer."""
+    return layer.keys, layer.values, layer.cumulative_length
+
+
+def rebind_static_layer(layer: Any, keys: torch.Tensor, values: torch.Tensor, length: torch.Tensor) -> None:
+    """Point a full static cache layer at other tensors of the same shapes (what it held must be copied first)."""
+    layer.keys, layer.values, layer.cumulative_length = keys, values, length
+
+
 # ----- masks -----
 _MASK_CACHE_ARGUMENT = cache_argument(create_masks_for_generate)
 # transformers 5.17's create_chunked_causal_mask does not take the block_sequence_ids that create_masks_for_generate
@@ -226,6 +248,27 @@ def prevent_auto_compile(model: PreTrainedModel) -> bool:
 def allow_auto_compile(model: PreTrainedModel) -> None:
     if patching.is_patched(model, _AUTO_COMPILE_CHECK):
         delattr(model, _AUTO_COMPILE_CHECK)
+
+
+def default_to_static_cache(model: PreTrainedModel) -> None:
+    """``generate()`` calls that pass no cache (nor a cache implementation) get ``cache_implementation="static"``;
+    shadowed on the instance, so ``generation_config`` and what ``save_pretrained`` writes stay the user's."""
+    generate = type(model).generate.__get__(model)
+
+    def generate_with_static_cache(*args: Any, **kwargs: Any) -> Any:
+        config = kwargs.get("generation_config")
+        chosen = any(kwargs.get(name) is not None for name in (*CACHE_ARGUMENTS, "cache_implementation")) or (
+            getattr(config or model.generation_config, "cache_implementation", None) is not None)
+        if not chosen and kwargs.get("use_cache", True):
+            kwargs["cache_implementation"] = "static"
+        return generate(*args, **kwargs)
+
+    patching.patch(model, "generate", generate_with_static_cache)
+
+
+def restore_default_cache(model: PreTrainedModel) -> None:
+    if patching.is_patched(model, "generate"):
+        delattr(model, "generate")
 
 
 def use_capturable_experts(model: PreTrainedModel) -> str | None:

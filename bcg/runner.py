@@ -19,6 +19,7 @@ from . import hf
 from .attention import Bridges, BreakSlot, StackRun, StructureError, run_break, run_stack_under_bcg
 from .backends import Backend, Graph
 from .buckets import pick_bucket
+from .decode import StaticDecoder
 from .eligibility import KNOWN_ARGUMENTS, REPEATING, Call, Reject, Rejection, Target, reject_reason
 from .errors import BcgCaptureWarning, BcgFallbackWarning, BcgInvalidatedWarning
 from .fusion import Fusions
@@ -67,6 +68,7 @@ class StackRunner:
         self.output_cls: type | None = None
         self.disabled_reason: str | None = None
         self.stats = Stats(backend.name, fused=fusions.describe() if fusions else {})
+        self.decoder = StaticDecoder(backend, self._run_plain, self.cache_argument)
         self._lock = threading.Lock()
         self._local = threading.local()
         self._watch = addresses.AddressWatch(stack.module)
@@ -94,6 +96,10 @@ class StackRunner:
         if self.disabled_reason is None:
             self._check_state()
         rejection = Rejection(Reject.NOT_READY) if self.disabled_reason else reject_reason(call, self.target, self.failed)
+        if rejection is None and self.debug != "numerics" and self.decoder.takes(call):
+            output = self._replay_full_graph(call)
+            if output is not None:
+                return output
         if rejection is None:
             bucket = pick_bucket(self.sizes, call.num_tokens)
             graph = self._graph(call.kind, bucket)
@@ -176,6 +182,14 @@ class StackRunner:
             self._address_book = self._current_address_book()
         return graph
 
+    def _run_plain(self, **inputs: Any) -> torch.Tensor:
+        """One run of the original stack forward, attention included (a full decode graph: no breaks)."""
+        fused = self.fusions.installed() if self.fusions else nullcontext()
+        with torch.no_grad(), fused:
+            output = self.original_forward(**inputs)
+        self.output_cls = type(output)
+        return output[0]
+
     def _run_stack(self, kind: str, bucket: int) -> torch.Tensor:
         """One run of the original stack forward on the static inputs, attention routed through the breaks."""
         slots = self.slots.setdefault(kind, [])
@@ -225,6 +239,8 @@ class StackRunner:
         self._watch.close()
 
     def free_graphs(self) -> None:
+        self.decoder.free_graphs()
+        self.stats.full_graphs = 0
         for graph in self.graphs.values():
             graph.free()
         self.graphs.clear()
@@ -321,6 +337,21 @@ class StackRunner:
         self.stats.count_replay()
         # The static output is overwritten by the next replay: hand the caller its own copy.
         hidden = hidden[0, :live.num_tokens].view(live.batch, live.seq, -1).clone()
+        return hf.output_with_cache(self.output_cls, hidden, live.cache)
+
+    def _replay_full_graph(self, call: Call) -> Any | None:
+        """A decode step on a full static cache as one graph; None: the breakable graphs take it."""
+        live = self._live_context(call, bucket=call.num_tokens)
+        if isinstance(live, Rejection):
+            return None
+        captured = len(self.decoder.graphs)
+        hidden = self.decoder.replay(call, live)
+        if hidden is None:
+            return None
+        if len(self.decoder.graphs) != captured:
+            self.stats.full_graphs = len(self.decoder.graphs)
+            self.stats.graph_bytes = self.backend.graph_bytes()
+        self.stats.count_replay(full_graph=True)
         return hf.output_with_cache(self.output_cls, hidden, live.cache)
 
     def _replay_beside_eager(self, graph: Graph, call: Call, bucket: int) -> Any | Rejection:

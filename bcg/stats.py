@@ -13,6 +13,8 @@ class Stats:
 
     backend: str
     replays: int = 0
+    full_graph_replays: int = 0  # decode steps on a static cache replayed as one graph, no breaks
+    full_graphs: int = 0  # such graphs captured (per batch size, mask layout and cache shape)
     rejects: Counter = field(default_factory=Counter)
     captured: dict[tuple[str, int], float] = field(default_factory=dict)
     capture_failures: dict[str, str] = field(default_factory=dict)
@@ -28,9 +30,10 @@ class Stats:
         with self._lock:
             self.rejects[reason] += 1
 
-    def count_replay(self) -> None:
+    def count_replay(self, full_graph: bool = False) -> None:
         with self._lock:
             self.replays += 1
+            self.full_graph_replays += full_graph
 
     def record_numerics(self, diff: float) -> None:
         with self._lock:
@@ -44,6 +47,8 @@ class Stats:
             "ready": ready,
             "disabled_reason": disabled_reason,
             "replays": self.replays,
+            "full_graph_replays": self.full_graph_replays,
+            "full_graphs": self.full_graphs,
             "rejects": dict(self.rejects),
             "captured": sizes,
             "captured_graphs": [f"{kind}:{n}" for kind, n in sorted(self.captured)],

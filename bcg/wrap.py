@@ -121,6 +121,7 @@ def wrap_model(
     debug: bool | str = False,
     attention_kernels: str = "fast",
     fused_kernels: bool = False,
+    static_cache: bool = False,
 ) -> BcgHandle:
     """Capture ``model``'s layer stack in breakable CUDA graphs keyed by token count and replay it on every call.
 
@@ -140,6 +141,9 @@ def wrap_model(
             that code is Llama's (one launch instead of 8-10 per call: faster small-model steps and prefill).
             The rotary embedding stays bit-identical; RMSNorm sums its squares in another order, so bf16
             outputs can differ from eager by rounding. Needs CUDA and triton.
+        static_cache: make ``generate()`` calls that choose no cache use a static cache sized per call, so every
+            decode step replays as one graph, attention and cache update included (no breaks). Any call given a
+            full-attention ``StaticCache`` gets that anyway; sliding-window static caches keep the breaks.
     """
     _check_model(model)
     existing = getattr(model, _HANDLE_ATTRIBUTE, None)
@@ -155,8 +159,9 @@ def wrap_model(
         raise ValueError(f"attention_kernels must be one of {_ATTENTION_KERNELS}, got {attention_kernels!r}")
     if not isinstance(lazy, bool):
         raise ValueError(f"lazy must be True or False, got {lazy!r}")
-    if not isinstance(fused_kernels, bool):
-        raise ValueError(f"fused_kernels must be True or False, got {fused_kernels!r}")
+    for name, value in (("fused_kernels", fused_kernels), ("static_cache", static_cache)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be True or False, got {value!r}")
     device = next(model.parameters()).device
     backend_name = _pick_backend(backend, device)
     if fused_kernels and (why := unavailable_reason(device)) is not None:
@@ -186,6 +191,8 @@ def wrap_model(
         warnings.warn("bcg: this transformers has no hook to keep generate() from compiling the forward; a static "
                       "cache may make generate() trace the model with torch.compile instead of replaying",
                       BcgWarning, stacklevel=2)
+    if static_cache:
+        hf.default_to_static_cache(model)
     handle = BcgHandle(model, runner, backend_name, None, restore)
     setattr(model, _HANDLE_ATTRIBUTE, handle)
     logger.info("bcg: wrapped %s at '%s' (%d layers), backend=%s, sizes=%s",
@@ -209,6 +216,7 @@ def unwrap_model(model: Any) -> Any:
         else:
             restore.stack.forward = restore.instance_forward
         hf.allow_auto_compile(model)
+        hf.restore_default_cache(model)
     if restore.experts_implementation is not None:
         hf.set_experts_implementation(model, restore.experts_implementation)
     if handle.runner is not None:

@@ -363,3 +363,42 @@ def test_fused_kernels_replay_fewer_kernels_and_match_eager():
     assert handle.stats()["rejects"] == {} and handle.stats()["replays"] == 1 + GENERATE["max_new_tokens"]
     # per layer, 4 norms of 6 kernels (fp32: the casts are no-ops) and a rotary call of 10 become 6 launches
     assert _kernel_launches(model, ids, mask) <= _kernel_launches(plain, ids, mask) - 24 * layers
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gpt2"])
+def test_static_cache_decode_is_one_graph_per_step(arch):
+    """fp32, real graphs: each decode step on a StaticCache replays one graph with no breaks, equal to eager, and a
+    second generate() (a new cache of the same shape) replays the same graph."""
+    from test_decode import GENERATE as STATIC_GENERATE, STEPS, _assert_same_cache, _cache_of
+
+    reference = tiny_model(arch, device="cuda")
+    model = tiny_model(arch, device="cuda")
+    ids, mask = left_padded_batch(device="cuda")
+    kwargs = dict(attention_mask=mask, cache_implementation="static", **STATIC_GENERATE)
+    expected = reference.generate(ids, **kwargs)
+    handle = bcg.wrap_model(model)
+    first, second = model.generate(ids, **kwargs), model.generate(ids, **kwargs)
+    for got in (first, second):
+        assert torch.equal(got.sequences, expected.sequences)
+        _assert_same_cache(_cache_of(got), _cache_of(expected))
+    stats = handle.stats()
+    assert stats["full_graph_replays"] == 2 * STEPS and stats["rejects"] == {}
+    (entry,) = handle.runner.decoder.graphs.values()
+    assert [type(s).__name__ for s in entry.graph._graph._segments] == ["CUDAGraph"]
+
+
+def test_two_live_static_caches_on_real_graphs():
+    """Graphs read bcg's cache tensors by address: caches decoded in turn rebind them and get their own back."""
+    from test_decode import decode_two_caches
+
+    reference = tiny_model("qwen3", device="cuda")
+    model = tiny_model("qwen3", device="cuda")
+    handle = bcg.wrap_model(model)
+    prompts = [left_padded_batch(seed=1, device="cuda"), left_padded_batch(seed=2, device="cuda")]
+    (expected, expected_caches), (got, got_caches) = decode_two_caches(reference, prompts), decode_two_caches(model, prompts)
+    for e, g in zip(expected, got):
+        assert torch.equal(g, e)
+    for e, g in zip(expected_caches, got_caches):
+        for a, b in zip(g.layers, e.layers):
+            torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=1e-5)
+    assert handle.stats()["full_graph_replays"] == 6

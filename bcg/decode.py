@@ -1,0 +1,162 @@
+"""Full-graph decode on static caches: a decode step is one graph, attention and the cache update inside it.
+
+A StaticCache (full-attention layers) keeps its keys, values and length counters at fixed addresses, so a decode step
+needs no break. bcg owns one set of cache tensors per cache shape and *binds* a caller's StaticCache to them (its
+layers then point at bcg's tensors, holding what they held): every generate() call makes a new StaticCache, and
+each one replays the same graphs. A cache still bound when another takes the tensors first gets copies of its own
+back, so two live caches never share storage. Graphs are keyed by batch, tokens per sequence, the masks' layout and
+the cache shape; anything else (a dynamic or sliding cache, a prefill) takes the breakable path.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import hf
+from .backends import Backend, Graph
+from .eligibility import Call
+from .live import LiveContext
+
+logger = logging.getLogger("bcg")
+
+MAX_TOKENS_PER_SEQUENCE = 1  # a decode step; prefills and multi-token steps use the breakable graphs
+
+
+@dataclass
+class _Storage:
+    """bcg's tensors for one cache shape, and which cache is bound to them (weakly)."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    lengths: list[torch.Tensor]
+    holder: Callable[[], Any] = field(default=lambda: None)
+
+
+@dataclass
+class _Entry:
+    """One captured decode graph and the static inputs it reads."""
+
+    tokens: torch.Tensor
+    positions: torch.Tensor
+    masks: torch.Tensor | dict
+    graph: Graph | None = None
+    cache: Any = None  # the bound cache, only while a run is under way (a CUDA graph reads bcg's tensors anyway)
+
+
+def _mask_layout(masks: Any) -> tuple | None:
+    """A hashable description of the masks, or None when some mask is absent (then no full graph)."""
+    if isinstance(masks, torch.Tensor):
+        return (tuple(masks.shape), masks.dtype)
+    if isinstance(masks, dict) and masks and all(isinstance(m, torch.Tensor) for m in masks.values()):
+        return tuple(sorted((name, tuple(m.shape), m.dtype) for name, m in masks.items()))
+    return None
+
+
+def _copy_masks(target: torch.Tensor | dict, source: torch.Tensor | dict) -> None:
+    if isinstance(target, torch.Tensor):
+        target.copy_(source)
+    else:
+        for name, mask in target.items():
+            mask.copy_(source[name])
+
+
+def _clone_masks(masks: torch.Tensor | dict) -> torch.Tensor | dict:
+    return masks.clone() if isinstance(masks, torch.Tensor) else {k: v.clone() for k, v in masks.items()}
+
+
+class StaticDecoder:
+    """Owns the full decode graphs of one wrapped stack and the cache tensors they read."""
+
+    def __init__(self, backend: Backend, run_stack: Callable[..., torch.Tensor], cache_argument: str) -> None:
+        self.backend = backend
+        self.run_stack = run_stack  # the original stack forward under no_grad (and bcg's fused kernels, if any)
+        self.cache_argument = cache_argument
+        self.graphs: dict[tuple, _Entry] = {}
+        self.failed: dict[tuple, str] = {}
+        self.storages: dict[tuple, _Storage] = {}
+
+    def takes(self, call: Call) -> bool:
+        """Whether this call is a decode step on a full static cache (checked before the masks are built)."""
+        return call.tokens.shape[1] <= MAX_TOKENS_PER_SEQUENCE and hf.full_static_layers(call.cache) is not None
+
+    def replay(self, call: Call, live: LiveContext) -> torch.Tensor | None:
+        """The step's last hidden state ([B, S, hidden], the caller's own tensor), or None: take the breaks."""
+        layout = _mask_layout(live.masks)
+        if layout is None:
+            return None
+        layers = hf.full_static_layers(live.cache)
+        storage_key = tuple((tuple(k.shape), tuple(v.shape), k.dtype) for k, v, _ in map(hf.static_layer_tensors, layers))
+        key = (call.kind, live.batch, live.seq, layout, storage_key)
+        if key in self.failed:
+            return None
+        self._bind(live.cache, layers, storage_key)
+        entry = self.graphs.get(key)
+        if entry is None:
+            entry = self._capture(key, call, live)
+            if entry is None:
+                return None
+        entry.tokens.copy_(call.tokens)
+        entry.positions.copy_(live.position_ids)
+        _copy_masks(entry.masks, live.masks)
+        entry.cache = live.cache
+        try:
+            return entry.graph.replay().clone()  # the graph's output is overwritten by the next replay
+        finally:
+            entry.cache = None
+
+    # ----- binding caches to bcg's tensors -----
+    def _bind(self, cache: Any, layers: list, storage_key: tuple) -> None:
+        storage = self.storages.get(storage_key)
+        if storage is None:
+            with torch.inference_mode(False):  # they outlive the call
+                tensors = [tuple(torch.zeros_like(t) for t in hf.static_layer_tensors(layer)) for layer in layers]
+            storage = _Storage(*map(list, zip(*tensors)))
+            self.storages[storage_key] = storage
+        holder = storage.holder()
+        if holder is cache:
+            return
+        if holder is not None:  # the other cache keeps its contents in tensors of its own
+            for layer in hf.full_static_layers(holder) or ():
+                hf.rebind_static_layer(layer, *(t.clone() for t in hf.static_layer_tensors(layer)))
+        for i, layer in enumerate(layers):
+            for own, theirs in zip((storage.keys[i], storage.values[i], storage.lengths[i]),
+                                   hf.static_layer_tensors(layer)):
+                own.copy_(theirs)
+            hf.rebind_static_layer(layer, storage.keys[i], storage.values[i], storage.lengths[i])
+        storage.holder = weakref.ref(cache)
+
+    # ----- capture -----
+    def _capture(self, key: tuple, call: Call, live: LiveContext) -> _Entry | None:
+        with torch.inference_mode(False):
+            entry = _Entry(call.tokens.clone(), live.position_ids.clone(), _clone_masks(live.masks))
+        inputs = {"input_ids" if call.inputs == "ids" else "inputs_embeds": entry.tokens}
+        lengths = [hf.static_layer_tensors(layer)[2] for layer in hf.full_static_layers(live.cache)]
+        saved = [length.clone() for length in lengths]
+        entry.cache = live.cache
+        try:
+            with torch.inference_mode(False):
+                entry.graph = self.backend.capture(lambda: self.run_stack(
+                    **inputs, position_ids=entry.positions, attention_mask=entry.masks, use_cache=True,
+                    **{self.cache_argument: entry.cache}))
+        except Exception as error:  # this shape takes the breaks instead
+            self.failed[key] = f"{type(error).__name__}: {error}"
+            logger.warning("bcg: full-graph decode capture for batch %d failed: %s", live.batch, self.failed[key])
+            return None
+        finally:
+            entry.cache = None
+            for length, value in zip(lengths, saved):  # warm-up runs advanced the counters: this step has not run
+                length.copy_(value)
+        self.graphs[key] = entry
+        return entry
+
+    def free_graphs(self) -> None:
+        for entry in self.graphs.values():
+            entry.graph.free()
+        self.graphs.clear()
+        self.failed.clear()

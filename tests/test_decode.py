@@ -1,0 +1,110 @@
+"""Full-graph decode on static caches (eager backend on CPU): each step one graph, the cache left as eager leaves it."""
+
+import pytest
+import torch
+from transformers import StaticCache
+
+import bcg
+from bcg import hf
+from tiny_models import left_padded_batch, tiny_model
+
+STEPS = 5
+GENERATE = dict(max_new_tokens=STEPS + 1, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+
+
+def _cache_of(output):
+    return getattr(output, "cache", None) or output.past_key_values
+
+
+def _assert_same_cache(got, expected):
+    """Equal up to fp32 rounding: the prefill ran on the breakable graphs, whose flat [1, N] matmuls can round apart."""
+    assert len(got.layers) == len(expected.layers)
+    for a, b in zip(got.layers, expected.layers):
+        torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a.values, b.values, atol=1e-5, rtol=1e-5)
+        assert int(a.get_seq_length()) == int(b.get_seq_length())
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gpt2", "opt", "qwen2_moe"])
+def test_static_cache_decode_steps_are_full_graphs_and_match_eager(arch):
+    reference, model = tiny_model(arch), tiny_model(arch)
+    handle = bcg.wrap_model(model, backend="eager")
+    ids, mask = left_padded_batch()
+    kwargs = dict(attention_mask=mask, cache_implementation="static", **GENERATE)
+    expected, got = reference.generate(ids, **kwargs), model.generate(ids, **kwargs)
+    assert torch.equal(got.sequences, expected.sequences)
+    _assert_same_cache(_cache_of(got), _cache_of(expected))
+    stats = handle.stats()
+    assert stats["replays"] == 1 + STEPS and stats["full_graph_replays"] == STEPS and stats["rejects"] == {}
+
+
+def test_a_later_generate_with_a_new_cache_replays_the_same_graph():
+    reference, model = tiny_model("llama"), tiny_model("llama")
+    handle = bcg.wrap_model(model, backend="eager")
+    ids, mask = left_padded_batch()
+    kwargs = dict(attention_mask=mask, cache_implementation="static", **GENERATE)
+    first = model.generate(ids, **kwargs)
+    graphs = dict(handle.runner.decoder.graphs)
+    second, expected = model.generate(ids, **kwargs), reference.generate(ids, **kwargs)
+    assert handle.runner.decoder.graphs == graphs and len(graphs) == 1  # no capture for the second cache
+    assert torch.equal(second.sequences, expected.sequences)
+    _assert_same_cache(_cache_of(second), _cache_of(expected))
+    _assert_same_cache(_cache_of(first), _cache_of(expected))  # the first cache got its own tensors back intact
+
+
+def decode_two_caches(m, prompts, steps=3):
+    """Prefill two prompts into two StaticCaches, then decode them in turn (greedy, plain forward calls)."""
+    caches = [StaticCache(config=m.config, max_cache_len=32) for _ in prompts]
+    name = hf.cache_argument(type(m).forward.__get__(m))
+    tokens, masks = [], [mask for _, mask in prompts]
+    with torch.no_grad():
+        for (ids, mask), cache in zip(prompts, caches):
+            logits = m(ids, attention_mask=mask, use_cache=True, **{name: cache}).logits
+            tokens.append([logits[:, -1].argmax(-1, keepdim=True)])
+        for _ in range(steps):
+            for i, cache in enumerate(caches):  # alternate: each step rebinds bcg's tensors to the other cache
+                masks[i] = torch.cat([masks[i], torch.ones_like(tokens[i][-1])], dim=1)
+                logits = m(tokens[i][-1], attention_mask=masks[i], use_cache=True, **{name: cache}).logits
+                tokens[i].append(logits[:, -1].argmax(-1, keepdim=True))
+    return [torch.cat(t, dim=1) for t in tokens], caches
+
+
+def test_two_live_static_caches_decoded_in_turn_never_share_storage():
+    reference, model = tiny_model("qwen3"), tiny_model("qwen3")
+    handle = bcg.wrap_model(model, backend="eager")
+    prompts = [left_padded_batch(seed=1), left_padded_batch(seed=2)]
+    (expected, expected_caches), (got, got_caches) = decode_two_caches(reference, prompts), decode_two_caches(model, prompts)
+    for e, g in zip(expected, got):
+        assert torch.equal(g, e)
+    for e, g in zip(expected_caches, got_caches):
+        _assert_same_cache(g, e)
+    assert handle.stats()["full_graph_replays"] == 6
+
+
+def test_sliding_window_static_caches_keep_the_breaks():
+    reference, model = tiny_model("gemma2"), tiny_model("gemma2")
+    handle = bcg.wrap_model(model, backend="eager")
+    ids, mask = left_padded_batch()
+    kwargs = dict(attention_mask=mask, cache_implementation="static", **GENERATE)
+    assert torch.equal(model.generate(ids, **kwargs).sequences, reference.generate(ids, **kwargs).sequences)
+    assert handle.stats()["full_graph_replays"] == 0 and handle.stats()["replays"] == 1 + STEPS
+
+
+def test_static_cache_option_makes_plain_generate_use_full_graphs(tmp_path):
+    reference, model = tiny_model("llama"), tiny_model("llama")
+    handle = bcg.wrap_model(model, backend="eager", static_cache=True)
+    ids, mask = left_padded_batch()
+    expected = reference.generate(ids, attention_mask=mask, **GENERATE)  # the default (dynamic) cache
+    got = model.generate(ids, attention_mask=mask, **GENERATE)
+    assert torch.equal(got.sequences, expected.sequences)
+    assert handle.stats()["full_graph_replays"] == STEPS
+    model.generate(ids, attention_mask=mask, cache_implementation="dynamic", **GENERATE)  # the caller's choice wins
+    assert handle.stats()["full_graph_replays"] == STEPS
+    assert model.generation_config.cache_implementation is None
+    bcg.unwrap_model(model)
+    assert "generate" not in model.__dict__
+
+
+def test_bad_static_cache_value_is_refused():
+    with pytest.raises(ValueError, match="static_cache"):
+        bcg.wrap_model(tiny_model("llama"), backend="eager", static_cache="yes")
