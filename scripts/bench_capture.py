@@ -1,40 +1,33 @@
 """Capture cost: the whole default size ladder captured up front (largest first), time and graph memory.
 
+Exits non-zero when a size fails to capture (it would run eagerly).
+
     python scripts/bench_capture.py --model qwen3-8b
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from collections.abc import Sequence
 
 import torch
 
 import bcg
-from benchutil import (
-    add_common_arguments,
-    announce_device,
-    default_model,
-    output_stem,
-    pick_device,
-    speed_caveat,
-    wrap_options,
-)
-from presets import build_model
+from benchutil import Bench, add_common_arguments, output_stem, speed_caveat, wrap_options
 from report import write_results
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser)
-    args = parser.parse_args()
-    device = pick_device(args.device)
-    announce_device(device)
-    model_name = args.model or default_model(device)
-    model = build_model(model_name, device)
+    args = parser.parse_args(argv)
+    bench = Bench.start(args, {}, {})
+    device, model_name = bench.device, bench.name
     free_before = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
     start = time.perf_counter()
-    handle = bcg.wrap_model(model, lazy=False, **wrap_options(args, device))
+    handle = bcg.wrap_model(bench.model, lazy=False, **wrap_options(args, device))
     wall = time.perf_counter() - start
     stats = handle.stats()
     free_after = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
@@ -51,7 +44,10 @@ def main() -> None:
     }
     write_results(output_stem(args, "capture", model_name), f"bcg capture of the default ladder: {model_name}", [row],
                   extra={"stats": stats}, out_dir=args.out_dir, caveat=speed_caveat(device))
+    for size, reason in stats["capture_failures"].items():
+        print(f"CAPTURE FAILED at {size}: {reason}")
+    return 1 if stats["capture_failures"] else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

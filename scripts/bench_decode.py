@@ -10,6 +10,7 @@ bandwidth measured here with a large device-to-device copy.
     python scripts/bench_decode.py --batches 1 8 32 --contexts 256 1024    # full grid: 6 compiles, ~8 min
     python scripts/bench_decode.py --model llama-3.1-8b --skip-compile
     python scripts/bench_decode.py --model qwen3-8b --batches 1 8 --contexts 256 --skip-compile --fused-kernels
+    python scripts/bench_decode.py --static                # + bcg on generate()'s static cache, beside hf-compile
     python scripts/bench_decode.py --model tiny --batches 1 2 --contexts 16 --new-tokens 4 --out-dir /tmp/bench
 """
 
@@ -33,36 +34,36 @@ from transformers import CompileConfig, PreTrainedModel, StaticCache
 import bcg
 from bcg.hf import cache_argument
 from benchutil import (
-    FUSED_HELP,
+    COMPILED,
+    EAGER,
+    Bench,
+    Contender,
     Series,
     StatsDelta,
-    add_common_arguments,
-    announce_device,
+    bench_parser,
+    check,
+    contenders,
     device_tag,
+    expected_stats,
     format_rejects,
-    grid_help,
     hbm_bandwidth,
-    output_stem,
     peak_memory_mib,
-    pick_device,
+    point_generator,
     reset_peak_memory,
-    resolve_defaults,
     save_plot,
     snapshot,
-    speed_caveat,
     speed_columns,
     stats_since,
     timed,
-    wrap_options,
 )
-from presets import build_model, decode_weight_bytes, describe, kv_bytes_per_token, pad_token_id
-from report import write_results
+from presets import decode_weight_bytes, kv_bytes_per_token, pad_token_id
 
 # Two shapes, so two compiles of HF's peer (~40 s each): the default run stays within ~4 minutes on qwen3-0.6b.
 # Without a GPU and --model, the quick check: seconds on 2 CPU cores.
 FULL = {"batches": [1, 32], "contexts": [1024], "new_tokens": 128, "repeats": 3}
 QUICK = {"batches": [1, 2], "contexts": [16], "new_tokens": 8, "repeats": 2}
-EAGER, COMPILED, BCG, BCG_FUSED = "eager", "hf-compile", "bcg", "bcg-fused"
+GRID = {"batches": "prompts per call", "contexts": "prompt lengths", "new_tokens": "tokens generated per call (>= 2)",
+        "repeats": "timed generate(N) / generate(1) pairs per shape"}
 # HF's default CompileConfig, spelled out: what generate() uses when a static cache makes it auto-compile.
 COMPILE_CONFIG = CompileConfig(fullgraph=False, mode="reduce-overhead")
 
@@ -100,19 +101,18 @@ class Measurement:
 
 
 def make_shape(batch: int, context: int, vocab: int, seed: int, device: torch.device) -> Shape:
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + batch * 1009 + context)
-    ids = torch.randint(0, vocab, (batch, context), generator=generator)
+    ids = torch.randint(0, vocab, (batch, context), generator=point_generator(seed, batch, context))
     return Shape(batch, context, ids.to(device))
 
 
-def make_generate(contender: str, model: PreTrainedModel, shape: Shape, new_tokens: int) -> Generate:
+def make_generate(contender: Contender, model: PreTrainedModel, shape: Shape, new_tokens: int) -> Generate:
     """``generate(n)``: n greedy tokens, never stopping early, with the contender's cache."""
     kwargs: dict[str, Any] = {
         "attention_mask": torch.ones_like(shape.input_ids), "do_sample": False, "eos_token_id": None,
-        "pad_token_id": pad_token_id(model.config),
+        "pad_token_id": pad_token_id(model.config), **contender.generate,
     }
     cache = None
-    if contender == COMPILED:
+    if contender is COMPILED:
         # One StaticCache per shape, reset in place between calls. cache_implementation="static" would make a
         # fresh cache per call, and torch re-records CUDA graphs whenever a static-address input moves.
         cache = StaticCache(config=model.config, max_cache_len=shape.context + new_tokens)
@@ -147,14 +147,16 @@ def measure(generate: Generate, new_tokens: int, repeats: int, device: torch.dev
                        peak_memory_mib(device), stats_since(handle, before), dynamo_graphs() - graphs_before)
 
 
-def run_contender(contender: str, model: PreTrainedModel, shapes: list[Shape], args: argparse.Namespace,
-                  device: torch.device, handle: bcg.BcgHandle | None = None) -> dict[tuple[int, int], Measurement]:
+def run_contender(contender: Contender, handle: bcg.BcgHandle | None, model: PreTrainedModel, shapes: list[Shape],
+                  args: argparse.Namespace, device: torch.device) -> dict[tuple[int, int], Measurement]:
     results = {}
-    for shape in tqdm(shapes, desc=contender, leave=False):
+    for shape in tqdm(shapes, desc=contender.name, leave=False):
         generate = make_generate(contender, model, shape, args.new_tokens)
         results[shape.key] = measure(generate, args.new_tokens, args.repeats, device, handle)
         # generate() sets _compiled_call only when it chooses its compiled forward (the unwrapped model, static cache).
         results[shape.key].compiled = hasattr(model, "_compiled_call")
+    if contender is COMPILED:
+        release_compiled(model, device)
     return results
 
 
@@ -185,32 +187,30 @@ class Floors:
         return total / self.bandwidth * 1e3
 
 
-def check(contender: str, measurement: Measurement, shape: Shape, args: argparse.Namespace,
-          device: torch.device) -> str:
+def decode_check(contender: Contender, measurement: Measurement, same_tokens: float, shape: Shape,
+                 args: argparse.Namespace, device: torch.device) -> str:
     """bcg: every decode step replays and the prefill replays unless it exceeds max_num_tokens; HF: it compiled."""
-    if contender == COMPILED:
+    if contender is COMPILED:
         return "ok" if device.type != "cuda" or measurement.compiled else "NOT COMPILED"
-    if contender not in (BCG, BCG_FUSED):
+    if measurement.stats is None:  # not bcg
         return "ok"
-    prefills = 2 * args.repeats  # one per generate(N) and one per generate(1)
-    steps = args.repeats * (args.new_tokens - 1)
-    if shape.batch * shape.context <= args.max_num_tokens:
-        expected = (prefills + steps, {})
-    else:
-        expected = (steps, {"too_many_tokens": prefills})
-    return "ok" if (measurement.stats.replays, measurement.stats.rejects) == expected else "UNEXPECTED"
+    # one prefill per generate(N) and one per generate(1)
+    expected = expected_stats(shape.batch * shape.context, 2 * args.repeats, args.max_num_tokens,
+                              steps=args.repeats * (args.new_tokens - 1))
+    return check(measurement.stats, expected, same_tokens == 1.0, device)
 
 
-def make_row(contender: str, shape: Shape, results: dict[str, dict], floors: Floors, args: argparse.Namespace,
-             device: torch.device) -> dict[str, Any]:
-    m = results[contender][shape.key]
+def make_row(contender: Contender, shape: Shape, results: dict[str, dict], floors: Floors,
+             args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    m = results[contender.name][shape.key]
     ms = m.per_token_ms(args.new_tokens)
-    eager = results[EAGER][shape.key]
+    eager = results[EAGER.name][shape.key]
     floor_kv = floors.ms(shape, args.new_tokens, with_kv=True)
+    same_tokens = (m.tokens == eager.tokens).float().mean().item()
     return {
         "batch": shape.batch,
         "context": shape.context,
-        "contender": contender,
+        "contender": contender.name,
         "ms_per_token": ms,
         "tok_s": shape.batch / ms * 1e3,
         **speed_columns(device, speedup=eager.per_token_ms(args.new_tokens) / ms),
@@ -221,17 +221,17 @@ def make_row(contender: str, shape: Shape, results: dict[str, dict], floors: Flo
         "gen_n_s": m.n_s,
         "gen_1_s": m.one_s,
         "peak_mib": m.peak_mib,
-        "same_tokens": (m.tokens == eager.tokens).float().mean().item(),
+        "same_tokens": same_tokens,
         "replays": m.stats.replays if m.stats else None,
         "rejects": format_rejects(m.stats.rejects) if m.stats else None,
-        "dynamo_graphs": m.dynamo_graphs if contender == COMPILED else None,
-        "check": check(contender, m, shape, args, device),
+        "dynamo_graphs": m.dynamo_graphs if contender is COMPILED else None,
+        "check": decode_check(contender, m, same_tokens, shape, args, device),
     }
 
 
-def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+def plot(rows: list[dict[str, Any]], path: Path, title: str, ran: list[Contender]) -> None:
     """ms per step against batch: a colour per contender, a line style per context, the floor in black."""
-    colors = {EAGER: "C0", COMPILED: "C1", BCG: "C2", BCG_FUSED: "C3", "floor": "black"}
+    colors = {contender.name: contender.color for contender in ran}
     series = []
     for context, line in zip(sorted({r["context"] for r in rows}), ("-", "--", ":", "-.") * 4):
         at = [r for r in rows if r["context"] == context]
@@ -239,25 +239,19 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
             points = [(r["batch"], r["ms_per_token"]) for r in at if r["contender"] == contender]
             series.append(Series(f"{contender}, ctx {context}", *zip(*points), style="o" + line,
                                  color=colors[contender]))
-        floor = [(r["batch"], r["floor_wkv_ms"]) for r in at if r["contender"] == EAGER and r["floor_wkv_ms"]]
+        floor = [(r["batch"], r["floor_wkv_ms"]) for r in at if r["contender"] == EAGER.name and r["floor_wkv_ms"]]
         if floor:
             series.append(Series(f"floor (weights + KV), ctx {context}", *zip(*floor), style="x" + line,
-                                 color=colors["floor"]))
+                                 color="black"))
     save_plot(path, series, "batch", "ms per decode step", title, logy=True)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_arguments(parser)
-    parser.add_argument("--batches", type=int, nargs="+", help=grid_help("batches", FULL, QUICK))
-    parser.add_argument("--contexts", type=int, nargs="+", help="prompt lengths; " + grid_help("contexts", FULL, QUICK))
-    parser.add_argument("--new-tokens", type=int,
-                        help="tokens generated per call (>= 2); " + grid_help("new_tokens", FULL, QUICK))
-    parser.add_argument("--repeats", type=int,
-                        help="timed generate(N) / generate(1) pairs per shape; " + grid_help("repeats", FULL, QUICK))
-    parser.add_argument("--fused-kernels", action="store_true", help=FUSED_HELP)
+    parser = bench_parser(__doc__, FULL, QUICK, GRID)
     parser.add_argument("--skip-compile", action="store_true",
                         help="leave out HF's static cache + torch.compile peer (~40 s of compile per shape)")
+    parser.add_argument("--static", action="store_true",
+                        help="also measure bcg-static: bcg under generate()'s static cache (cache_implementation)")
     args = parser.parse_args(argv)
     if args.new_tokens is not None and args.new_tokens < 2:
         parser.error("--new-tokens must be at least 2 (per-token time subtracts generate(1))")
@@ -266,47 +260,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    device = pick_device(args.device)
-    announce_device(device)
-    name = resolve_defaults(args, device, FULL, QUICK)
-    model = build_model(name, device, seed=args.seed)
+    bench = Bench.start(args, FULL, QUICK)
+    model, device = bench.model, bench.device
     floors = Floors(decode_weight_bytes(model), kv_bytes_per_token(model.config, model.dtype), hbm_bandwidth(device))
     vocab = model.config.get_text_config(decoder=True).vocab_size
     shapes = [make_shape(b, c, vocab, args.seed, device) for c in args.contexts for b in args.batches]
-    contenders = [EAGER, *([] if args.skip_compile else [COMPILED]), BCG, *([BCG_FUSED] if args.fused_kernels else [])]
-    if COMPILED in contenders and device.type != "cuda":
-        print(f"{COMPILED} on {device.type}: static cache only, HF's generate() compiles on accelerators only")
+    ran = contenders(fused=args.fused_kernels, compiled=not args.skip_compile, static=args.static)
+    if COMPILED in ran and device.type != "cuda":
+        print(f"{COMPILED.name} on {device.type}: static cache only, HF's generate() compiles on accelerators only")
 
-    results = {EAGER: run_contender(EAGER, model, shapes, args, device)}
-    if COMPILED in contenders:
-        results[COMPILED] = run_contender(COMPILED, model, shapes, args, device)
-        release_compiled(model, device)
-    final = {}
-    for contender in (c for c in contenders if c in (BCG, BCG_FUSED)):
-        handle = bcg.wrap_model(model, fused_kernels=contender == BCG_FUSED, **wrap_options(args, device))
-        results[contender] = run_contender(contender, model, shapes, args, device, handle)
-        final[contender] = handle.stats()
-        bcg.unwrap_model(model)
-
-    rows = [make_row(c, s, results, floors, args, device) for s in shapes for c in contenders]
-    flagged = [r for r in rows if r["check"] != "ok"]
-    title = f"Decode, {name}: {args.new_tokens} new tokens ({device_tag(device)})"
-    stem = output_stem(args, "decode", name)
-    plot(rows, args.out_dir / f"{stem}.png", title)
-    extra = {
-        "model": describe(name, model),
-        "settings": {"new_tokens": args.new_tokens, "repeats": args.repeats, "seed": args.seed,
-                     "max_num_tokens": args.max_num_tokens, "backend": final[BCG]["backend"],
-                     "compile_config": COMPILE_CONFIG.to_dict() if COMPILED in contenders else None},
-        "floors": {"decode_weight_bytes": floors.weight_bytes, "kv_bytes_per_token": floors.kv_bytes_per_token,
-                   "hbm_bandwidth_gb_s": floors.bandwidth / 1e9 if floors.bandwidth else None},
-        "bcg_final_stats": final,
-    }
-    for row in flagged:
-        print(f"{row['check']}: {row['contender']} at batch {row['batch']}, context {row['context']}: "
-              f"replays {row['replays']}, rejects {row['rejects']}")
-    write_results(stem, title, rows, extra, notes=NOTES, out_dir=args.out_dir, caveat=speed_caveat(device))
-    return 1 if flagged else 0
+    results = bench.run(ran, partial(run_contender, model=model, shapes=shapes, args=args, device=device))
+    rows = [make_row(c, s, results, floors, args, device) for s in shapes for c in ran]
+    title = f"Decode, {bench.name}: {args.new_tokens} new tokens ({device_tag(device)})"
+    settings = {"new_tokens": args.new_tokens, "repeats": args.repeats,
+                "compile_config": COMPILE_CONFIG.to_dict() if COMPILED in ran else None}
+    bandwidth_gb_s = floors.bandwidth / 1e9 if floors.bandwidth else None
+    extra = {"floors": {"decode_weight_bytes": floors.weight_bytes, "kv_bytes_per_token": floors.kv_bytes_per_token,
+                        "hbm_bandwidth_gb_s": bandwidth_gb_s}}
+    return bench.finish("decode", title, rows, ("contender", "batch", "context"), settings, NOTES,
+                        partial(plot, rows, title=title, ran=ran), extra=extra)
 
 
 NOTES = """\
@@ -314,16 +286,17 @@ NOTES = """\
 eager: HF's default DynamicCache. hf-compile: a StaticCache (max_cache_len = context + N, made once per shape and
 reset in place between calls) passed as the cache argument, with which generate() auto-compiles its decode forward
 (CompileConfig(mode="reduce-overhead", fullgraph=False), HF's default; the prefill is not compiled); run on the
-unwrapped model before bcg. bcg: `bcg.wrap_model` (lazy capture) with the default DynamicCache; bcg-fused
-(`--fused-kernels`): the same, wrapped again with `fused_kernels=True`.
+unwrapped model before bcg. bcg: `bcg.wrap_model` (lazy capture) with the default DynamicCache; bcg-static
+(`--static`): the same, wrapped again, under generate()'s own static cache (`cache_implementation="static"`);
+bcg-fused (`--fused-kernels`): the same as bcg, wrapped again with `fused_kernels=True`.
 ms_per_token = (median t(generate N) - median t(generate 1)) / (N - 1); tok_s = batch / ms_per_token.
 floor_w_ms: decode weight bytes (untied input embeddings excluded; every MoE expert counted) / HBM bandwidth;
 floor_wkv_ms adds the KV cache at its mean length; of_floor = floor_wkv_ms / ms_per_token.
 first_call_s: the first generate(N) per shape, captures or compile included; peak_mib: peak allocated GPU memory
 over the shape's calls, that first one included. same_tokens: fraction of generated
 tokens equal to eager's (bf16 on random weights: near-ties flip greedy choices, and one flip changes the rest of
-that sequence). replays/rejects: bcg over the timed calls; a prefill of more than max_num_tokens tokens runs
-eagerly by design (too_many_tokens).
+that sequence). replays/rejects: bcg over the timed calls. hf-compile's `check` is ok when generate() took its
+compiled forward (on a GPU; elsewhere it does not compile).
 """
 
 if __name__ == "__main__":

@@ -30,35 +30,38 @@ from tqdm import tqdm
 import bcg
 from bcg.buckets import default_capture_sizes, pick_bucket
 from benchutil import (
-    FUSED_HELP,
+    BCG,
+    BCG_FUSED,
+    EAGER,
     MIB,
+    Bench,
+    Contender,
     Series,
     StatsDelta,
-    add_common_arguments,
-    announce_device,
+    bench_parser,
+    check,
+    contenders,
     device_tag,
+    expected_stats,
     format_rejects,
-    grid_help,
     median_seconds,
-    output_stem,
     peak_memory_mib,
-    pick_device,
+    point_generator,
     reset_peak_memory,
-    resolve_defaults,
     save_plot,
     snapshot,
-    speed_caveat,
     speed_columns,
     stats_since,
     timed,
-    wrap_options,
 )
-from presets import build_model, describe, pad_token_id
-from report import write_results
+from presets import pad_token_id
 
 # The grid on a GPU (or with --model), and the quick check that runs without either: seconds on 2 CPU cores.
 FULL = {"requests": [1, 4, 8, 16, 32], "lengths": [64, 128, 256, 512], "warmup": 3, "repeats": 10}
 QUICK = {"requests": [1, 4], "lengths": [16, 64], "warmup": 2, "repeats": 3}
+GRID = {"requests": "requests per call (R)", "lengths": "mean prompt lengths",
+        "warmup": "untimed calls per point, the capturing one included",
+        "repeats": "timed calls per point (median reported)"}
 
 
 @dataclass
@@ -99,8 +102,7 @@ class Measurement:
 
 def make_batch(requests: int, mean_length: int, spread: float, vocab: int, pad: int, seed: int,
                device: torch.device) -> Batch:
-    # Seeded per point, so restricting the grid keeps every remaining point's inputs unchanged.
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + requests * 1009 + mean_length)
+    generator = point_generator(seed, requests, mean_length)
     low, high = max(1, round((1 - spread) * mean_length)), max(1, round((1 + spread) * mean_length))
     lengths = torch.randint(low, high + 1, (requests,), generator=generator)
     seq = int(lengths.max())
@@ -119,17 +121,17 @@ def prefill(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     return output.logits[:, -1]
 
 
-def run_contender(name: str, model: torch.nn.Module, batches: list[Batch], device: torch.device, warmup: int,
-                  repeats: int, handle: bcg.BcgHandle | None = None) -> dict[tuple[int, int], Measurement]:
+def run_contender(contender: Contender, handle: bcg.BcgHandle | None, model: torch.nn.Module, batches: list[Batch],
+                  device: torch.device, warmup: int, repeats: int) -> dict[tuple[int, int], Measurement]:
     """First calls largest first (bcg captures them so, the way ``lazy=False`` would), then the timed calls."""
     firsts: dict[tuple[int, int], tuple[float, StatsDelta | None]] = {}
-    for batch in tqdm(sorted(batches, key=lambda b: -b.tokens), desc=f"{name}: first calls", leave=False):
+    for batch in tqdm(sorted(batches, key=lambda b: -b.tokens), desc=f"{contender.name}: first calls", leave=False):
         before = snapshot(handle)
         seconds, _ = timed(partial(prefill, model, batch), device)
         firsts[batch.key] = seconds, stats_since(handle, before)
 
     results = {}
-    for batch in tqdm(batches, desc=f"{name}: timed", leave=False):
+    for batch in tqdm(batches, desc=f"{contender.name}: timed", leave=False):
         before = snapshot(handle)
         reset_peak_memory(device)
         for _ in range(warmup - 1):
@@ -139,13 +141,6 @@ def run_contender(name: str, model: torch.nn.Module, batches: list[Batch], devic
         results[batch.key] = Measurement(first_s, ms * 1e3, logits.cpu(), peak_memory_mib(device), first,
                                          stats_since(handle, before))
     return results
-
-
-def expected_stats(batch: Batch, calls: int, max_num_tokens: int) -> tuple[int, dict[str, int]]:
-    """Replays and rejects bcg must show: every call replays inside the captured range, none beyond it."""
-    if batch.tokens <= max_num_tokens:
-        return calls, {}
-    return 0, {"too_many_tokens": calls}
 
 
 def compare(eager: torch.Tensor, other: torch.Tensor) -> tuple[float, float]:
@@ -158,8 +153,9 @@ def compare(eager: torch.Tensor, other: torch.Tensor) -> tuple[float, float]:
 def make_row(batch: Batch, eager: Measurement, graphs: Measurement, args: argparse.Namespace, device: torch.device,
              fused: Measurement | None = None) -> dict[str, Any]:
     calls = max(args.warmup - 1, 0) + args.repeats
-    expected = expected_stats(batch, calls, args.max_num_tokens)
-    ok = all((m.timed.replays, m.timed.rejects) == expected for m in (graphs, fused) if m is not None)
+    expected = expected_stats(batch.tokens, calls, args.max_num_tokens)
+    checks = [check(m.timed, expected, torch.equal(m.logits, eager.logits), device)
+              for m in (graphs, fused) if m is not None]
     diff, agree = compare(eager.logits, graphs.logits)
     bucket = pick_bucket(default_capture_sizes(args.max_num_tokens), batch.tokens)
     return {
@@ -183,7 +179,7 @@ def make_row(batch: Batch, eager: Measurement, graphs: Measurement, args: argpar
         "max_abs_diff": diff,
         "argmax_agree": agree,
         **(fused_columns(eager, fused, device) if fused is not None else {}),
-        "check": "ok" if ok else "UNEXPECTED",
+        "check": next((c for c in checks if c != "ok"), "ok"),
     }
 
 
@@ -206,19 +202,9 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str, max_num_tokens: int
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_arguments(parser)
-    parser.add_argument("--requests", type=int, nargs="+",
-                        help="requests per call (R); " + grid_help("requests", FULL, QUICK))
-    parser.add_argument("--lengths", type=int, nargs="+",
-                        help="mean prompt lengths; " + grid_help("lengths", FULL, QUICK))
+    parser = bench_parser(__doc__, FULL, QUICK, GRID)
     parser.add_argument("--spread", type=float, default=0.5,
                         help="lengths uniform in [1 - spread, 1 + spread] x mean; 0: all equal (default %(default)s)")
-    parser.add_argument("--fused-kernels", action="store_true", help=FUSED_HELP)
-    parser.add_argument("--warmup", type=int,
-                        help="untimed calls per point, the capturing one included; " + grid_help("warmup", FULL, QUICK))
-    parser.add_argument("--repeats", type=int,
-                        help="timed calls per point (median reported); " + grid_help("repeats", FULL, QUICK))
     args = parser.parse_args(argv)
     if not 0 <= args.spread < 1:
         parser.error(f"--spread must be in [0, 1), got {args.spread}")
@@ -227,40 +213,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    device = pick_device(args.device)
-    announce_device(device)
-    name = resolve_defaults(args, device, FULL, QUICK)
-    model = build_model(name, device, seed=args.seed)
+    bench = Bench.start(args, FULL, QUICK)
+    model, device = bench.model, bench.device
     vocab, pad = model.config.get_text_config(decoder=True).vocab_size, pad_token_id(model.config)
     batches = [make_batch(r, n, args.spread, vocab, pad, args.seed, device)
                for r in args.requests for n in args.lengths]
 
-    with torch.no_grad():
-        eager = run_contender("eager", model, batches, device, args.warmup, args.repeats)
-        measured, final = {}, {}
-        for label in ("bcg", "bcg-fused") if args.fused_kernels else ("bcg",):
-            handle = bcg.wrap_model(model, fused_kernels=label == "bcg-fused", **wrap_options(args, device))
-            measured[label] = run_contender(label, model, batches, device, args.warmup, args.repeats, handle)
-            final[label] = handle.stats()
-            bcg.unwrap_model(model)
-    graphs, fused = measured["bcg"], measured.get("bcg-fused", {})
+    measured = bench.run(contenders(fused=args.fused_kernels),
+                         partial(run_contender, model=model, batches=batches, device=device, warmup=args.warmup,
+                                 repeats=args.repeats))
+    eager, graphs, fused = measured[EAGER.name], measured[BCG.name], measured.get(BCG_FUSED.name, {})
 
     rows = [make_row(b, eager[b.key], graphs[b.key], args, device, fused.get(b.key)) for b in batches]
-    flagged = [r for r in rows if r["check"] != "ok"]
-    title = f"Prefill, {name}: eager vs bcg{' (and fused kernels)' if fused else ''} ({device_tag(device)})"
-    stem = output_stem(args, "prefill", name)
-    plot(rows, args.out_dir / f"{stem}.png", title, args.max_num_tokens)
-    extra = {
-        "model": describe(name, model),
-        "settings": {"warmup": args.warmup, "repeats": args.repeats, "seed": args.seed, "spread": args.spread,
-                     "max_num_tokens": args.max_num_tokens, "backend": final["bcg"]["backend"], "logits_to_keep": 1},
-        "bcg_final_stats": final,
-    }
-    for row in flagged:
-        print(f"UNEXPECTED bcg stats at R={row['requests']} len={row['mean_len']}: replays {row['replays']}, "
-              f"rejects {row['rejects']}")
-    write_results(stem, title, rows, extra, notes=NOTES, out_dir=args.out_dir, caveat=speed_caveat(device))
-    return 1 if flagged else 0
+    title = f"Prefill, {bench.name}: eager vs bcg{' (and fused kernels)' if fused else ''} ({device_tag(device)})"
+    settings = {"warmup": args.warmup, "repeats": args.repeats, "spread": args.spread, "logits_to_keep": 1}
+    return bench.finish("prefill", title, rows, ("requests", "mean_len"), settings, NOTES,
+                        partial(plot, rows, title=title, max_num_tokens=args.max_num_tokens))
 
 
 NOTES = """\
@@ -270,8 +238,7 @@ only). Eager runs first on the unwrapped model, then `bcg.wrap_model` and the sa
 then unwrapped and wrapped again with `fused_kernels=True` for the `fused_*` columns). Times: median of the
 timed calls after the warm-up calls (the first of which captures bcg's bucket, largest batches first), wall clock
 between device synchronisations. tok/s counts real (non-pad) tokens. `replays`/`rejects`: bcg's counters over the
-warm-up + timed calls after the capturing one; `check` is ok when every call replays (tokens <= max_num_tokens) or
-every call is rejected as too_many_tokens (beyond it, by design). `graph_mib`: graph-pool memory the point's capture
+warm-up + timed calls after the capturing one. `graph_mib`: graph-pool memory the point's capture
 added (stats graph_bytes); `*_peak_mib`: peak allocated GPU memory over the warm-up + timed calls (graph pools
 count only for their live blocks); `max_abs_diff`/`argmax_agree`: bcg's last-token logits against eager's.
 """

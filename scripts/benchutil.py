@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark scripts: device and CLI, timing, memory, bcg stats deltas, bandwidth, plots."""
+"""The harness the benchmark scripts share: device and CLI, contenders and the wrap/run/unwrap loop, seeds, timing,
+memory, bcg stats deltas and checks, bandwidth, plots, and the results tail."""
 
 from __future__ import annotations
 
@@ -8,15 +9,18 @@ import statistics
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+from transformers import PreTrainedModel
 
+import bcg
 from bcg.buckets import DEFAULT_MAX_NUM_TOKENS
-from report import RESULTS_DIR
+from presets import build_model, describe
+from report import RESULTS_DIR, write_results
 
 MIB = 2**20
 T = TypeVar("T")
@@ -67,6 +71,51 @@ def wrap_options(args: argparse.Namespace, device: torch.device) -> dict[str, An
     return {"max_num_tokens": args.max_num_tokens, "backend": bcg_backend(device)}
 
 
+def bench_parser(doc: str | None, full: dict[str, Any], quick: dict[str, Any],
+                 grid: dict[str, str]) -> argparse.ArgumentParser:
+    """A grid benchmark's command line: the common options, ``--fused-kernels``, and one integer option per ``grid``
+    entry (what it means; its default is ``full``'s, or ``quick``'s in the quick check)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_arguments(parser)
+    for option, meaning in grid.items():
+        parser.add_argument(f"--{option.replace('_', '-')}", type=int,
+                            nargs="+" if isinstance(full[option], list) else None,
+                            help=f"{meaning}; {grid_help(option, full, quick)}")
+    parser.add_argument("--fused-kernels", action="store_true", help=FUSED_HELP)
+    return parser
+
+
+@dataclass(frozen=True)
+class Contender:
+    """One way of running the model: unwrapped (``wrap`` None) or wrapped by bcg with ``wrap`` on top of the command
+    line's options; ``generate``: its own ``generate()`` keyword arguments (decode)."""
+
+    name: str
+    color: str  # its colour in plots
+    wrap: dict[str, Any] | None = None
+    generate: dict[str, Any] = field(default_factory=dict)
+
+
+EAGER = Contender("eager", "C0")
+COMPILED = Contender("hf-compile", "C1")  # decode: a StaticCache, with which generate() compiles (bench_decode)
+# bcg's full-graph decode: generate() left as it is, the wrap option makes it use a static cache sized per call.
+BCG_STATIC = Contender("bcg-static", "C4", wrap={"static_cache": True})
+BCG = Contender("bcg", "C2", wrap={})
+BCG_FUSED = Contender("bcg-fused", "C3", wrap={"fused_kernels": True})
+
+
+def contenders(*, fused: bool, compiled: bool = False, static: bool = False) -> list[Contender]:
+    """The contenders of a run, in the order they run and stand in the tables: eager (the reference) first."""
+    chosen = ((EAGER, True), (COMPILED, compiled), (BCG_STATIC, static), (BCG, True), (BCG_FUSED, fused))
+    return [contender for contender, wanted in chosen if wanted]
+
+
+def point_generator(seed: int, first: int, second: int) -> torch.Generator:
+    """The random source of one grid point's inputs: seeded per point, so restricting the grid keeps every remaining
+    point's inputs unchanged."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + first * 1009 + second)
+
+
 def measures_speed(device: torch.device) -> bool:
     """Whether a run's times are speed figures: only on a GPU, where bcg replays real CUDA graphs."""
     return device.type == "cuda"
@@ -114,8 +163,8 @@ def resolve_defaults(args: argparse.Namespace, device: torch.device, full: dict[
         if getattr(args, option) is None:
             setattr(args, option, value)
     if is_quick:
-        chosen = " ".join(f"--{option.replace('_', '-')} {_spelled(getattr(args, option))}" for option in quick)
-        print(f"no GPU and no --model: the quick check, --model {args.model} {chosen}")
+        chosen = [f"--{option.replace('_', '-')} {_spelled(getattr(args, option))}" for option in quick]
+        print("no GPU and no --model: the quick check, " + " ".join([f"--model {args.model}", *chosen]))
     return args.model
 
 
@@ -192,6 +241,31 @@ def format_rejects(rejects: dict[str, int]) -> str:
     return ",".join(f"{reason}:{n}" for reason, n in sorted(rejects.items())) or "0"
 
 
+def expected_stats(tokens: int, prefills: int, max_num_tokens: int, steps: int = 0) -> tuple[int, dict[str, int]]:
+    """The replays and rejects bcg must count: ``prefills`` calls of ``tokens`` tokens replay up to max_num_tokens
+    and are rejected beyond it (too_many_tokens, by design); ``steps`` one-token decode calls always replay."""
+    if tokens <= max_num_tokens:
+        return prefills + steps, {}
+    return steps, {"too_many_tokens": prefills}
+
+
+def check(stats: StatsDelta, expected: tuple[int, dict[str, int]], identical: bool, device: torch.device) -> str:
+    """A bcg contender's ``check`` column: ok, UNEXPECTED (its counters are not ``expected``) or DIFFERS (on the
+    eager backend, which runs eager's own kernels, its outputs are not ``identical`` to eager's)."""
+    if (stats.replays, stats.rejects) != expected:
+        return "UNEXPECTED"
+    if bcg_backend(device) == "eager" and not identical:
+        return "DIFFERS"
+    return "ok"
+
+
+CHECK_NOTE = """\
+`check`: ok when bcg's counters show what it must do (every call replays up to max_num_tokens tokens; a prefill of
+more runs eagerly by design, counted as too_many_tokens) and, on the eager backend (no GPU), its outputs equal
+eager's exactly; the script exits non-zero when any row is not ok.
+"""
+
+
 def hbm_bandwidth(device: torch.device, gib: float = 1.0, repeats: int = 10) -> float | None:
     """Device-memory bandwidth in bytes/s from a large device-to-device copy (bytes read + written / time)."""
     if device.type != "cuda":
@@ -253,3 +327,60 @@ def save_plot(path: Path, series: list[Series], xlabel: str, ylabel: str, title:
     plt.close(figure)
     print(f"wrote {path}")
     return path
+
+
+@dataclass
+class Bench:
+    """One benchmark run: options, device and model; each contender wrapped, run and unwrapped in turn; the results
+    written with their command and machine."""
+
+    args: argparse.Namespace
+    device: torch.device
+    name: str
+    model: PreTrainedModel
+    final: dict[str, dict[str, Any]] = field(default_factory=dict)  # bcg contender -> handle.stats() at its end
+
+    @classmethod
+    def start(cls, args: argparse.Namespace, full: dict[str, Any], quick: dict[str, Any]) -> Bench:
+        device = pick_device(args.device)
+        announce_device(device)
+        name = resolve_defaults(args, device, full, quick)
+        return cls(args, device, name, build_model(name, device, seed=args.seed))
+
+    def run(self, contenders: Sequence[Contender],
+            measure: Callable[[Contender, bcg.BcgHandle | None], T]) -> dict[str, T]:
+        """``measure`` each contender in turn on the same model, under no_grad; a bcg contender wrapped for it alone."""
+        results = {}
+        with torch.no_grad():
+            for contender in contenders:
+                if contender.wrap is None:
+                    results[contender.name] = measure(contender, None)
+                    continue
+                handle = bcg.wrap_model(self.model, **contender.wrap, **wrap_options(self.args, self.device))
+                try:
+                    results[contender.name] = measure(contender, handle)
+                    self.final[contender.name] = handle.stats()
+                finally:
+                    bcg.unwrap_model(self.model)
+        return results
+
+    def finish(self, kind: str, title: str, rows: list[dict[str, Any]], keys: Sequence[str], settings: dict[str, Any],
+               notes: str, plot: Callable[[Path], object], extra: dict[str, Any] | None = None) -> int:
+        """Plot, write ``<kind>_<model>.json``/``.md`` (rows, model, settings, bcg's final stats), name every row
+        whose ``check`` is not ok by its ``keys`` columns; 1 if there is one, else 0."""
+        stem = output_stem(self.args, kind, self.name)
+        plot(self.args.out_dir / f"{stem}.png")
+        payload = {
+            "model": describe(self.name, self.model),
+            "settings": {**settings, "seed": self.args.seed, "max_num_tokens": self.args.max_num_tokens,
+                         "backend": bcg_backend(self.device)},
+            **(extra or {}),
+            "bcg_final_stats": self.final,
+        }
+        write_results(stem, title, rows, payload, notes=f"{notes}{CHECK_NOTE}", out_dir=self.args.out_dir,
+                      caveat=speed_caveat(self.device))
+        flagged = [row for row in rows if row["check"] != "ok"]
+        for row in flagged:
+            where = ", ".join(f"{key} {row[key]}" for key in keys)
+            print(f"{row['check']}: {where}: replays {row['replays']}, rejects {row['rejects']}")
+        return 1 if flagged else 0

@@ -7,8 +7,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
+import bench_capture  # noqa: E402
 import bench_decode  # noqa: E402
 import bench_prefill  # noqa: E402
+import benchutil  # noqa: E402
+import torch  # noqa: E402
 
 
 def _rows(path: Path) -> list[dict]:
@@ -46,19 +49,54 @@ def test_bench_prefill_beyond_max_num_tokens_is_flagged_as_expected(tmp_path):
     assert row["bucket"] == "eager" and row["rejects"] == "too_many_tokens:2" and row["check"] == "ok"
 
 
+def test_bench_prefill_failed_check_exits_non_zero(tmp_path, monkeypatch, capsys):
+    """A row whose check fails is named on the console and makes the script exit non-zero."""
+    monkeypatch.setattr(bench_prefill, "expected_stats", lambda *args, **kwargs: (-1, {}))
+    code = bench_prefill.main(["--model", "tiny", "--device", "cpu", "--requests", "1", "--lengths", "8",
+                               "--warmup", "1", "--repeats", "1", "--out-dir", str(tmp_path)])
+    assert code == 1
+    (row,) = _rows(tmp_path / "prefill_tiny.json")
+    assert row["check"] == "UNEXPECTED"
+    assert "UNEXPECTED: requests 1, mean_len 8: replays 1/1" in capsys.readouterr().out
+
+
+def test_check_fails_on_counters_and_on_eager_backend_differences():
+    stats = benchutil.StatsDelta(replays=3, rejects={}, capture_seconds=0.0, graph_bytes=0)
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert benchutil.check(stats, (3, {}), identical=True, device=cpu) == "ok"
+    assert benchutil.check(stats, (0, {"too_many_tokens": 3}), identical=True, device=cpu) == "UNEXPECTED"
+    assert benchutil.check(stats, (3, {}), identical=False, device=cpu) == "DIFFERS"
+    assert benchutil.check(stats, (3, {}), identical=False, device=gpu) == "ok"  # bf16 kernels may round otherwise
+
+
+def test_contenders_default_to_eager_and_bcg_with_static_off():
+    names = [c.name for c in benchutil.contenders(fused=False, compiled=True)]
+    assert names == ["eager", "hf-compile", "bcg"]
+    assert [c.name for c in benchutil.contenders(fused=True)] == ["eager", "bcg", "bcg-fused"]
+    assert bench_decode.parse_args([]).static is False
+
+
 def test_bench_decode_tiny(tmp_path):
     code = bench_decode.main(["--model", "tiny", "--device", "cpu", "--batches", "1", "2", "--contexts", "8",
-                              "--new-tokens", "3", "--repeats", "1", "--out-dir", str(tmp_path)])
+                              "--new-tokens", "3", "--repeats", "1", "--static", "--out-dir", str(tmp_path)])
     assert code == 0
+    payload = json.loads((tmp_path / "decode_tiny.json").read_text())
     rows = _rows(tmp_path / "decode_tiny.json")
     assert [(r["batch"], r["contender"]) for r in rows] == [
-        (b, c) for b in (1, 2) for c in ("eager", "hf-compile", "bcg")]
+        (b, c) for b in (1, 2) for c in ("eager", "hf-compile", "bcg-static", "bcg")]
     for row in rows:
         assert row["check"] == "ok" and row["same_tokens"] == 1.0
-    for row in (r for r in rows if r["contender"] == "bcg"):
+    for row in (r for r in rows if r["contender"] in ("bcg", "bcg-static")):
         # one timed generate(3) and one generate(1): 2 prefills + 2 decode steps, all replayed
         assert row["rejects"] == "0" and row["replays"] == 4
+    assert list(payload["bcg_final_stats"]) == ["bcg-static", "bcg"]
     assert _plotted(tmp_path / "decode_tiny.png")
+
+
+def test_bench_capture_tiny(tmp_path):
+    assert bench_capture.main(["--model", "tiny", "--device", "cpu", "--out-dir", str(tmp_path)]) == 0
+    (row,) = _rows(tmp_path / "capture_tiny.json")
+    assert row["failures"] == 0 and row["sizes"] > 0
 
 
 def test_bench_prefill_without_gpu_defaults_to_the_quick_check(tmp_path, capsys):
