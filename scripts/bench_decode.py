@@ -251,7 +251,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--skip-compile", action="store_true",
                         help="leave out HF's static cache + torch.compile peer (~40 s of compile per shape)")
     parser.add_argument("--static", action="store_true",
-                        help="also measure bcg-static: bcg under generate()'s static cache (cache_implementation)")
+                        help="also measure bcg-static: wrapped with static_cache=True (full-graph decode steps)")
     args = parser.parse_args(argv)
     if args.new_tokens is not None and args.new_tokens < 2:
         parser.error("--new-tokens must be at least 2 (per-token time subtracts generate(1))")
@@ -287,7 +287,8 @@ eager: HF's default DynamicCache. hf-compile: a StaticCache (max_cache_len = con
 reset in place between calls) passed as the cache argument, with which generate() auto-compiles its decode forward
 (CompileConfig(mode="reduce-overhead", fullgraph=False), HF's default; the prefill is not compiled); run on the
 unwrapped model before bcg. bcg: `bcg.wrap_model` (lazy capture) with the default DynamicCache; bcg-static
-(`--static`): the same, wrapped again, under generate()'s own static cache (`cache_implementation="static"`);
+(`--static`): wrapped again with `static_cache=True` (generate() makes a static cache per call and every decode
+step replays as one graph, no breaks);
 bcg-fused (`--fused-kernels`): the same as bcg, wrapped again with `fused_kernels=True`.
 ms_per_token = (median t(generate N) - median t(generate 1)) / (N - 1); tok_s = batch / ms_per_token.
 floor_w_ms: decode weight bytes (untied input embeddings excluded; every MoE expert counted) / HBM bandwidth;
