@@ -11,6 +11,7 @@ the cache shape; anything else (a dynamic or sliding cache, a prefill) takes the
 from __future__ import annotations
 
 import logging
+import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ import torch
 from . import hf
 from .backends import Backend, Graph
 from .eligibility import Call
+from .errors import BcgCaptureWarning
 from .live import LiveContext
 
 logger = logging.getLogger("bcg")
@@ -147,6 +149,9 @@ class StaticDecoder:
         except Exception as error:  # this shape takes the breaks instead
             self.failed[key] = f"{type(error).__name__}: {error}"
             logger.warning("bcg: full-graph decode capture for batch %d failed: %s", live.batch, self.failed[key])
+            if len(self.failed) == 1:
+                warnings.warn(f"bcg: capturing a full decode graph failed ({self.failed[key]}); static-cache decode "
+                              "steps of that shape replay with breaks instead", BcgCaptureWarning, stacklevel=2)
             return None
         finally:
             entry.cache = None

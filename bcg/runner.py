@@ -92,7 +92,8 @@ class StackRunner:
                 self._local.active = False
 
     def _forward_locked(self, call: Call, args: tuple, kwargs: dict) -> Any:
-        """1. eligible? 2. weights where the graphs expect them? 3. bucket and graph 4. replay; else eager."""
+        """1. state as captured (else invalidate)  2. eligible?  3. a decode step on a static cache: one full graph
+        4. else the bucket's breakable graph  5. else eager, the reason counted."""
         if self.disabled_reason is None:
             self._check_state()
         rejection = Rejection(Reject.NOT_READY) if self.disabled_reason else reject_reason(call, self.target, self.failed)

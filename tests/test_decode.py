@@ -108,3 +108,22 @@ def test_static_cache_option_makes_plain_generate_use_full_graphs(tmp_path):
 def test_bad_static_cache_value_is_refused():
     with pytest.raises(ValueError, match="static_cache"):
         bcg.wrap_model(tiny_model("llama"), backend="eager", static_cache="yes")
+
+
+def test_a_full_graph_that_cannot_be_captured_falls_back_to_the_breaks_with_one_warning(monkeypatch):
+    reference, model = tiny_model("llama"), tiny_model("llama")
+    handle = bcg.wrap_model(model, backend="eager")
+    decoder = handle.runner.decoder
+
+    class Failing:
+        def capture(self, run):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(decoder, "backend", Failing())  # the breakable graphs keep the working backend
+    ids, mask = left_padded_batch()
+    kwargs = dict(attention_mask=mask, cache_implementation="static", **GENERATE)
+    with pytest.warns(bcg.BcgCaptureWarning, match="full decode graph"):
+        got = model.generate(ids, **kwargs)
+    assert torch.equal(got.sequences, reference.generate(ids, **kwargs).sequences)
+    stats = handle.stats()
+    assert stats["full_graph_replays"] == 0 and stats["replays"] == 1 + STEPS and stats["rejects"] == {}
