@@ -289,7 +289,8 @@ reset in place between calls) passed as the cache argument, with which generate(
 unwrapped model before bcg. bcg: `bcg.wrap_model` (lazy capture) with the default DynamicCache; bcg-static
 (`--static`): wrapped again with `static_cache=True` (generate() makes a static cache per call and every decode
 step replays as one graph, no breaks);
-bcg-fused (`--fused-kernels`): the same as bcg, wrapped again with `fused_kernels=True`.
+bcg-fused (`--fused-kernels`): the same as bcg, wrapped again with `fused_kernels=True`; bcg-static-fused (both
+flags): `static_cache=True` and `fused_kernels=True`.
 ms_per_token = (median t(generate N) - median t(generate 1)) / (N - 1); tok_s = batch / ms_per_token.
 floor_w_ms: decode weight bytes (untied input embeddings excluded; every MoE expert counted) / HBM bandwidth;
 floor_wkv_ms adds the KV cache at its mean length; of_floor = floor_wkv_ms / ms_per_token.

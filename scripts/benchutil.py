@@ -102,11 +102,13 @@ COMPILED = Contender("hf-compile", "C1")  # decode: a StaticCache, with which ge
 BCG_STATIC = Contender("bcg-static", "C4", wrap={"static_cache": True})
 BCG = Contender("bcg", "C2", wrap={})
 BCG_FUSED = Contender("bcg-fused", "C3", wrap={"fused_kernels": True})
+BCG_STATIC_FUSED = Contender("bcg-static-fused", "C5", wrap={"static_cache": True, "fused_kernels": True})
 
 
 def contenders(*, fused: bool, compiled: bool = False, static: bool = False) -> list[Contender]:
     """The contenders of a run, in the order they run and stand in the tables: eager (the reference) first."""
-    chosen = ((EAGER, True), (COMPILED, compiled), (BCG_STATIC, static), (BCG, True), (BCG_FUSED, fused))
+    chosen = ((EAGER, True), (COMPILED, compiled), (BCG_STATIC, static), (BCG, True), (BCG_FUSED, fused),
+              (BCG_STATIC_FUSED, static and fused))
     return [contender for contender, wanted in chosen if wanted]
 
 

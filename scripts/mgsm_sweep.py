@@ -81,12 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     announce_device(device)
     comparison = compare(
         model_args(args), args.tasks.split(","), batch_sizes=[int(b) for b in args.batch_sizes.split(",")],
-        device=args.device, include_path=TASKS_DIR, metadata={"data_dir": str(args.data_dir)} if args.data_dir else None,
-        limit=args.limit, gen_kwargs={"max_gen_toks": args.max_gen_toks} if args.max_gen_toks else None)
+        device=args.device, include_path=TASKS_DIR, limit=args.limit,
+        metadata={"data_dir": str(args.data_dir)} if args.data_dir else None,
+        gen_kwargs={"max_gen_toks": args.max_gen_toks} if args.max_gen_toks else None)
     failures = acceptance_failures(comparison, args.accept)
     name = args.out_name or default_out_name(args)
-    notes = "\n".join([markdown(comparison.speed), f"Acceptance ({args.accept}): " + ("FAILED" if failures else "passed"),
-                       *(f"- {f}" for f in failures)])
+    verdict = f"Acceptance ({args.accept}): " + ("FAILED" if failures else "passed")
+    notes = "\n".join([markdown(comparison.speed), verdict, *(f"- {f}" for f in failures)])
     extra = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
              "rows_detail": comparison.rows, "speed": comparison.speed, "bcg_stats": comparison.bcg_stats,
              "acceptance_failures": failures,
