@@ -1,107 +1,61 @@
-"""The MGSM sweep's code path on CPU: a tiny random model, eager vs bcg's eager backend, must agree exactly."""
+"""scripts/mgsm_sweep.py on CPU: a tiny saved model through bcg.eval's comparison; results files and exit status."""
 
 from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
-from transformers import PreTrainedTokenizerFast
 
 pytest.importorskip("lm_eval")
 pytest.importorskip("tokenizers")
 
-from tiny_models import tiny_model
+from test_eval import DATA_DIR, save_tiny_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import mgsm_sweep
 
-DATA_DIR = mgsm_sweep.DEFAULT_DATA_DIR
-SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]  # ids 0..3: tiny_models' pad/bos/eos ids are 0, 1, 2
-TASKS = ["mgsm_direct_en", "mgsm_native_cot_en"]
-BATCH_SIZES = [1, 4]
-LIMIT = 6
-MAX_GEN_TOKS = 16
-SEED = 1  # a random init whose greedy answers are not all an immediate EOS, so there is something to compare
+import bcg.eval
 
-pytestmark = pytest.mark.skipif(DATA_DIR is None, reason=f"no MGSM data in any of {mgsm_sweep.DATA_DIRS}")
+LIMIT = 3
+BATCH_SIZES = [1, 3]
+
+pytestmark = pytest.mark.skipif(DATA_DIR is None, reason="no local MGSM data (see tasks/mgsm_en_local/utils.py)")
 
 
-def mgsm_texts() -> list[str]:
-    texts = []
-    for split in ("test", "train"):
-        with open(DATA_DIR / f"mgsm_en_{split}.jsonl") as f:
-            for line in f:
-                doc = json.loads(line)
-                texts.append(f"Question: {doc['question']}\nAnswer: {doc['answer'] or ''} {doc['answer_number']}")
-    return texts
-
-
-def train_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
-    """A byte-level BPE trained in-process on the MGSM text, so decoding round-trips newlines and stop strings."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(mgsm_texts(), trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>")
-
-
-@pytest.fixture(scope="module")
-def result() -> Iterator[mgsm_sweep.SweepResult]:
+def test_sweep_writes_results_and_accepts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
-    from lm_eval.tasks import TaskManager
 
-    tokenizer = train_tokenizer()
-    model = tiny_model("llama", vocab_size=len(tokenizer), max_position_embeddings=1024, seed=SEED)
-    manager = TaskManager()
-    configs = [mgsm_sweep.task_config(manager, task, DATA_DIR, max_gen_toks=MAX_GEN_TOKS) for task in TASKS]
-    docs = mgsm_sweep.load_docs(DATA_DIR, 8)
-    # On a 2-core runner torch's spinning worker threads stall against lm-eval's own for seconds per call.
+    model_dir = save_tiny_model(tmp_path / "model")
+    # Only the tasks in tasks/: indexing all of lm-eval's takes ~10 s and is covered by test_eval's CLI run.
+    monkeypatch.setattr(bcg.eval, "TaskManager", partial(bcg.eval.TaskManager, include_defaults=False))
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # 2-core runners: torch's spinning threads stall against lm-eval's
     try:
-        yield mgsm_sweep.sweep(model, tokenizer, configs, BATCH_SIZES, LIMIT, docs, loglik_samples=8,
-                               backend="eager", manager=manager, progress=lambda _: None)
+        status = mgsm_sweep.main(["--model", str(model_dir), "--limit", str(LIMIT), "--batch-sizes",
+                                  ",".join(map(str, BATCH_SIZES)), "--max-gen-toks", "12", "--backend", "eager",
+                                  "--data-dir", str(DATA_DIR), "--device", "cpu", "--out-dir", str(tmp_path / "r"),
+                                  "--out-name", "sweep", "--log-samples"])
     finally:
         torch.set_num_threads(threads)
+    result = json.loads((tmp_path / "r" / "sweep.json").read_text())
+    assert status == 0, result["acceptance_failures"]
+    assert "NOT speed figures" in result["caveat"]
+    tasks = mgsm_sweep.DEFAULT_TASKS.split(",")
+    assert [(r["task"], r["batch_size"], r["n"]) for r in result["rows"]] == [
+        (task, bs, LIMIT) for bs in BATCH_SIZES for task in tasks]
+    assert all(r["identical"] == 1.0 for r in result["rows"])
+    assert result["config"]["attention_kernels"] == "fast" and result["bcg_stats"]["1"]["replays"] > 0
+    assert (tmp_path / "r" / "sweep.md").is_file() and (tmp_path / "r" / "sweep_samples.json").is_file()
 
 
-def test_responses_identical(result: mgsm_sweep.SweepResult) -> None:
-    assert [(r["task"], r["batch_size"], r["n"]) for r in result.rows] == [
-        (task, bs, LIMIT) for bs in BATCH_SIZES for task in TASKS]
-    for r in result.rows:
-        assert r["agreement"] == 1.0, result.disagreements
-        assert r["eager_flex"] == r["bcg_flex"]
-        assert r.get("eager_strict") == r.get("bcg_strict")
-    assert "eager_strict" in result.rows[1]  # the CoT task reports strict-match too
-    assert not mgsm_sweep.acceptance_failures(result.rows)
-
-
-def test_bcg_replayed(result: mgsm_sweep.SweepResult) -> None:
-    for r in result.rows:
-        assert r["replays"] > 0, r
-    assert result.bcg_stats["backend"] == "eager"
-    assert result.bcg_stats["invalidations"] == 0
-
-
-def test_loglikelihoods_equal(result: mgsm_sweep.SweepResult) -> None:
-    for bs, check in result.loglik.items():
-        assert check["n"] == 8
-        assert check["max_abs_diff"] <= 1e-4, (bs, check)
-        assert check["greedy_agreement"] == 1.0
-        assert check["bcg"]["replays"] > 0, check
-
-
-def test_responses_not_trivial(result: mgsm_sweep.SweepResult) -> None:
-    """Agreement only means something if the model actually generated text."""
-    for key, both in result.responses.items():
-        assert sum(bool(text) for text in both["eager"].values()) >= LIMIT // 2, (key, both)
-    for r in result.rows:
-        assert r["eager_tok_s"] > 0 and r["bcg_tok_s"] > 0
+def test_model_args_and_names() -> None:
+    args = mgsm_sweep.parse_args(["--model", "/m/smol/", "--gguf-file", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                                  "--device", "cuda", "--attention-kernels", "eager"])
+    assert mgsm_sweep.model_args(args) == {
+        "pretrained": "/m/smol/", "dtype": "bfloat16", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "attention_kernels": "eager", "fused_kernels": False}
+    assert mgsm_sweep.default_out_name(args) == "mgsm_smol_SmolLM2-135M-Instruct.Q4_1"
+    assert args.limit is None and args.accept == "exact"
