@@ -94,25 +94,25 @@ def run_break(slot: BreakSlot) -> None:
     flash, or the modeling file's eager one), so the break computes exactly what the eager model computes.
     """
     live = LIVE.get()
-    q = live.tokens_of(slot.q, heads_first=True)
-    k = live.tokens_of(slot.k, heads_first=True)
-    v = live.tokens_of(slot.v, heads_first=True)
+    q, k, v = (live.attention_input(bridge) for bridge in (slot.q, slot.k, slot.v))
     if live.cache is not None:
         # Without a cache the bridges already hold the shared keys/values: the graph copied them in like any other.
         if slot.reuses_kv:
             k, v = live.shared_kv[slot.layer_type]
         else:
+            new_k, new_v = k, v
             k, v = hf.update_cache(live.cache, k, v, slot.layer_idx)
-        if slot.stores_kv:
-            live.shared_kv[slot.layer_type] = _owned(k, slot.k), _owned(v, slot.v)
+            if slot.stores_kv:
+                live.shared_kv[slot.layer_type] = _owned(k, new_k), _owned(v, new_v)
     result, _ = slot.attention_fn(slot.module, q, k, v, live.mask_for(slot.layer_type),
                                   position_ids=live.position_ids, **slot.kwargs)
-    live.tokens_of(slot.out, heads_first=False).copy_(result)
+    live.write_output(slot.out, result)
 
 
-def _owned(states: torch.Tensor, bridge: torch.Tensor) -> torch.Tensor:
-    """``states``, copied if it is a view of a bridge that later layers overwrite before a reusing layer reads it."""
-    same = states.untyped_storage().data_ptr() == bridge.untyped_storage().data_ptr()
+def _owned(states: torch.Tensor, given: torch.Tensor) -> torch.Tensor:
+    """``states``, copied if the cache handed back (a view of) what it was given: a bridge or a per-call buffer that
+    later layers overwrite before a reusing layer reads it."""
+    same = states.untyped_storage().data_ptr() == given.untyped_storage().data_ptr()
     return states.clone() if same else states
 
 

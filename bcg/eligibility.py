@@ -12,6 +12,7 @@ from torch import nn
 
 from . import hf
 from .buckets import pick_bucket
+from .live import real_rows
 
 
 class Reject(str, enum.Enum):
@@ -73,6 +74,7 @@ class Call:
     arguments: dict[str, Any]
     extra: dict[str, Any] = field(default_factory=dict)
     autocast: str = ""  # the autocast state the call runs under ("" when off): graphs are captured per state
+    rows: torch.Tensor | None = None  # a padded multi-token call: its real tokens' flat indices (see live.real_rows)
 
     def get(self, name: str) -> Any:
         return self.arguments.get(name)
@@ -98,7 +100,8 @@ class Call:
 
     @property
     def num_tokens(self) -> int:
-        return self.tokens.shape[0] * self.tokens.shape[1]
+        """Tokens the graph segments compute: the real ones of a packed call, else batch x sequence."""
+        return self.rows.numel() if self.rows is not None else self.tokens.shape[0] * self.tokens.shape[1]
 
 
 @dataclass
@@ -186,6 +189,7 @@ def reject_reason(call: Call, target: Target, failed: Container[tuple[str, int]]
         return problem
     if (why := hf.unsupported_cache_reason(call.cache)) is not None:
         return Rejection(Reject.UNSUPPORTED_CACHE, why)
+    call.rows = real_rows(call.get("attention_mask"), *call.tokens.shape[:2])
     bucket = pick_bucket(target.sizes, call.num_tokens)
     if bucket is None:
         return Rejection(Reject.TOO_MANY_TOKENS)

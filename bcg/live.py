@@ -20,7 +20,12 @@ _MASK_DERIVED_POSITIONS = frozenset({"opt"})
 
 @dataclass
 class LiveContext:
-    """Per-call state: ``batch * seq == num_tokens`` live tokens, padded to ``bucket`` in the static buffers."""
+    """Per-call state: ``num_tokens`` live tokens of a ``batch x seq`` call, padded to ``bucket`` in the static buffers.
+
+    ``rows`` (a padded call, packed): the flat ``batch * seq`` indices of its real tokens, which alone run through the
+    graph segments; each break scatters them back into the ``[B, S]`` layout for the cache update and the attention
+    (pad rows zero, masked out), and gathers the real rows of the output.
+    """
 
     batch: int
     seq: int
@@ -29,24 +34,53 @@ class LiveContext:
     cache: Any = None
     masks: torch.Tensor | dict | None = None
     position_ids: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
     shared_kv: dict = field(default_factory=dict, repr=False)  # layer type -> keys/values a storing layer left
     _views: dict = field(default_factory=dict, repr=False)
 
     def mask_for(self, layer_type: str) -> torch.Tensor | None:
         return self.masks[layer_type] if isinstance(self.masks, dict) else self.masks
 
-    def tokens_of(self, bridge: torch.Tensor, heads_first: bool) -> torch.Tensor:
-        """The live tokens of a token-major bridge as [B, S, H, D] (or [B, H, S, D]); made once per call.
-
-        Bridges are shared by all layers, so every break of this call reuses the same views.
-        """
-        key = (id(bridge), heads_first)
-        view = self._views.get(key)
+    def attention_input(self, bridge: torch.Tensor) -> torch.Tensor:
+        """A token-major bridge's live tokens as ``[B, H, S, D]`` (a view made once per call, or, packed, the
+        call's own padded copy refreshed from the bridge)."""
+        view = self._views.get(id(bridge))
         if view is None:
-            view = bridge[: self.num_tokens].view(self.batch, self.seq, *bridge.shape[1:])
-            view = view.transpose(1, 2) if heads_first else view
-            self._views[key] = view
+            if self.rows is None:
+                view = bridge[: self.num_tokens].view(self.batch, self.seq, *bridge.shape[1:])
+            else:
+                view = bridge.new_zeros(self.batch, self.seq, *bridge.shape[1:])
+            view = self._views[id(bridge)] = view.transpose(1, 2)
+        if self.rows is not None:
+            view.transpose(1, 2).view(-1, *bridge.shape[1:]).index_copy_(0, self.rows, bridge[: self.num_tokens])
         return view
+
+    def write_output(self, bridge: torch.Tensor, result: torch.Tensor) -> None:
+        """Write an attention result ``[B, S, H, D]`` into the bridge's live rows."""
+        if self.rows is None:
+            bridge[: self.num_tokens].view(self.batch, self.seq, *bridge.shape[1:]).copy_(result)
+        else:
+            flat = result.reshape(self.batch * self.seq, *bridge.shape[1:])
+            bridge[: self.num_tokens].copy_(flat.index_select(0, self.rows))  # copy_: autocast may change the dtype
+
+    def unpack(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The stack's output rows ``[num_tokens, hidden]`` as ``[B, S, hidden]``, the caller's own tensor (pad rows 0)."""
+        if self.rows is None:
+            return hidden.view(self.batch, self.seq, -1).clone()
+        padded = hidden.new_zeros(self.batch * self.seq, hidden.shape[-1])
+        return padded.index_copy_(0, self.rows, hidden).view(self.batch, self.seq, -1)
+
+
+def real_rows(attention_mask: Any, batch: int, seq: int) -> torch.Tensor | None:
+    """The flat indices of a multi-token call's real tokens when its 2D mask pads some of them, else None.
+
+    Reads the mask on the host once (a sync per prefill); decode steps (one token per sequence) are never packed.
+    """
+    if seq < 2 or not (isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2):
+        return None
+    live = attention_mask[:, -seq:].reshape(-1) != 0
+    rows = live.nonzero().squeeze(1)
+    return rows if 0 < rows.numel() < batch * seq else None
 
 
 LIVE: ContextVar[LiveContext | None] = ContextVar("bcg_live_context", default=None)

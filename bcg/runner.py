@@ -322,13 +322,13 @@ class StackRunner:
             return Rejection(Reject.UNSUPPORTED_MASK, f"no mask for layer types {sorted(missing)}")
         if isinstance(masks, torch.Tensor) and masks.ndim == 2:
             return Rejection(Reject.UNSUPPORTED_MASK, "a mask layout transformers leaves to the model")
-        return LiveContext(batch, seq, call.num_tokens, bucket, cache, masks, positions)
+        return LiveContext(batch, seq, call.num_tokens, bucket, cache, masks, positions, call.rows)
 
     def _replay(self, graph: Graph, call: Call, bucket: int) -> Any | Rejection:
         live = self._live_context(call, bucket)
         if isinstance(live, Rejection):
             return live
-        self._fill_static(call.inputs, call.tokens, live.position_ids, live.num_tokens, bucket)
+        self._fill_static(call.inputs, call.tokens, live, bucket)
         token = LIVE.set(live)
         try:
             with self.backend.replay_context():
@@ -336,9 +336,8 @@ class StackRunner:
         finally:
             LIVE.reset(token)
         self.stats.count_replay()
-        # The static output is overwritten by the next replay: hand the caller its own copy.
-        hidden = hidden[0, :live.num_tokens].view(live.batch, live.seq, -1).clone()
-        return hf.output_with_cache(self.output_cls, hidden, live.cache)
+        # The static output is overwritten by the next replay: the caller gets its own copy.
+        return hf.output_with_cache(self.output_cls, live.unpack(hidden[0, :live.num_tokens]), live.cache)
 
     def _replay_full_graph(self, call: Call) -> Any | None:
         """A decode step on a full static cache as one graph; None: the breakable graphs take it."""
@@ -363,15 +362,23 @@ class StackRunner:
             arguments = {k: v for k, v in call.arguments.items() if k not in hf.CACHE_ARGUMENTS}
             with torch.no_grad():
                 eager = self.original_forward(**arguments, **{self.cache_argument: shadow_cache})
-            diff = (output.last_hidden_state.float() - eager[0].float()).abs().max().item()
+            difference = (output.last_hidden_state.float() - eager[0].float()).abs()
+            if call.rows is not None:  # pad rows hold zeros where eager computed the pad tokens
+                difference = difference.flatten(0, 1)[call.rows]
+            diff = difference.max().item()
             self.stats.record_numerics(diff)
             logger.info("bcg numerics: %d tokens, max |graph - eager| = %.3e", call.num_tokens, diff)
         return output
 
-    def _fill_static(self, inputs: str, tokens: torch.Tensor, positions: torch.Tensor, n: int, bucket: int) -> None:
+    def _fill_static(self, inputs: str, tokens: torch.Tensor, live: LiveContext, bucket: int) -> None:
+        n = live.num_tokens
         flat = self.static_ids if inputs == "ids" else self.static_embeds
-        flat[0, :n].copy_(tokens.reshape(n, *tokens.shape[2:]))
-        self.static_positions[0, :n].copy_(positions.reshape(n))
+        tokens = tokens.reshape(live.batch * live.seq, *tokens.shape[2:])
+        positions = live.position_ids.reshape(live.batch * live.seq)
+        if live.rows is not None:  # packed: only the real tokens run through the segments
+            tokens, positions = tokens[live.rows], positions[live.rows]
+        flat[0, :n].copy_(tokens)
+        self.static_positions[0, :n].copy_(positions)
         if bucket > n:  # harmless pad in the tail: token 0 at position 0, zero attention output
             flat[0, n:bucket].zero_()
             self.static_positions[0, n:bucket].zero_()

@@ -27,7 +27,7 @@ def test_cast_after_capture_invalidates_and_recaptures():
         got = _logits(model, ids, mask)
     torch.testing.assert_close(got[mask.bool()], _logits(reference, ids, mask)[mask.bool()])
     stats = handle.stats()
-    assert stats["invalidations"] == 1 and stats["replays"] == 2 and stats["captured"] == [32]
+    assert stats["invalidations"] == 1 and stats["replays"] == 2 and stats["captured"] == [24]
 
 
 def test_swapped_weights_are_seen():
@@ -191,7 +191,7 @@ def test_out_of_memory_during_capture_leaves_the_eager_answer(monkeypatch):
     again = _logits(model, ids, mask)  # the failed bucket is not retried: no second warning, still eager
     assert torch.equal(got, _logits(reference, ids, mask)) and torch.equal(again, got)
     stats = handle.stats()
-    assert stats["rejects"] == {"capture_failed": 2} and "out of memory" in stats["capture_failures"]["ids:32"]
+    assert stats["rejects"] == {"capture_failed": 2} and "out of memory" in stats["capture_failures"]["ids:24"]
     assert stats["captured"] == [] and stats["ready"] is True
 
 
