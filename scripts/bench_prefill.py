@@ -80,11 +80,12 @@ class Batch:
 
     @property
     def tokens(self) -> int:
-        """Tokens per call, padding included: what the stack (and bcg's bucket) sees."""
+        """Tokens per call, padding included: what the eager stack computes."""
         return self.input_ids.numel()
 
     @property
     def real_tokens(self) -> int:
+        """Tokens without padding: what bcg's graph segments compute (it packs a padded call) and buckets by."""
         return int(self.attention_mask.sum())
 
 
@@ -153,11 +154,11 @@ def compare(eager: torch.Tensor, other: torch.Tensor) -> tuple[float, float]:
 def make_row(batch: Batch, eager: Measurement, graphs: Measurement, args: argparse.Namespace, device: torch.device,
              fused: Measurement | None = None) -> dict[str, Any]:
     calls = max(args.warmup - 1, 0) + args.repeats
-    expected = expected_stats(batch.tokens, calls, args.max_num_tokens)
+    expected = expected_stats(batch.real_tokens, calls, args.max_num_tokens)
     checks = [check(m.timed, expected, torch.equal(m.logits, eager.logits), device)
               for m in (graphs, fused) if m is not None]
     diff, agree = compare(eager.logits, graphs.logits)
-    bucket = pick_bucket(default_capture_sizes(args.max_num_tokens), batch.tokens)
+    bucket = pick_bucket(default_capture_sizes(args.max_num_tokens), batch.real_tokens)
     return {
         "requests": batch.requests,
         "mean_len": batch.mean_length,
