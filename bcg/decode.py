@@ -93,7 +93,8 @@ class StaticDecoder:
         if layout is None:
             return None
         layers = hf.full_static_layers(live.cache)
-        storage_key = tuple((tuple(k.shape), tuple(v.shape), k.dtype) for k, v, _ in map(hf.static_layer_tensors, layers))
+        tensors = map(hf.static_layer_tensors, layers)
+        storage_key = tuple((tuple(k.shape), tuple(v.shape), k.dtype) for k, v, _ in tensors)
         key = (call.kind, live.batch, live.seq, layout, storage_key)
         if key in self.failed:
             return None

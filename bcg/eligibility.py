@@ -211,8 +211,8 @@ def model_unsupported_reason(model: Any, config: Any, stack_forward: Any) -> str
     if len(placements) > 1:
         return f"the model is split across devices {sorted(placements)}; bcg captures single-device models"
     layer_types = set(getattr(config, "layer_types", None) or ())
-    if layer_types - set(hf.ATTENTION_LAYER_TYPES):
-        return f"layer types {sorted(layer_types - set(hf.ATTENTION_LAYER_TYPES))} are not plain attention (recurrent mixers)"
+    if other := layer_types - set(hf.ATTENTION_LAYER_TYPES):
+        return f"layer types {sorted(other)} are not plain attention (recurrent mixers)"
     if hf.caches_latents(config):
         return "multi-head latent attention caches compressed latents, not the keys/values bcg's breaks would cache"
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}

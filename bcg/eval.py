@@ -75,9 +75,10 @@ class BcgLM(HFLM):
     """lm-eval's ``hf`` model wrapped by ``bcg.wrap_model``; registered as ``--model bcg``.
 
     bcg's options (``attention_kernels``, ``max_num_tokens``, ``backend``, ``fused_kernels``, ``static_cache``,
-    ``debug``, ``lazy``, ``capture_sizes``) come from ``--model_args`` beside HFLM's own; ``wrap=False`` keeps the model eager (the
-    baseline, with the same throughput figures). ``get_model_info()`` adds ``bcg``: options, ``handle.stats()`` and
-    per request type the requests, wall seconds, capture seconds, tokens and tokens/s (capture time left out).
+    ``debug``, ``lazy``, ``capture_sizes``) come from ``--model_args`` beside HFLM's own; ``wrap=False`` keeps the
+    model eager (the baseline, with the same throughput figures). ``get_model_info()`` adds ``bcg``: options,
+    ``handle.stats()`` and per request type the requests, wall seconds, capture seconds, tokens and tokens/s
+    (capture time left out).
     """
 
     def __init__(self, pretrained: Any, *, wrap: bool = True, attention_kernels: str = "fast",

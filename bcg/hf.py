@@ -124,7 +124,8 @@ def unsupported_cache_reason(cache: Any) -> str | None:
         return f"cache class {type(cache).__name__} (supported: DynamicCache, StaticCache)"
     if getattr(cache, "offloading", False):
         return f"an offloading {type(cache).__name__}"
-    layers = [type(layer).__name__ for layer in getattr(cache, "layers", ()) if not isinstance(layer, _SUPPORTED_CACHE_LAYERS)]
+    layers = [type(layer).__name__ for layer in getattr(cache, "layers", ())
+              if not isinstance(layer, _SUPPORTED_CACHE_LAYERS)]
     if layers:
         return f"cache layer classes {sorted(set(layers))} (supported: full and sliding, dynamic and static)"
     return None
@@ -134,7 +135,8 @@ def past_length(cache: Any) -> int | torch.Tensor:
     return cache.get_seq_length() if cache is not None else 0
 
 
-def update_cache(cache: Any, keys: torch.Tensor, values: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+def update_cache(cache: Any, keys: torch.Tensor, values: torch.Tensor,
+                 layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
     return cache.update(keys, values, layer_idx)
 
 
@@ -273,7 +275,8 @@ def restore_default_cache(model: PreTrainedModel) -> None:
 
 def use_capturable_experts(model: PreTrainedModel) -> str | None:
     """Switch MoE experts from the eager loop (which syncs on ``nonzero``) to ``grouped_mm``; return what it was."""
-    if getattr(model.config, "_experts_implementation", None) != "eager" or not hasattr(model, "set_experts_implementation"):
+    if getattr(model.config, "_experts_implementation", None) != "eager" or not hasattr(
+            model, "set_experts_implementation"):
         return None
     saved = model.get_experts_implementation()
     model.set_experts_implementation("grouped_mm")

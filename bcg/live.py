@@ -64,7 +64,8 @@ class LiveContext:
             bridge[: self.num_tokens].copy_(flat.index_select(0, self.rows))  # copy_: autocast may change the dtype
 
     def unpack(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The stack's output rows ``[num_tokens, hidden]`` as ``[B, S, hidden]``, the caller's own tensor (pad rows 0)."""
+        """The stack's output rows ``[num_tokens, hidden]`` as ``[B, S, hidden]``: the caller's own tensor, pad
+        rows 0."""
         if self.rows is None:
             return hidden.view(self.batch, self.seq, -1).clone()
         padded = hidden.new_zeros(self.batch * self.seq, hidden.shape[-1])

@@ -96,7 +96,10 @@ class StackRunner:
         4. else the bucket's breakable graph  5. else eager, the reason counted."""
         if self.disabled_reason is None:
             self._check_state()
-        rejection = Rejection(Reject.NOT_READY) if self.disabled_reason else reject_reason(call, self.target, self.failed)
+        if self.disabled_reason:
+            rejection = Rejection(Reject.NOT_READY)
+        else:
+            rejection = reject_reason(call, self.target, self.failed)
         if rejection is None and self.debug != "numerics" and self.decoder.takes(call):
             output = self._replay_full_graph(call)
             if output is not None:

@@ -98,7 +98,8 @@ def test_an_unsupported_cache_class_warns_once_naming_it():
 def test_a_stack_forward_without_the_arguments_bcg_needs_stays_eager_with_a_warning(monkeypatch):
     model = tiny_model("llama")
     original = model.model.forward
-    monkeypatch.setattr(model.model, "forward", lambda input_ids=None, attention_mask=None: original(input_ids, attention_mask))
+    monkeypatch.setattr(model.model, "forward",
+                        lambda input_ids=None, attention_mask=None: original(input_ids, attention_mask))
     with pytest.warns(bcg.BcgFallbackWarning, match="does not take"):
         handle = bcg.wrap_model(model, backend="eager")
     assert handle.stats()["ready"] is False

@@ -73,7 +73,8 @@ def test_two_live_static_caches_decoded_in_turn_never_share_storage():
     reference, model = tiny_model("qwen3"), tiny_model("qwen3")
     handle = bcg.wrap_model(model, backend="eager")
     prompts = [left_padded_batch(seed=1), left_padded_batch(seed=2)]
-    (expected, expected_caches), (got, got_caches) = decode_two_caches(reference, prompts), decode_two_caches(model, prompts)
+    expected, expected_caches = decode_two_caches(reference, prompts)
+    got, got_caches = decode_two_caches(model, prompts)
     for e, g in zip(expected, got):
         assert torch.equal(g, e)
     for e, g in zip(expected_caches, got_caches):

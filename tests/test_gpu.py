@@ -395,7 +395,8 @@ def test_two_live_static_caches_on_real_graphs():
     model = tiny_model("qwen3", device="cuda")
     handle = bcg.wrap_model(model)
     prompts = [left_padded_batch(seed=1, device="cuda"), left_padded_batch(seed=2, device="cuda")]
-    (expected, expected_caches), (got, got_caches) = decode_two_caches(reference, prompts), decode_two_caches(model, prompts)
+    expected, expected_caches = decode_two_caches(reference, prompts)
+    got, got_caches = decode_two_caches(model, prompts)
     for e, g in zip(expected, got):
         assert torch.equal(g, e)
     for e, g in zip(expected_caches, got_caches):
