@@ -321,7 +321,7 @@ class StackRunner:
             masks = live_masks(self.config, mask, cache, positions, batch, seq, self.dtype, self.device)
         except Exception as error:
             return Rejection(Reject.MASK_FAILED, f"{type(error).__name__}: {error}")
-        if isinstance(masks, dict) and (missing := {s.layer_type for s in self.slots[call.kind]} - set(masks)):
+        if isinstance(masks, dict) and (missing := {s.layer_type for s in self.slots.get(call.kind, ())} - set(masks)):
             return Rejection(Reject.UNSUPPORTED_MASK, f"no mask for layer types {sorted(missing)}")
         if isinstance(masks, torch.Tensor) and masks.ndim == 2:
             return Rejection(Reject.UNSUPPORTED_MASK, "a mask layout transformers leaves to the model")

@@ -128,3 +128,14 @@ def test_a_full_graph_that_cannot_be_captured_falls_back_to_the_breaks_with_one_
     assert torch.equal(got.sequences, reference.generate(ids, **kwargs).sequences)
     stats = handle.stats()
     assert stats["full_graph_replays"] == 0 and stats["replays"] == 1 + STEPS and stats["rejects"] == {}
+
+
+def test_full_graph_decode_after_an_eager_prefill():
+    """The prefill is too large for the buckets (eager); the decode steps still replay as full graphs."""
+    reference, model = tiny_model("qwen3"), tiny_model("qwen3")  # qwen3 configs carry layer_types: masks are a dict
+    handle = bcg.wrap_model(model, backend="eager", capture_sizes=[1, 2, 4], max_num_tokens=4)
+    ids, mask = left_padded_batch()
+    kwargs = dict(attention_mask=mask, cache_implementation="static", **GENERATE)
+    assert torch.equal(model.generate(ids, **kwargs).sequences, reference.generate(ids, **kwargs).sequences)
+    stats = handle.stats()
+    assert stats["full_graph_replays"] == STEPS and stats["rejects"] == {"too_many_tokens": 1}
