@@ -288,7 +288,7 @@ class StackRunner:
 
     def _invalidate(self, why: str) -> None:
         """Drop every graph and what was built for them; the next calls capture again under the new state."""
-        if self.graphs:
+        if self.graphs or self.decoder.graphs:
             warnings.warn(f"bcg: {why}; dropping all graphs, they are captured again on use", BcgInvalidatedWarning,
                           stacklevel=7)
             self.stats.invalidations += 1

@@ -139,3 +139,18 @@ def test_full_graph_decode_after_an_eager_prefill():
     assert torch.equal(model.generate(ids, **kwargs).sequences, reference.generate(ids, **kwargs).sequences)
     stats = handle.stats()
     assert stats["full_graph_replays"] == STEPS and stats["rejects"] == {"too_many_tokens": 1}
+
+
+def test_a_cast_after_full_graph_decode_drops_those_graphs_too():
+    reference, model = tiny_model("qwen3"), tiny_model("qwen3")
+    handle = bcg.wrap_model(model, backend="eager", capture_sizes=[1, 2, 4], max_num_tokens=4)  # full graphs only
+    ids, mask = left_padded_batch()
+    kwargs = dict(attention_mask=mask, cache_implementation="static", **GENERATE)
+    model.generate(ids, **kwargs)
+    assert handle.stats()["full_graphs"] == 1 and handle.stats()["captured"] == []
+    model.double()
+    reference.double()
+    with pytest.warns(bcg.BcgInvalidatedWarning):
+        got = model.generate(ids, **kwargs)
+    assert torch.equal(got.sequences, reference.generate(ids, **kwargs).sequences)
+    assert handle.stats()["invalidations"] == 1 and handle.stats()["full_graph_replays"] == 2 * STEPS
