@@ -189,6 +189,7 @@ def reject_reason(call: Call, target: Target, failed: Container[tuple[str, int]]
         return problem
     if (why := hf.unsupported_cache_reason(call.cache)) is not None:
         return Rejection(Reject.UNSUPPORTED_CACHE, why)
+    # A padded call is packed before it is bucketed: the segments compute (and buckets count) its real tokens only.
     call.rows = real_rows(call.get("attention_mask"), *call.tokens.shape[:2])
     bucket = pick_bucket(target.sizes, call.num_tokens)
     if bucket is None:
