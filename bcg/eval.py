@@ -1,9 +1,9 @@
 """lm-eval with bcg: the ``bcg`` model type, lm-eval's own command line, and an eager-vs-bcg comparison.
 
-    python -m bcg.eval --model bcg --model_args pretrained=DIR,attention_kernels=eager --tasks mgsm_en_local \\
+    python -m bcg.eval --model bcg --model_args pretrained=DIR,mode=exact --tasks mgsm_en_local \\
         --include_path tasks --batch_size 32 --output_path out/        # every lm-eval flag works
     python -m bcg.eval compare --model_args pretrained=DIR --tasks mgsm_en_local --include_path tasks \\
-        --batch_size 1,32 --accept exact                              # exits 1 when the acceptance fails
+        --batch_size 1,32                               # exits 1 when the acceptance fails (mode's own)
 
 ``--model bcg`` loads the model as lm-eval's ``hf`` does, wraps it with ``bcg.wrap_model`` (bcg's options come from
 ``--model_args``), and adds ``handle.stats()`` and throughput per request type to the results JSON under
@@ -41,8 +41,8 @@ logger = logging.getLogger("bcg")
 
 MODEL_NAME = "bcg"
 # bcg.wrap_model's options, read from --model_args; every other argument goes to lm-eval's HFLM.
-WRAP_OPTIONS = ("attention_kernels", "max_num_tokens", "capture_sizes", "backend", "lazy", "debug", "fused_kernels",
-                "static_cache")
+WRAP_OPTIONS = ("mode", "max_num_tokens", "capture_sizes", "backend", "lazy", "debug", "static_cache",
+                "attention_kernels", "fused_kernels")
 ACCEPT_MODES = ("exact", "score")
 MIN_AGREEMENT = 0.98
 LOGLIK_TOLERANCE = 1e-4
@@ -74,25 +74,26 @@ class RequestMeter:
 class BcgLM(HFLM):
     """lm-eval's ``hf`` model wrapped by ``bcg.wrap_model``; registered as ``--model bcg``.
 
-    bcg's options (``attention_kernels``, ``max_num_tokens``, ``backend``, ``fused_kernels``, ``static_cache``,
-    ``debug``, ``lazy``, ``capture_sizes``) come from ``--model_args`` beside HFLM's own; ``wrap=False`` keeps the
+    bcg's options (``mode``, ``max_num_tokens``, ``backend``, ``static_cache``, ``debug``, ``lazy``,
+    ``capture_sizes``, ``attention_kernels``, ``fused_kernels``) come from ``--model_args`` beside HFLM's own; ``wrap=False`` keeps the
     model eager (the baseline, with the same throughput figures). ``get_model_info()`` adds ``bcg``: options,
     ``handle.stats()`` and per request type the requests, wall seconds, capture seconds, tokens and tokens/s
     (capture time left out).
     """
 
-    def __init__(self, pretrained: Any, *, wrap: bool = True, attention_kernels: str = "fast",
+    def __init__(self, pretrained: Any, *, wrap: bool = True, mode: str = "fast",
                  max_num_tokens: int = DEFAULT_MAX_NUM_TOKENS, capture_sizes: Sequence[int] | None = None,
                  backend: str | None = None, lazy: bool = True, debug: bool | str = False,
-                 fused_kernels: bool = False, static_cache: bool = False, **kwargs: Any) -> None:
+                 static_cache: bool = False, attention_kernels: str | None = None, fused_kernels: bool | None = None,
+                 **kwargs: Any) -> None:
         if not isinstance(wrap, bool):
             raise ValueError(f"wrap must be True or False, got {wrap!r}")
         self.meters: dict[str, RequestMeter] = {}
         self._kind: str | None = None  # the request type being measured
         super().__init__(pretrained, **kwargs)
-        self.wrap_options = {"attention_kernels": attention_kernels, "max_num_tokens": max_num_tokens,
-                             "capture_sizes": capture_sizes, "backend": backend, "lazy": lazy, "debug": debug,
-                             "fused_kernels": fused_kernels, "static_cache": static_cache}
+        self.wrap_options = {"mode": mode, "max_num_tokens": max_num_tokens, "capture_sizes": capture_sizes,
+                             "backend": backend, "lazy": lazy, "debug": debug, "static_cache": static_cache,
+                             "attention_kernels": attention_kernels, "fused_kernels": fused_kernels}
         self.handle: BcgHandle | None = wrap_model(self.model, **self.wrap_options) if wrap else None
         self._unwrapped = False
 
@@ -300,6 +301,11 @@ def _is_score(metric: str, value: Any) -> bool:
     return "," in metric and "_stderr" not in metric and isinstance(value, (int, float))
 
 
+def default_acceptance(model_args: dict[str, Any]) -> str:
+    """The acceptance a comparison of ``model_args``' mode should pass: ``exact`` for mode=exact, else ``score``."""
+    return "exact" if model_args.get("mode") == "exact" else "score"
+
+
 def acceptance_failures(comparison: Comparison, accept: str, *, min_agreement: float = MIN_AGREEMENT,
                         loglik_tolerance: float = LOGLIK_TOLERANCE,
                         max_score_diff: float = MAX_SCORE_DIFF) -> list[str]:
@@ -358,7 +364,7 @@ def compare_parser() -> argparse.ArgumentParser:
                     "side, identical responses, log-likelihood differences, tokens/s per request type. Exits 1 when "
                     "the acceptance fails.")
     p.add_argument("--model_args", type=_dict_arg, required=True,
-                   help="as for --model bcg: pretrained=DIR,gguf_file=F,dtype=bfloat16,attention_kernels=eager,... "
+                   help="as for --model bcg: pretrained=DIR,gguf_file=F,dtype=bfloat16,mode=exact,... "
                         "(or a JSON object)")
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task, group or tag names")
     p.add_argument("--include_path", help="extra task folder, e.g. tasks (mgsm_en_local: local MGSM data)")
@@ -372,9 +378,10 @@ def compare_parser() -> argparse.ArgumentParser:
     p.add_argument("--system_instruction")
     p.add_argument("--metadata", type=_dict_arg, help="task metadata, e.g. data_dir=DIR for the local MGSM tasks")
     p.add_argument("--device", help="default: cuda when available, else cpu")
-    p.add_argument("--accept", choices=ACCEPT_MODES, default="exact",
+    p.add_argument("--accept", choices=ACCEPT_MODES,
                    help=f"exact: >= {MIN_AGREEMENT:.0%} identical responses and equal log-likelihoods; score: "
-                        f"every score within {MAX_SCORE_DIFF} (default %(default)s)")
+                        f"every score within {MAX_SCORE_DIFF} (default: exact for mode=exact, score for mode=fast, "
+                        "the default mode)")
     p.add_argument("--min_agreement", type=float, default=MIN_AGREEMENT)
     p.add_argument("--loglik_tolerance", type=float, default=LOGLIK_TOLERANCE,
                    help="largest absolute log-likelihood difference accepted as equal (default %(default)s)")
@@ -387,6 +394,8 @@ def compare_parser() -> argparse.ArgumentParser:
 def run_compare(argv: Sequence[str]) -> int:
     """``python -m bcg.eval compare ...``: 0 when accepted, 1 when not."""
     args = compare_parser().parse_args(argv)
+    if args.accept is None:
+        args.accept = default_acceptance(args.model_args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     options = {k: v for k, v in {"limit": args.limit, "num_fewshot": args.num_fewshot, "gen_kwargs": args.gen_kwargs,
                                  "system_instruction": args.system_instruction}.items() if v is not None}
@@ -426,8 +435,9 @@ def write_comparison(comparison: Comparison, args: argparse.Namespace, failures:
 
 
 HELP = """python -m bcg.eval: lm-eval's command line with bcg's model type registered as --model bcg (the default here).
-  --model_args pretrained=...,<any hf option>,<bcg options>: attention_kernels=fast|eager, max_num_tokens=N,
-      backend=cuda|eager, fused_kernels=True, debug=True|numerics, lazy=False, capture_sizes=[1,8,32],
+  --model_args pretrained=...,<any hf option>,<bcg options>: mode=fast|exact, max_num_tokens=N, static_cache=True,
+      backend=cuda|eager, debug=True|numerics, lazy=False, capture_sizes=[1,8,32], attention_kernels=fast|eager,
+      fused_kernels=True|False (the last two override mode's choice),
       wrap=False (stay eager: the baseline, with the same throughput figures)
   bcg's stats and tokens/s per request type land in the results JSON under config.bcg.
 python -m bcg.eval compare ...: eager vs bcg on the same tasks (python -m bcg.eval compare --help).

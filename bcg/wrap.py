@@ -24,6 +24,7 @@ logger = logging.getLogger("bcg")
 _HANDLE_ATTRIBUTE = "_bcg_handle"
 _DEBUG_MODES = (False, True, "addresses", "numerics")
 _ATTENTION_KERNELS = ("fast", "eager")
+MODES = ("fast", "exact")
 
 
 @dataclass
@@ -35,22 +36,35 @@ class _Restore:
     experts_implementation: Any = None
 
 
+@dataclass(frozen=True)
+class SpeedChoices:
+    """What ``mode`` (and the two overrides) resolved to for one wrapped model."""
+
+    mode: str
+    attention_kernels: str
+    fused_kernels: bool
+    fused_asked: bool  # the caller asked for fused kernels by name: finding nothing to fuse is worth a warning
+
+
 class BcgHandle:
     """What ``wrap_model`` returns: ``stats()`` reports replays, rejects by reason, captures and memory."""
 
     def __init__(self, model: torch.nn.Module, runner: StackRunner | None, backend: str,
-                 inactive_reason: str | None, restore: _Restore) -> None:
+                 inactive_reason: str | None, restore: _Restore, choices: SpeedChoices) -> None:
         self.model = model
         self.runner = runner
         self.backend = backend
         self.inactive_reason = inactive_reason
+        self.choices = choices
         self._restore = restore
 
     def stats(self) -> dict:
         """Replays, rejects by reason, captured sizes, capture seconds and graph memory so far."""
         if self.runner is None:
-            return Stats(self.backend).as_dict(ready=False, disabled_reason=self.inactive_reason)
-        return self.runner.stats.as_dict(ready=self.runner.ready, disabled_reason=self.runner.disabled_reason)
+            stats = Stats(self.backend).as_dict(ready=False, disabled_reason=self.inactive_reason)
+        else:
+            stats = self.runner.stats.as_dict(ready=self.runner.ready, disabled_reason=self.runner.disabled_reason)
+        return {"mode": self.choices.mode, "attention_kernels": self.choices.attention_kernels, **stats}
 
     def __reduce__(self) -> tuple:
         # A copy or pickle of a wrapped model is an unwrapped model (see patching.py): the handle becomes None.
@@ -102,11 +116,36 @@ def _use_capturable_experts(model: Any, restore: _Restore) -> None:
         logger.info("bcg: could not switch experts to grouped_mm (%s); capture may fail and fall back", error)
 
 
-def _fusions(stack: torch.nn.Module) -> Fusions:
+def speed_choices(mode: str, attention_kernels: str | None, fused_kernels: bool | None,
+                  device: torch.device) -> SpeedChoices:
+    """``mode``'s attention kernels and fusion, each overridable; ``fast`` fuses only where fused kernels can run."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if attention_kernels is None:
+        attention_kernels = "fast" if mode == "fast" else "eager"
+    elif attention_kernels not in _ATTENTION_KERNELS:
+        raise ValueError(f"attention_kernels must be one of {_ATTENTION_KERNELS} or None (from mode), "
+                         f"got {attention_kernels!r}")
+    why_not_fused = unavailable_reason(device)
+    asked = fused_kernels is True
+    if fused_kernels is None:
+        fused_kernels = mode == "fast" and why_not_fused is None
+        if mode == "fast" and why_not_fused is not None:
+            logger.info("bcg: mode='fast' without fused kernels: %s", why_not_fused)
+    elif not isinstance(fused_kernels, bool):
+        raise ValueError(f"fused_kernels must be True, False or None (from mode), got {fused_kernels!r}")
+    elif fused_kernels and why_not_fused is not None:
+        raise ValueError(f"fused_kernels=True: {why_not_fused}; wrap without fused_kernels instead")
+    return SpeedChoices(mode, attention_kernels, fused_kernels, asked)
+
+
+def _fusions(stack: torch.nn.Module, asked: bool) -> Fusions | None:
     fusions = find_fusions(stack)
     if not fusions.norms and not fusions.rotary_modules:
-        warnings.warn("bcg: fused_kernels=True but no RMSNorm or rotary code in this model matches Llama's; "
-                      "nothing is fused", BcgWarning, stacklevel=3)
+        if asked:
+            warnings.warn("bcg: fused_kernels=True but no RMSNorm or rotary code in this model matches Llama's; "
+                          "nothing is fused", BcgWarning, stacklevel=3)
+        return None
     logger.info("bcg: fused kernels for %s", fusions.describe())
     return fusions
 
@@ -119,9 +158,10 @@ def wrap_model(
     backend: str | None = None,
     lazy: bool = True,
     debug: bool | str = False,
-    attention_kernels: str = "fast",
-    fused_kernels: bool = False,
+    mode: str = "fast",
     static_cache: bool = False,
+    attention_kernels: str | None = None,
+    fused_kernels: bool | None = None,
 ) -> BcgHandle:
     """Capture ``model``'s layer stack in breakable CUDA graphs keyed by token count and replay it on every call.
 
@@ -133,17 +173,19 @@ def wrap_model(
         lazy: capture each size on first use (default) or all of them now, largest first.
         debug: ``True`` / ``"addresses"`` raises naming every tensor that moved since capture;
             ``"numerics"`` runs eager beside each replay and records the largest difference in ``stats()``.
-        attention_kernels: SDPA kernels the breaks may use on CUDA. ``"fast"`` (default): flash /
-            memory-efficient / math, no cuDNN (whose per-call planning costs 1-2 ms of host time per layer on
-            H100); bf16 outputs then differ from an eager run that picked cuDNN by rounding. ``"eager"``: whatever
-            SDPA picks, as in eager: token-identical to eager on the same kernels, slower decode.
-        fused_kernels: capture Triton kernels in place of the model's RMSNorm and rotary-embedding code where
-            that code is Llama's (one launch instead of 8-10 per call: faster small-model steps and prefill).
-            The rotary embedding stays bit-identical; RMSNorm sums its squares in another order, so bf16
-            outputs can differ from eager by rounding. Needs CUDA and triton.
+        mode: ``"fast"`` (default): the breaks' SDPA keeps to flash / memory-efficient / math (no cuDNN, whose
+            per-call planning costs 1-2 ms of host time per layer), and where triton is installed the graphs hold
+            fused Triton kernels for Llama-style RMSNorm and rotary code (one launch instead of 8-10). bf16 outputs
+            then differ from eager by rounding; accuracy scores stay within noise (README, MGSM). ``"exact"``: the
+            model's own kernels and SDPA's own choice, as in eager: token-identical text and equal
+            log-likelihoods.
         static_cache: make ``generate()`` calls that choose no cache use a static cache sized per call, so every
             decode step replays as one graph, attention and cache update included (no breaks). Any call given a
             full-attention ``StaticCache`` gets that anyway; sliding-window static caches keep the breaks.
+        attention_kernels: override ``mode``'s attention choice alone: ``"fast"`` (no cuDNN in the breaks) or
+            ``"eager"`` (SDPA's own choice); None: from ``mode``.
+        fused_kernels: override ``mode``'s fusion alone: True (CUDA and triton required: error otherwise), False,
+            or None (from ``mode``: on in ``"fast"`` where it can run).
     """
     _check_model(model)
     existing = getattr(model, _HANDLE_ATTRIBUTE, None)
@@ -155,17 +197,12 @@ def wrap_model(
     sizes = resolve_capture_sizes(capture_sizes, max_num_tokens)
     if debug not in _DEBUG_MODES:
         raise ValueError(f"debug must be one of {_DEBUG_MODES}, got {debug!r}")
-    if attention_kernels not in _ATTENTION_KERNELS:
-        raise ValueError(f"attention_kernels must be one of {_ATTENTION_KERNELS}, got {attention_kernels!r}")
-    if not isinstance(lazy, bool):
-        raise ValueError(f"lazy must be True or False, got {lazy!r}")
-    for name, value in (("fused_kernels", fused_kernels), ("static_cache", static_cache)):
+    for name, value in (("lazy", lazy), ("static_cache", static_cache)):
         if not isinstance(value, bool):
             raise ValueError(f"{name} must be True or False, got {value!r}")
     device = next(model.parameters()).device
+    choices = speed_choices(mode, attention_kernels, fused_kernels, device)
     backend_name = _pick_backend(backend, device)
-    if fused_kernels and (why := unavailable_reason(device)) is not None:
-        raise ValueError(f"fused_kernels=True: {why}; wrap without fused_kernels instead")
 
     restore = _Restore()
     stack = find_stack(model)
@@ -174,15 +211,15 @@ def wrap_model(
     )
     if reason is not None:
         warnings.warn(f"bcg: {type(model).__name__} stays eager: {reason}", BcgFallbackWarning, stacklevel=2)
-        handle = BcgHandle(model, None, backend_name, reason, restore)
+        handle = BcgHandle(model, None, backend_name, reason, restore, choices)
         setattr(model, _HANDLE_ATTRIBUTE, handle)
         return handle
 
     if backend_name == "cuda":
         _use_capturable_experts(model, restore)
-    fusions = _fusions(stack.module) if fused_kernels else None
-    runner = StackRunner(model, stack, make_backend(backend_name, device, attention_kernels), sizes, debug=debug,
-                         fusions=fusions)
+    fusions = _fusions(stack.module, choices.fused_asked) if choices.fused_kernels else None
+    runner = StackRunner(model, stack, make_backend(backend_name, device, choices.attention_kernels), sizes,
+                         debug=debug, fusions=fusions)
     restore.stack = stack.module
     restore.instance_forward = stack.module.__dict__.get("forward")
     patching.patch(stack.module, "forward", runner.forward)
@@ -193,10 +230,10 @@ def wrap_model(
                       BcgWarning, stacklevel=2)
     if static_cache:
         hf.default_to_static_cache(model)
-    handle = BcgHandle(model, runner, backend_name, None, restore)
+    handle = BcgHandle(model, runner, backend_name, None, restore, choices)
     setattr(model, _HANDLE_ATTRIBUTE, handle)
-    logger.info("bcg: wrapped %s at '%s' (%d layers), backend=%s, sizes=%s",
-                type(model).__name__, stack.path, len(stack.layers), backend_name, sizes)
+    logger.info("bcg: wrapped %s at '%s' (%d layers), backend=%s, mode=%s, sizes=%s",
+                type(model).__name__, stack.path, len(stack.layers), backend_name, choices.mode, sizes)
     if not lazy:
         runner.capture_all()
     return handle

@@ -9,7 +9,7 @@ bandwidth measured here with a large device-to-device copy.
                                                                      # no GPU: the quick check (tiny, small grid)
     python scripts/bench_decode.py --batches 1 8 32 --contexts 256 1024    # full grid: 6 compiles, ~8 min
     python scripts/bench_decode.py --model llama-3.1-8b --skip-compile
-    python scripts/bench_decode.py --model qwen3-8b --batches 1 8 --contexts 256 --skip-compile --fused-kernels
+    python scripts/bench_decode.py --model qwen3-8b --batches 1 8 --contexts 256 --skip-compile --exact
     python scripts/bench_decode.py --static                # + bcg on generate()'s static cache, beside hf-compile
     python scripts/bench_decode.py --model tiny --batches 1 2 --contexts 16 --new-tokens 4 --out-dir /tmp/bench
 """
@@ -265,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     floors = Floors(decode_weight_bytes(model), kv_bytes_per_token(model.config, model.dtype), hbm_bandwidth(device))
     vocab = model.config.get_text_config(decoder=True).vocab_size
     shapes = [make_shape(b, c, vocab, args.seed, device) for c in args.contexts for b in args.batches]
-    ran = contenders(fused=args.fused_kernels, compiled=not args.skip_compile, static=args.static)
+    ran = contenders(exact=args.exact, compiled=not args.skip_compile, static=args.static)
     if COMPILED in ran and device.type != "cuda":
         print(f"{COMPILED.name} on {device.type}: static cache only, HF's generate() compiles on accelerators only")
 
@@ -286,11 +286,9 @@ NOTES = """\
 eager: HF's default DynamicCache. hf-compile: a StaticCache (max_cache_len = context + N, made once per shape and
 reset in place between calls) passed as the cache argument, with which generate() auto-compiles its decode forward
 (CompileConfig(mode="reduce-overhead", fullgraph=False), HF's default; the prefill is not compiled); run on the
-unwrapped model before bcg. bcg: `bcg.wrap_model` (lazy capture) with the default DynamicCache; bcg-static
-(`--static`): wrapped again with `static_cache=True` (generate() makes a static cache per call and every decode
-step replays as one graph, no breaks);
-bcg-fused (`--fused-kernels`): the same as bcg, wrapped again with `fused_kernels=True`; bcg-static-fused (both
-flags): `static_cache=True` and `fused_kernels=True`.
+unwrapped model before bcg. bcg: `bcg.wrap_model` (defaults: mode="fast", lazy capture) with the default DynamicCache;
+bcg-static (`--static`): wrapped again with `static_cache=True` (generate() makes a static cache per call and every
+decode step replays as one graph, no breaks); bcg-exact (`--exact`): wrapped again with `mode="exact"`.
 ms_per_token = (median t(generate N) - median t(generate 1)) / (N - 1); tok_s = batch / ms_per_token.
 floor_w_ms: decode weight bytes (untied input embeddings excluded; every MoE expert counted) / HBM bandwidth;
 floor_wkv_ms adds the KV cache at its mean length; of_floor = floor_wkv_ms / ms_per_token.

@@ -10,7 +10,7 @@ positions from the mask, and ``logits_to_keep=1`` (generate's prefill computes l
     python scripts/bench_prefill.py --max-num-tokens 32768                # capture every point (default: 4096)
     python scripts/bench_prefill.py --model qwen3-8b --requests 1 8 32 --lengths 128 512
     python scripts/bench_prefill.py --requests 8 --lengths 128 --spread 0            # 8 requests of exactly 128
-    python scripts/bench_prefill.py --requests 8 --lengths 128 --spread 0 --fused-kernels  # + fused kernels
+    python scripts/bench_prefill.py --requests 8 --lengths 128 --spread 0 --exact  # + mode="exact"
     python scripts/bench_prefill.py --model tiny --requests 1 4 --lengths 16 --out-dir /tmp/bench   # CPU check
 """
 
@@ -31,7 +31,7 @@ import bcg
 from bcg.buckets import default_capture_sizes, pick_bucket
 from benchutil import (
     BCG,
-    BCG_FUSED,
+    BCG_EXACT,
     EAGER,
     MIB,
     Bench,
@@ -152,11 +152,11 @@ def compare(eager: torch.Tensor, other: torch.Tensor) -> tuple[float, float]:
 
 
 def make_row(batch: Batch, eager: Measurement, graphs: Measurement, args: argparse.Namespace, device: torch.device,
-             fused: Measurement | None = None) -> dict[str, Any]:
+             exact: Measurement | None = None) -> dict[str, Any]:
     calls = max(args.warmup - 1, 0) + args.repeats
     expected = expected_stats(batch.real_tokens, calls, args.max_num_tokens)
     checks = [check(m.timed, expected, torch.equal(m.logits, eager.logits), device)
-              for m in (graphs, fused) if m is not None]
+              for m in (graphs, exact) if m is not None]
     diff, agree = compare(eager.logits, graphs.logits)
     bucket = pick_bucket(default_capture_sizes(args.max_num_tokens), batch.real_tokens)
     return {
@@ -179,21 +179,21 @@ def make_row(batch: Batch, eager: Measurement, graphs: Measurement, args: argpar
         "rejects": format_rejects(graphs.timed.rejects),
         "max_abs_diff": diff,
         "argmax_agree": agree,
-        **(fused_columns(eager, fused, device) if fused is not None else {}),
+        **(exact_columns(eager, exact, device) if exact is not None else {}),
         "check": next((c for c in checks if c != "ok"), "ok"),
     }
 
 
-def fused_columns(eager: Measurement, fused: Measurement, device: torch.device) -> dict[str, Any]:
-    """bcg with fused_kernels=True beside the plain figures: time, speedup, and its logits against eager's."""
-    diff, agree = compare(eager.logits, fused.logits)
-    return {"fused_ms": fused.ms, **speed_columns(device, fused_speedup=eager.ms / fused.ms),
-            "fused_capture_s": fused.first.capture_seconds, "fused_max_abs_diff": diff, "fused_argmax_agree": agree}
+def exact_columns(eager: Measurement, exact: Measurement, device: torch.device) -> dict[str, Any]:
+    """bcg with mode="exact" beside the default's figures: time, speedup, and its logits against eager's."""
+    diff, agree = compare(eager.logits, exact.logits)
+    return {"exact_ms": exact.ms, **speed_columns(device, exact_speedup=eager.ms / exact.ms),
+            "exact_capture_s": exact.first.capture_seconds, "exact_max_abs_diff": diff, "exact_argmax_agree": agree}
 
 
 def plot(rows: list[dict[str, Any]], path: Path, title: str, max_num_tokens: int) -> None:
     series = []
-    for key, label, style in (("bcg_ms", "", "o-"), ("fused_ms", ", fused", "s--")):
+    for key, label, style in (("bcg_ms", "", "o-"), ("exact_ms", ", exact", "s--")):
         for index, requests in enumerate(sorted({r["requests"] for r in rows if key in r})):
             points = sorted((r["tokens"], r["eager_ms"] / r[key]) for r in rows if r["requests"] == requests)
             series.append(Series(f"R={requests}{label}", [p[0] for p in points], [p[1] for p in points],
@@ -220,13 +220,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     batches = [make_batch(r, n, args.spread, vocab, pad, args.seed, device)
                for r in args.requests for n in args.lengths]
 
-    measured = bench.run(contenders(fused=args.fused_kernels),
+    measured = bench.run(contenders(exact=args.exact),
                          partial(run_contender, model=model, batches=batches, device=device, warmup=args.warmup,
                                  repeats=args.repeats))
-    eager, graphs, fused = measured[EAGER.name], measured[BCG.name], measured.get(BCG_FUSED.name, {})
+    eager, graphs, exact = measured[EAGER.name], measured[BCG.name], measured.get(BCG_EXACT.name, {})
 
-    rows = [make_row(b, eager[b.key], graphs[b.key], args, device, fused.get(b.key)) for b in batches]
-    title = f"Prefill, {bench.name}: eager vs bcg{' (and fused kernels)' if fused else ''} ({device_tag(device)})"
+    rows = [make_row(b, eager[b.key], graphs[b.key], args, device, exact.get(b.key)) for b in batches]
+    title = f"Prefill, {bench.name}: eager vs bcg{' (and mode exact)' if exact else ''} ({device_tag(device)})"
     settings = {"warmup": args.warmup, "repeats": args.repeats, "spread": args.spread, "logits_to_keep": 1}
     return bench.finish("prefill", title, rows, ("requests", "mean_len"), settings, NOTES,
                         partial(plot, rows, title=title, max_num_tokens=args.max_num_tokens))
@@ -235,8 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 NOTES = """\
 Each call: `model(input_ids, attention_mask, position_ids, use_cache=True, logits_to_keep=1)`, a left-padded
 batch with positions from the mask and a fresh DynamicCache, as `generate()` runs its prefill (last-token logits
-only). Eager runs first on the unwrapped model, then `bcg.wrap_model` and the same inputs (with `--fused-kernels`,
-then unwrapped and wrapped again with `fused_kernels=True` for the `fused_*` columns). Times: median of the
+only). Eager runs first on the unwrapped model, then `bcg.wrap_model` and the same inputs (with `--exact`,
+then unwrapped and wrapped again with `mode="exact"` for the `exact_*` columns). Times: median of the
 timed calls after the warm-up calls (the first of which captures bcg's bucket, largest batches first), wall clock
 between device synchronisations. tok/s counts real (non-pad) tokens. `replays`/`rejects`: bcg's counters over the
 warm-up + timed calls after the capturing one. `graph_mib`: graph-pool memory the point's capture

@@ -63,7 +63,7 @@ def bcg_backend(device: torch.device) -> str:
     return "cuda" if device.type == "cuda" else "eager"
 
 
-FUSED_HELP = "also measure bcg with fused_kernels=True (Triton RMSNorm and rotary kernels in the graphs; CUDA)"
+EXACT_HELP = "also measure bcg with mode='exact' (eager's own kernels: outputs equal to eager's)"
 
 
 def wrap_options(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -73,7 +73,7 @@ def wrap_options(args: argparse.Namespace, device: torch.device) -> dict[str, An
 
 def bench_parser(doc: str | None, full: dict[str, Any], quick: dict[str, Any],
                  grid: dict[str, str]) -> argparse.ArgumentParser:
-    """A grid benchmark's command line: the common options, ``--fused-kernels``, and one integer option per ``grid``
+    """A grid benchmark's command line: the common options, ``--exact``, and one integer option per ``grid``
     entry (what it means; its default is ``full``'s, or ``quick``'s in the quick check)."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser)
@@ -81,7 +81,7 @@ def bench_parser(doc: str | None, full: dict[str, Any], quick: dict[str, Any],
         parser.add_argument(f"--{option.replace('_', '-')}", type=int,
                             nargs="+" if isinstance(full[option], list) else None,
                             help=f"{meaning}; {grid_help(option, full, quick)}")
-    parser.add_argument("--fused-kernels", action="store_true", help=FUSED_HELP)
+    parser.add_argument("--exact", action="store_true", help=EXACT_HELP)
     return parser
 
 
@@ -100,15 +100,13 @@ EAGER = Contender("eager", "C0")
 COMPILED = Contender("hf-compile", "C1")  # decode: a StaticCache, with which generate() compiles (bench_decode)
 # bcg's full-graph decode: generate() left as it is, the wrap option makes it use a static cache sized per call.
 BCG_STATIC = Contender("bcg-static", "C4", wrap={"static_cache": True})
-BCG = Contender("bcg", "C2", wrap={})
-BCG_FUSED = Contender("bcg-fused", "C3", wrap={"fused_kernels": True})
-BCG_STATIC_FUSED = Contender("bcg-static-fused", "C5", wrap={"static_cache": True, "fused_kernels": True})
+BCG = Contender("bcg", "C2", wrap={})  # the defaults: mode="fast"
+BCG_EXACT = Contender("bcg-exact", "C3", wrap={"mode": "exact"})
 
 
-def contenders(*, fused: bool, compiled: bool = False, static: bool = False) -> list[Contender]:
+def contenders(*, exact: bool, compiled: bool = False, static: bool = False) -> list[Contender]:
     """The contenders of a run, in the order they run and stand in the tables: eager (the reference) first."""
-    chosen = ((EAGER, True), (COMPILED, compiled), (BCG_STATIC, static), (BCG, True), (BCG_FUSED, fused),
-              (BCG_STATIC_FUSED, static and fused))
+    chosen = ((EAGER, True), (COMPILED, compiled), (BCG_STATIC, static), (BCG, True), (BCG_EXACT, exact))
     return [contender for contender, wanted in chosen if wanted]
 
 

@@ -3,12 +3,12 @@
 One model, each batch size run eagerly and then wrapped by bcg, through ``lm_eval.simple_evaluate`` on the local
 MGSM tasks in ``tasks/`` (generation: ``mgsm_direct_en_local``; log-likelihoods: ``mgsm_choice_en_local``, lm-eval's
 right-padded, mask-free batches). Exits 1 when the acceptance fails (``--accept exact``: >= 98% identical
-responses and equal log-likelihoods; ``score``: scores within 0.02).
+responses and equal log-likelihoods; ``score``: scores within 0.02; default: the one ``--mode`` promises).
 
     python scripts/mgsm_sweep.py --model DIR --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf --max-gen-toks 64 \\
-        --attention-kernels eager                       # all 250 questions, batch 1 and 32, --accept exact
-    python scripts/mgsm_sweep.py --model DIR --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf --max-gen-toks 64 \\
-        --accept score                                  # the default "fast" kernels: bf16 text may fork
+        --mode exact                                    # all 250 questions, batch 1 and 32, acceptance exact
+    python scripts/mgsm_sweep.py --model DIR --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf --max-gen-toks 64
+                                                        # the default mode "fast": bf16 text may fork, acceptance score
 
 The same comparison without this script: ``python -m bcg.eval compare --model_args pretrained=DIR,... --tasks
 mgsm_en_local --include_path tasks --batch_size 1,32``.
@@ -27,7 +27,9 @@ import torch
 from benchutil import announce_device, results_name, speed_caveat
 from report import RESULTS_DIR, write_results
 
-from bcg.eval import ACCEPT_MODES, MAX_DISAGREEMENTS, accuracy_table, acceptance_failures, compare, markdown
+from bcg.eval import (ACCEPT_MODES, MAX_DISAGREEMENTS, accuracy_table, acceptance_failures, compare,
+                      default_acceptance, markdown)
+from bcg.wrap import MODES
 
 TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
 DEFAULT_TASKS = "mgsm_direct_en_local,mgsm_choice_en_local"
@@ -47,11 +49,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="default: cuda when available, here %(default)s")
     p.add_argument("--backend", choices=["cuda", "eager"], help="bcg backend (default: bcg picks by device)")
-    p.add_argument("--attention-kernels", choices=["fast", "eager"], default="fast",
-                   help="SDPA kernels inside bcg's breaks: 'fast' (bcg's default) or 'eager' (SDPA's own pick, as in "
-                        "the eager run: the same answers)")
-    p.add_argument("--fused-kernels", action="store_true", help="wrap with fused_kernels=True (bf16 rounding differs)")
-    p.add_argument("--accept", choices=ACCEPT_MODES, default="exact", help="default %(default)s")
+    p.add_argument("--mode", choices=MODES, default="fast",
+                   help="bcg's mode: 'fast' (bcg's default: faster kernels, bf16 rounding differs) or 'exact' (eager's "
+                        "kernels: the same answers) (default %(default)s)")
+    p.add_argument("--accept", choices=ACCEPT_MODES, help="default: exact for --mode exact, score for fast")
     p.add_argument("--out-name", help="results file stem (default mgsm_<model basename>)")
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="default %(default)s")
     p.add_argument("--log-samples", action="store_true",
@@ -64,8 +65,7 @@ def model_args(args: argparse.Namespace) -> dict[str, Any]:
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     extra = {"gguf_file": args.gguf_file} if args.gguf_file else {}
     wrap = {"backend": args.backend} if args.backend else {}
-    return {"pretrained": args.model, "dtype": dtype, **extra, "attention_kernels": args.attention_kernels,
-            "fused_kernels": args.fused_kernels, **wrap}
+    return {"pretrained": args.model, "dtype": dtype, **extra, "mode": args.mode, **wrap}
 
 
 def default_out_name(args: argparse.Namespace) -> str:
@@ -76,6 +76,7 @@ def default_out_name(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    args.accept = args.accept or default_acceptance(model_args(args))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [%(name)s] %(message)s")
     device = torch.device(args.device)
     announce_device(device)

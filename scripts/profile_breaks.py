@@ -105,7 +105,7 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--spread", type=float, default=0.5, help="as bench_prefill's --spread")
     parser.add_argument("--decode", action="store_true", help="profile generate(): bs 1, 256-token prompt, 32 new")
-    parser.add_argument("--fused-kernels", action="store_true", help="wrap with fused_kernels=True")
+    parser.add_argument("--mode", choices=("fast", "exact"), default="fast", help="bcg's mode (default %(default)s)")
     args = parser.parse_args()
 
     model = build_model(args.model, torch.device("cuda"))
@@ -127,7 +127,7 @@ def main() -> None:
     rows = []
     with torch.no_grad():
         eager = {name: (median_ms(call), top_kernels(call, f"eager {name}")) for name, call in calls.items()}
-        handle = bcg.wrap_model(model, fused_kernels=args.fused_kernels)
+        handle = bcg.wrap_model(model, mode=args.mode)
         for call in calls.values():
             call()
         instrument(handle)

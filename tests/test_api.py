@@ -22,6 +22,8 @@ def test_bad_capture_sizes_raise_value_error_naming_the_fix(sizes):
     (dict(backend="tpu"), "backend"),
     (dict(debug="verbose", backend="eager"), "debug"),
     (dict(attention_kernels="cudnn", backend="eager"), "attention_kernels"),
+    (dict(mode="turbo", backend="eager"), "mode must be one of"),
+    (dict(lazy="no", backend="eager"), "lazy"),
 ])
 def test_bad_options_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -199,3 +201,25 @@ def test_meta_weights_stay_eager():
     with pytest.warns(bcg.BcgFallbackWarning, match="meta"):
         handle = bcg.wrap_model(model, backend="eager")
     assert handle.stats()["ready"] is False
+
+
+@pytest.mark.parametrize("mode, attention_kernels, fused_kernels, expected", [
+    ("fast", None, None, ("fast", True)),
+    ("exact", None, None, ("eager", False)),
+    ("fast", None, False, ("fast", False)),
+    ("fast", "eager", None, ("eager", True)),
+    ("exact", "fast", True, ("fast", True)),
+])
+def test_mode_sets_attention_and_fusion_and_each_override_wins(monkeypatch, mode, attention_kernels, fused_kernels,
+                                                               expected):
+    monkeypatch.setattr(bcg.wrap, "unavailable_reason", lambda device: None)  # as on a GPU with triton
+    choices = bcg.wrap.speed_choices(mode, attention_kernels, fused_kernels, torch.device("cuda"))
+    assert (choices.attention_kernels, choices.fused_kernels) == expected
+
+
+def test_fast_mode_without_triton_or_cuda_fuses_nothing_and_says_so_in_stats():
+    handle = bcg.wrap_model(tiny_model("llama"), backend="eager")
+    stats = handle.stats()
+    assert (stats["mode"], stats["attention_kernels"], stats["fused_kernels"]) == ("fast", "fast", {})
+    exact = bcg.wrap_model(tiny_model("llama"), backend="eager", mode="exact").stats()
+    assert (exact["mode"], exact["attention_kernels"]) == ("exact", "eager")

@@ -70,9 +70,9 @@ def test_check_fails_on_counters_and_on_eager_backend_differences():
 
 
 def test_contenders_default_to_eager_and_bcg_with_static_off():
-    names = [c.name for c in benchutil.contenders(fused=False, compiled=True)]
+    names = [c.name for c in benchutil.contenders(exact=False, compiled=True)]
     assert names == ["eager", "hf-compile", "bcg"]
-    assert [c.name for c in benchutil.contenders(fused=True)] == ["eager", "bcg", "bcg-fused"]
+    assert [c.name for c in benchutil.contenders(exact=True)] == ["eager", "bcg", "bcg-exact"]
     assert bench_decode.parse_args([]).static is False
 
 

@@ -120,7 +120,7 @@ def test_cli_run_writes_scores_and_bcg_stats(model_dir: Path, tmp_path: Path) ->
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}  # bcg, installed or not
     cmd = [sys.executable, "-m", "bcg.eval", "--model", "bcg", "--model_args",
-           f"pretrained={model_dir},backend=eager,attention_kernels=eager", "--tasks", TASKS, "--include_path",
+           f"pretrained={model_dir},backend=eager,mode=exact", "--tasks", TASKS, "--include_path",
            str(TASKS_DIR), "--limit", str(LIMIT), "--batch_size", "2", "--gen_kwargs", GEN, "--device", "cpu",
            "--output_path", str(tmp_path / "out"), "--log_samples"]
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
@@ -130,7 +130,7 @@ def test_cli_run_writes_scores_and_bcg_stats(model_dir: Path, tmp_path: Path) ->
     assert results["results"]["mgsm_direct_en_local"]["exact_match,flexible-extract"] >= 0
     assert results["results"]["mgsm_choice_en_local"]["acc,none"] >= 0
     info = results["config"]["bcg"]
-    assert info["wrapped"] and info["options"]["attention_kernels"] == "eager"
+    assert info["wrapped"] and info["options"]["mode"] == "exact"
     stats = info["stats"]
     assert stats["replays"] > 0 and stats["rejects"] == {} and stats["backend"] == "eager", stats
     generated, scored = info["requests"]["generate_until"], info["requests"]["loglikelihood"]

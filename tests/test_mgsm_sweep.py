@@ -47,15 +47,16 @@ def test_sweep_writes_results_and_accepts(tmp_path: Path, monkeypatch: pytest.Mo
     assert [(r["task"], r["batch_size"], r["n"]) for r in result["rows"]] == [
         (task, bs, LIMIT) for bs in BATCH_SIZES for task in tasks]
     assert all(r["identical"] == 1.0 for r in result["rows"])
-    assert result["config"]["attention_kernels"] == "fast" and result["bcg_stats"]["1"]["replays"] > 0
+    assert result["config"]["mode"] == "fast" and result["config"]["accept"] == "score"
+    assert result["bcg_stats"]["1"]["replays"] > 0
     assert (tmp_path / "r" / "sweep.md").is_file() and (tmp_path / "r" / "sweep_samples.json").is_file()
 
 
 def test_model_args_and_names() -> None:
     args = mgsm_sweep.parse_args(["--model", "/m/smol/", "--gguf-file", "SmolLM2-135M-Instruct.Q4_1.gguf",
-                                  "--device", "cuda", "--attention-kernels", "eager"])
+                                  "--device", "cuda", "--mode", "exact"])
     assert mgsm_sweep.model_args(args) == {
         "pretrained": "/m/smol/", "dtype": "bfloat16", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf",
-        "attention_kernels": "eager", "fused_kernels": False}
+        "mode": "exact"}
     assert mgsm_sweep.default_out_name(args) == "mgsm_smol_SmolLM2-135M-Instruct.Q4_1"
-    assert args.limit is None and args.accept == "exact"
+    assert args.limit is None and bcg.eval.default_acceptance(mgsm_sweep.model_args(args)) == "exact"
