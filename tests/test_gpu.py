@@ -161,7 +161,179 @@ def test_smollm2_batched_mgsm_generation_matches_eager():
     print(f"default mode: {sum(a == b for a, b in zip(fast, eager))}/8 texts identical to eager")
 
 
-def _kernel_launches(model, ids, mask) -> int:
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "gpt_oss", "llama4_text"])
+def test_moe_bf16_graphs_match_eager(arch):
+    """MoE experts run transformers' grouped_mm kernels (bf16 on Hopper) inside the graphs."""
+    model = tiny_model(arch, dtype=torch.bfloat16, device="cuda")
+    ids, mask = left_padded_batch(device="cuda")
+    with torch.no_grad():
+        reference = model(input_ids=ids, attention_mask=mask).logits.float()
+    reference_tokens = model.generate(ids, attention_mask=mask, **GENERATE)
+    handle = bcg.wrap_model(model)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()
+    tokens = model.generate(ids, attention_mask=mask, **GENERATE)
+    real = mask.bool()
+    assert (logits[real] - reference[real]).abs().max() < 5e-2 * reference[real].abs().max()
+    assert (logits[real].argmax(-1) == reference[real].argmax(-1)).float().mean() >= 0.9
+    assert (tokens == reference_tokens).float().mean() >= 0.9
+    assert handle.stats()["rejects"] == {} and handle.stats()["replays"] == 1 + GENERATE["max_new_tokens"]
+
+
+def test_capture_out_of_memory_falls_back_to_eager():
+    """A real CUDA OOM while capturing the large bucket: one warning, the reason in stats, small buckets still work."""
+    shape = dict(hidden_size=512, intermediate_size=8192, num_attention_heads=8)
+    reference = tiny_model("llama", device="cuda", **shape)
+    model = tiny_model("llama", device="cuda", **shape)
+    ids = torch.randint(3, 128, (2, 3), device="cuda")
+    with torch.no_grad():
+        expected = reference(ids, use_cache=False).logits
+    total = torch.cuda.get_device_properties(0).total_memory
+    gc.collect()  # earlier tests' wrapped models are reference cycles: free them before measuring
+    torch.cuda.empty_cache()
+    # 64 MiB of room: enough for 8 tokens, not for the activations of 4096 (each MLP tensor alone is 128 MiB).
+    # The fraction caps *reserved* memory, so the room is counted from what the allocator already holds.
+    torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved() + 64 * 2**20) / total)
+    try:
+        with pytest.warns(bcg.BcgCaptureWarning, match="OutOfMemoryError"):
+            handle = bcg.wrap_model(model, capture_sizes=[8, 4096], max_num_tokens=4096, lazy=False)
+        with torch.no_grad():
+            got = model(ids, use_cache=False).logits
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    stats = handle.stats()
+    assert stats["captured"] == [8] and "ids:4096" in stats["capture_failures"] and stats["replays"] == 1
+
+
+def test_cast_on_gpu_invalidates_and_recaptures():
+    reference = tiny_model("qwen3", device="cuda")
+    model = tiny_model("qwen3", device="cuda")
+    handle = bcg.wrap_model(model)
+    ids, mask = left_padded_batch(device="cuda")
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+        model.half()
+        reference.half()
+        with pytest.warns(bcg.BcgInvalidatedWarning):
+            got = model(ids, attention_mask=mask).logits.float()
+        expected = reference(ids, attention_mask=mask).logits.float()
+    real = mask.bool()
+    assert (got[real] - expected[real]).abs().max() < 1e-2
+    assert handle.stats()["invalidations"] == 1 and handle.stats()["replays"] == 2
+
+
+def test_inference_mode_and_autocast_on_real_graphs():
+    """Buffers made under inference mode stay usable; each autocast state replays a graph captured under it."""
+    reference = tiny_model("qwen3", device="cuda")
+    model = tiny_model("qwen3", device="cuda")
+    handle = bcg.wrap_model(model)
+    ids, mask = left_padded_batch(device="cuda")
+    real = mask.bool()
+    with torch.inference_mode():
+        first = model(ids, attention_mask=mask).logits
+    with torch.no_grad():
+        expected = reference(ids, attention_mask=mask).logits
+        plain = model(ids, attention_mask=mask).logits
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            autocast, expected_autocast = (m(ids, attention_mask=mask).logits.float() for m in (model, reference))
+        again = model(ids, attention_mask=mask).logits
+    for got in (first, plain, again):
+        torch.testing.assert_close(got[real], expected[real], atol=1e-4, rtol=1e-4)
+    assert (autocast[real] - expected_autocast[real]).abs().max() < 2e-2 * expected_autocast[real].abs().max()
+    assert (autocast[real] - expected[real]).abs().max() > 0  # it really ran in bf16
+    stats = handle.stats()
+    assert stats["replays"] == 4 and stats["rejects"] == {}
+    assert stats["captured_graphs"] == ["ids:24", "ids@autocast-bfloat16:24"]  # 19 real tokens, packed
+
+
+def test_deepcopy_of_a_captured_model_is_unwrapped_and_right():
+    import copy
+
+    model = tiny_model("llama", device="cuda")
+    handle = bcg.wrap_model(model)
+    ids, mask = left_padded_batch(device="cuda")
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask).logits
+        clone = copy.deepcopy(model)
+        torch.testing.assert_close(clone(ids, attention_mask=mask).logits, expected, atol=1e-4, rtol=1e-4)
+    assert handle.stats()["replays"] == 1 and getattr(clone, "_bcg_handle", None) is None
+
+
+def test_randomized_parity_real_graphs():
+    """The CPU hypothesis test's space, on real graphs (a fixed sample: capture per example is the slow part)."""
+    generator = torch.Generator().manual_seed(11)
+    reference = tiny_model("gemma3_text", device="cuda")
+    model = tiny_model("gemma3_text", device="cuda")
+    handle = bcg.wrap_model(model, capture_sizes=[1, 2, 4, 8, 16, 32, 48, 64], max_num_tokens=64)
+    for _ in range(20):
+        batch = int(torch.randint(1, 5, (1,), generator=generator))
+        seq = int(torch.randint(1, 13, (1,), generator=generator))
+        ids = torch.randint(3, 128, (batch, seq), generator=generator)
+        mask = torch.ones_like(ids)
+        pads = torch.randint(0, seq, (batch,), generator=generator)
+        for row, pad in enumerate(pads.tolist()):
+            ids[row, :pad], mask[row, :pad] = 0, 0
+        ids, mask = ids.cuda(), mask.cuda()
+        with torch.no_grad():
+            got, expected = model(ids, attention_mask=mask).logits, reference(ids, attention_mask=mask).logits
+        torch.testing.assert_close(got[mask.bool()], expected[mask.bool()], atol=1e-4, rtol=1e-4)
+        kwargs = dict(attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        assert torch.equal(model.generate(ids, **kwargs), reference.generate(ids, **kwargs))
+    assert set(handle.stats()["rejects"]) <= {"padding_waste"}
+
+
+def _rotary_inputs(dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """q and k as attention layers hand them over ([B, H, S, D] views of token-major memory), real cos/sin."""
+    generator = torch.Generator(device="cuda").manual_seed(3)
+    batch, seq, heads, kv_heads, dim = 3, 37, 32, 8, 128
+    q = torch.randn(batch, seq, heads, dim, device="cuda", generator=generator).to(dtype).transpose(1, 2)
+    k = torch.randn(batch, seq, kv_heads, dim, device="cuda", generator=generator).to(dtype).transpose(1, 2)
+    angles = torch.rand(batch, seq, dim // 2, device="cuda", generator=generator) * 4096
+    emb = torch.cat((angles, angles), dim=-1)
+    return q, k, emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_fused_rotary_kernel_is_bit_identical_to_llamas_code(dtype):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from bcg.kernels import rotary
+
+    q, k, cos, sin = _rotary_inputs(dtype)
+    for c, s in ((cos, sin), (cos[:1], sin[:1])):  # per-row positions, and one set broadcast over the batch
+        expected_q, expected_k = apply_rotary_pos_emb(q, k, c, s)
+        assert torch.equal(rotary(q, c, s), expected_q)
+        assert torch.equal(rotary(k, c, s), expected_k)
+
+
+@pytest.mark.parametrize("dtype, ulp", [(torch.bfloat16, 2**-8), (torch.float16, 2**-11), (torch.float32, 2**-23)])
+@pytest.mark.parametrize("shape", [(1, 1, 4096), (2, 37, 1024), (4, 16, 8, 128), (5, 896)])
+def test_fused_rms_norm_kernel_matches_llamas_code_to_rounding(dtype, ulp, shape):
+    """Only the order of the fp32 sum of squares differs: results agree to a rounding step; in 16-bit types, where
+    the final rounding absorbs it, almost all exactly."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from bcg.kernels import rms_norm
+
+    generator = torch.Generator(device="cuda").manual_seed(4)
+    norm = LlamaRMSNorm(shape[-1], eps=1e-6).to("cuda", dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(shape[-1], device="cuda", generator=generator) * 0.2 + 1)
+        x = (torch.randn(shape, device="cuda", generator=generator) * 3).to(dtype)
+        expected = norm(x)
+    got = rms_norm(x, norm.weight, norm.variance_epsilon)
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    difference = (got.float() - expected.float()).abs()
+    assert (difference <= 4 * ulp * expected.float().abs() + 1e-30).all()
+    if dtype != torch.float32:
+        assert (got != expected).float().mean() < 0.01
+
+
+def _kernel_launches(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> int:
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
     with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
         model(input_ids=ids, attention_mask=mask)
         torch.cuda.synchronize()
