@@ -32,7 +32,7 @@ class Backend(Protocol):
 
     def graph_bytes(self) -> int: ...
 
-    def replay_context(self): ...
+    def replay_context(self, fast: bool): ...
 
 
 class EagerGraph:
@@ -61,7 +61,7 @@ class EagerBackend:
     def graph_bytes(self) -> int:
         return 0
 
-    def replay_context(self):
+    def replay_context(self, fast: bool):
         return nullcontext()
 
 
@@ -135,11 +135,12 @@ class CudaBackend:
         segments = torch.cuda.memory_snapshot()
         return sum(s["total_size"] for s in segments if tuple(s.get("segment_pool_id", ())) == pool)
 
-    def replay_context(self):
-        if self.attention_kernels == "eager":
+    def replay_context(self, fast: bool):
+        """The SDPA kernels a replay's breaks may use: a fast decode step's keep off cuDNN, others as eager."""
+        if not fast or self.attention_kernels == "eager":
             return nullcontext()
-        # cuDNN attention plans anew for every KV length and costs 1-2 ms of host time per call on H100:
-        # inside breaks, let SDPA choose among flash / memory-efficient / math only.
+        # cuDNN attention plans anew for every KV length and costs 1-2 ms of host time per call on H100 (a decode
+        # step's KV length changes every step): let SDPA choose among flash / memory-efficient / math only.
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])

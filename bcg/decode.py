@@ -77,7 +77,7 @@ class StaticDecoder:
 
     def __init__(self, backend: Backend, run_stack: Callable[..., torch.Tensor], cache_argument: str) -> None:
         self.backend = backend
-        self.run_stack = run_stack  # the original stack forward under no_grad (and bcg's fused kernels, if any)
+        self.run_stack = run_stack  # (kind, **inputs): the original stack forward under no_grad (and bcg's fusions)
         self.cache_argument = cache_argument
         self.graphs: dict[tuple, _Entry] = {}
         self.failed: dict[tuple, str] = {}
@@ -145,7 +145,7 @@ class StaticDecoder:
         try:
             with torch.inference_mode(False):
                 entry.graph = self.backend.capture(lambda: self.run_stack(
-                    **inputs, position_ids=entry.positions, attention_mask=entry.masks, use_cache=True,
+                    call.kind, **inputs, position_ids=entry.positions, attention_mask=entry.masks, use_cache=True,
                     **{self.cache_argument: entry.cache}))
         except Exception as error:  # this shape takes the breaks instead
             self.failed[key] = f"{type(error).__name__}: {error}"

@@ -75,6 +75,7 @@ class Call:
     extra: dict[str, Any] = field(default_factory=dict)
     autocast: str = ""  # the autocast state the call runs under ("" when off): graphs are captured per state
     rows: torch.Tensor | None = None  # a padded multi-token call: its real tokens' flat indices (see live.real_rows)
+    fast: bool = False  # a decode step under mode="fast": its graphs hold the fast kernels (see wrap.SpeedChoices)
 
     def get(self, name: str) -> Any:
         return self.arguments.get(name)
@@ -95,8 +96,9 @@ class Call:
 
     @property
     def kind(self) -> str:
-        """The graph family this call replays: its input kind and autocast state ("ids", "embeds@autocast-...")."""
-        return self.inputs + (f"@{self.autocast}" if self.autocast else "")
+        """The graph family this call replays: its input kind, autocast state and speed ("ids", "ids/fast",
+        "embeds@autocast-bfloat16/fast", ...)."""
+        return self.inputs + (f"@{self.autocast}" if self.autocast else "") + ("/fast" if self.fast else "")
 
     @property
     def num_tokens(self) -> int:

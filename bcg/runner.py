@@ -34,7 +34,7 @@ class StackRunner:
     """Owns the graphs of one model's stack and decides, per call, between replay and the eager forward."""
 
     def __init__(self, model: torch.nn.Module, stack: Stack, backend: Backend, sizes: list[int],
-                 debug: bool | str = False, fusions: Fusions | None = None) -> None:
+                 debug: bool | str = False, fusions: Fusions | None = None, fast_decode: bool = False) -> None:
         self.model = model
         self.stack = stack
         self.config = stack.config
@@ -43,6 +43,7 @@ class StackRunner:
         self.debug = debug
         self.strict_addresses = debug in (True, "addresses")
         self.fusions = fusions
+        self.fast_decode = fast_decode  # decode steps get their own graphs, with the fusions and fast attention
         self.original_forward = stack.module.forward
         self._parameter_names = _positional_parameters(self.original_forward)
         self.cache_argument = hf.cache_argument(self.original_forward)
@@ -134,7 +135,10 @@ class StackRunner:
         arguments = dict(zip(self._parameter_names, args))
         arguments.update(kwargs)
         extra = {k: v for k, v in arguments.items() if k not in KNOWN_ARGUMENTS and v is not None and v is not False}
-        return Call(arguments, extra, _autocast_state(self.device))
+        call = Call(arguments, extra, _autocast_state(self.device))
+        tokens = call.tokens
+        call.fast = self.fast_decode and isinstance(tokens, torch.Tensor) and tokens.ndim >= 2 and tokens.shape[1] == 1
+        return call
 
     @property
     def ready(self) -> bool:
@@ -186,10 +190,13 @@ class StackRunner:
             self._address_book = self._current_address_book()
         return graph
 
-    def _run_plain(self, **inputs: Any) -> torch.Tensor:
+    def _fused(self, kind: str) -> Any:
+        """The fused kernels in place while a graph of ``kind`` is captured: only fast decode graphs hold them."""
+        return self.fusions.installed() if self.fusions and kind.endswith("/fast") else nullcontext()
+
+    def _run_plain(self, kind: str, **inputs: Any) -> torch.Tensor:
         """One run of the original stack forward, attention included (a full decode graph: no breaks)."""
-        fused = self.fusions.installed() if self.fusions else nullcontext()
-        with torch.no_grad(), fused:
+        with torch.no_grad(), self._fused(kind):
             output = self.original_forward(**inputs)
         self.output_cls = type(output)
         return output[0]
@@ -202,8 +209,7 @@ class StackRunner:
             inputs = {"input_ids": self.static_ids[:, :bucket]}
         else:
             inputs = {"inputs_embeds": self.static_embeds[:, :bucket]}
-        fused = self.fusions.installed() if self.fusions else nullcontext()
-        with torch.no_grad(), run_stack_under_bcg(run, self.configs), fused:
+        with torch.no_grad(), run_stack_under_bcg(run, self.configs), self._fused(kind):
             output = self.original_forward(
                 **inputs, position_ids=self.static_positions[:, :bucket],
                 attention_mask=None, use_cache=False, **{self.cache_argument: None},
@@ -334,7 +340,7 @@ class StackRunner:
         self._fill_static(call.inputs, call.tokens, live, bucket)
         token = LIVE.set(live)
         try:
-            with self.backend.replay_context():
+            with self.backend.replay_context(fast=call.fast):
                 hidden = graph.replay()
         finally:
             LIVE.reset(token)

@@ -45,6 +45,11 @@ class SpeedChoices:
     fused_kernels: bool
     fused_asked: bool  # the caller asked for fused kernels by name: finding nothing to fuse is worth a warning
 
+    @property
+    def fast_decode(self) -> bool:
+        """Decode steps replay graphs of their own with the fast choices; prompts and log-likelihoods stay eager's."""
+        return self.attention_kernels == "fast" or self.fused_kernels
+
 
 class BcgHandle:
     """What ``wrap_model`` returns: ``stats()`` reports replays, rejects by reason, captures and memory."""
@@ -173,12 +178,12 @@ def wrap_model(
         lazy: capture each size on first use (default) or all of them now, largest first.
         debug: ``True`` / ``"addresses"`` raises naming every tensor that moved since capture;
             ``"numerics"`` runs eager beside each replay and records the largest difference in ``stats()``.
-        mode: ``"fast"`` (default): the breaks' SDPA keeps to flash / memory-efficient / math (no cuDNN, whose
-            per-call planning costs 1-2 ms of host time per layer), and where triton is installed the graphs hold
-            fused Triton kernels for Llama-style RMSNorm and rotary code (one launch instead of 8-10). bf16 outputs
-            then differ from eager by rounding; accuracy scores stay within noise (README, MGSM). ``"exact"``: the
-            model's own kernels and SDPA's own choice, as in eager: token-identical text and equal
-            log-likelihoods.
+        mode: ``"fast"`` (default): decode steps (one token per sequence) replay graphs of their own whose breaks
+            keep SDPA off cuDNN (whose planning costs 1-2 ms of host time per layer when the KV length changes
+            every step) and, where triton is installed, hold fused Triton kernels for Llama-style RMSNorm and
+            rotary code (one launch instead of 8-10). Prompts and every multi-token call (log-likelihoods) run
+            eager's kernels as in ``"exact"``: their outputs are exact mode's; generated bf16 text can fork from
+            eager's by rounding (README: MGSM). ``"exact"``: eager's kernels everywhere: token-identical text.
         static_cache: make ``generate()`` calls that choose no cache use a static cache sized per call, so every
             decode step replays as one graph, attention and cache update included (no breaks). Any call given a
             full-attention ``StaticCache`` gets that anyway; sliding-window static caches keep the breaks.
@@ -219,7 +224,7 @@ def wrap_model(
         _use_capturable_experts(model, restore)
     fusions = _fusions(stack.module, choices.fused_asked) if choices.fused_kernels else None
     runner = StackRunner(model, stack, make_backend(backend_name, device, choices.attention_kernels), sizes,
-                         debug=debug, fusions=fusions)
+                         debug=debug, fusions=fusions, fast_decode=choices.fast_decode)
     restore.stack = stack.module
     restore.instance_forward = stack.module.__dict__.get("forward")
     patching.patch(stack.module, "forward", runner.forward)

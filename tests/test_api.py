@@ -223,3 +223,17 @@ def test_fast_mode_without_triton_or_cuda_fuses_nothing_and_says_so_in_stats():
     assert (stats["mode"], stats["attention_kernels"], stats["fused_kernels"]) == ("fast", "fast", {})
     exact = bcg.wrap_model(tiny_model("llama"), backend="eager", mode="exact").stats()
     assert (exact["mode"], exact["attention_kernels"]) == ("exact", "eager")
+
+
+@pytest.mark.parametrize("mode, decode_kind", [("fast", "ids/fast"), ("exact", "ids")])
+def test_fast_mode_gives_decode_steps_graphs_of_their_own_and_prompts_eagers_kernels(mode, decode_kind):
+    """Prompts and log-likelihood calls replay the plain graphs in either mode (their outputs stay eager's); under
+    mode="fast" decode steps replay graphs of their own, where the fast kernels live."""
+    model = tiny_model("llama")
+    ids, mask = left_padded_batch()
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    handle = bcg.wrap_model(model, backend="eager", mode=mode)
+    tokens = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    graphs = handle.stats()["captured_graphs"]
+    assert torch.equal(tokens, expected)
+    assert sorted(graph.split(":")[0] for graph in graphs) == sorted(["ids", decode_kind]), graphs
