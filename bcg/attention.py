@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -49,13 +49,14 @@ class Bridges:
         self.device = device
         self.buffers: dict[tuple, torch.Tensor] = {}
 
-    def get(self, role: str, heads: int, dim: int, dtype: torch.dtype) -> torch.Tensor:
-        key = (role, heads, dim, dtype)
+    def get(self, role: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """The ``[max_tokens, *shape]`` buffer of ``role`` (q, k, v, out for attention; hidden, out for mixers)."""
+        key = (role, *shape, dtype)
         buffer = self.buffers.get(key)
         if buffer is None:
             if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
                 raise RuntimeError("bcg internal error: a bridge was first needed during capture, not warm-up")
-            buffer = torch.zeros(self.max_tokens, heads, dim, dtype=dtype, device=self.device)
+            buffer = torch.zeros(self.max_tokens, *shape, dtype=dtype, device=self.device)
             self.buffers[key] = buffer
         return buffer
 
@@ -68,6 +69,20 @@ class Bridges:
     @property
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers.values())
+
+
+class Slot(Protocol):
+    """One break's call site: the module whose call it stands for, the mask it reads, and its eager body."""
+
+    module: nn.Module
+    mask_key: str
+
+    def run(self) -> None: ...
+
+
+def run_break(slot: Slot) -> None:
+    """The eager body between two graph segments (what ``Backend.wrap_break`` keeps out of the graphs)."""
+    slot.run()
 
 
 @dataclass
@@ -86,27 +101,30 @@ class BreakSlot:
     reuses_kv: bool = False  # reads the keys/values a storing layer of its type left (Gemma 3n / 4 KV sharing)
     stores_kv: bool = False
 
+    @property
+    def mask_key(self) -> str:
+        return hf.attention_mask_key(self.layer_type)
 
-def run_break(slot: BreakSlot) -> None:
-    """The eager body between two graph segments: cache update and attention on the live tokens.
+    def run(self) -> None:
+        """Cache update and attention on the live tokens.
 
-    Calls the model's own attention function (transformers' ``sdpa_attention_forward`` and its kernel dispatch,
-    flash, or the modeling file's eager one), so the break computes exactly what the eager model computes.
-    """
-    live = LIVE.get()
-    q, k, v = (live.attention_input(bridge) for bridge in (slot.q, slot.k, slot.v))
-    if live.cache is not None:
-        # Without a cache the bridges already hold the shared keys/values: the graph copied them in like any other.
-        if slot.reuses_kv:
-            k, v = live.shared_kv[slot.layer_type]
-        else:
-            new_k, new_v = k, v
-            k, v = hf.update_cache(live.cache, k, v, slot.layer_idx)
-            if slot.stores_kv:
-                live.shared_kv[slot.layer_type] = _owned(k, new_k), _owned(v, new_v)
-    result, _ = slot.attention_fn(slot.module, q, k, v, live.mask_for(slot.layer_type),
-                                  position_ids=live.position_ids, **slot.kwargs)
-    live.write_output(slot.out, result)
+        Calls the model's own attention function (transformers' ``sdpa_attention_forward`` and its kernel dispatch,
+        flash, or the modeling file's eager one), so the break computes exactly what the eager model computes.
+        """
+        live = LIVE.get()
+        q, k, v = (live.attention_input(bridge) for bridge in (self.q, self.k, self.v))
+        if live.cache is not None:
+            # Without a cache the bridges already hold the shared keys/values: the graph copied them in like any other.
+            if self.reuses_kv:
+                k, v = live.shared_kv[self.layer_type]
+            else:
+                new_k, new_v = k, v
+                k, v = hf.update_cache(live.cache, k, v, self.layer_idx)
+                if self.stores_kv:
+                    live.shared_kv[self.layer_type] = _owned(k, new_k), _owned(v, new_v)
+        result, _ = self.attention_fn(self.module, q, k, v, live.mask_for(self.mask_key),
+                                      position_ids=live.position_ids, **self.kwargs)
+        live.write_output(self.out, result)
 
 
 def _owned(states: torch.Tensor, given: torch.Tensor) -> torch.Tensor:
@@ -120,17 +138,17 @@ def _owned(states: torch.Tensor, given: torch.Tensor) -> torch.Tensor:
 class StackRun:
     """State of one run of the stack under bcg: which break comes next and where its slot lives."""
 
-    slots: list[BreakSlot]
+    slots: list[Slot]
     bridges: Bridges
     original_implementation: str | None
     layer_types: list[str] | None
-    break_fn: Callable[[BreakSlot], None]
+    break_fn: Callable[[Slot], None]
     breaks: int = 0
     _seen: set = field(default_factory=set)
     _stored_types: set = field(default_factory=set)
 
-    def slot_for(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                 kwargs: dict) -> BreakSlot:
+    def slot(self, module: nn.Module, new_slot: Callable[[], Slot]) -> Slot:
+        """The next break's slot: the one made at first capture (checked to be the same module's), or a new one."""
         index = self.breaks
         self.breaks += 1
         if id(module) in self._seen:
@@ -141,12 +159,22 @@ class StackRun:
             slot = self.slots[index]
             if slot.module is not module:
                 raise StructureError(
-                    f"attention call {index} came from {type(module).__name__} "
-                    f"(layer {getattr(module, 'layer_idx', '?')}), not the layer seen at first capture"
+                    f"break {index} came from {type(module).__name__} "
+                    f"(layer {getattr(module, 'layer_idx', '?')}), not the module seen at first capture"
                 )
         else:
-            slot = self._new_slot(module, query, key, value, kwargs)
+            slot = new_slot()
             self.slots.append(slot)
+        return slot
+
+    def layer_type(self, layer_idx: int) -> str:
+        return self.layer_types[layer_idx] if self.layer_types else "full_attention"
+
+    def attention_slot(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       kwargs: dict) -> BreakSlot:
+        slot = self.slot(module, lambda: self._new_slot(module, query, key, value, kwargs))
+        if not isinstance(slot, BreakSlot):
+            raise StructureError(f"an attention call came from {type(module).__name__}, which bcg took for a mixer")
         if slot.reuses_kv and slot.layer_type not in self._stored_types:
             raise StructureError(f"layer {slot.layer_idx} reuses {slot.layer_type} keys/values that no earlier layer "
                                  "of this stack stores (they come from outside the stack)")
@@ -156,7 +184,10 @@ class StackRun:
 
     def _new_slot(self, module, query, key, value, kwargs) -> BreakSlot:
         layer_idx = getattr(module, "layer_idx", len(self.slots))
-        layer_type = self.layer_types[layer_idx] if self.layer_types else "full_attention"
+        if not isinstance(layer_idx, int) or layer_idx < 0:
+            raise StructureError(f"{type(module).__name__} has layer_idx {layer_idx!r}: a shared attention block whose "
+                                 "cache slot is passed per call (Zamba2)")
+        layer_type = self.layer_type(layer_idx)
         heads, _, dim = query.shape[1:]
         kv_heads, _, k_dim = key.shape[1:]
         v_dim = value.shape[-1]
@@ -168,10 +199,10 @@ class StackRun:
             layer_type=layer_type,
             attention_fn=hf.attention_function(self.original_implementation, module),
             kwargs=constant_kwargs,
-            q=self.bridges.get("q", heads, dim, query.dtype),
-            k=self.bridges.get("k", kv_heads, k_dim, key.dtype),
-            v=self.bridges.get("v", kv_heads, v_dim, value.dtype),
-            out=self.bridges.get("out", heads, v_dim, query.dtype),
+            q=self.bridges.get("q", (heads, dim), query.dtype),
+            k=self.bridges.get("k", (kv_heads, k_dim), key.dtype),
+            v=self.bridges.get("v", (kv_heads, v_dim), value.dtype),
+            out=self.bridges.get("out", (heads, v_dim), query.dtype),
             reuses_kv=reuses_kv,
             stores_kv=stores_kv,
         )
@@ -197,7 +228,7 @@ def bcg_attention_forward(
         )
     if query.shape[0] != 1:
         raise RuntimeError(f"bcg captures a flat [1, N] token run, got a batch of {query.shape[0]}")
-    slot = run.slot_for(module, query, key, value, kwargs)
+    slot = run.attention_slot(module, query, key, value, kwargs)
     n = query.shape[2]
     slot.q[:n].copy_(query[0].transpose(0, 1))
     slot.k[:n].copy_(key[0].transpose(0, 1))

@@ -203,7 +203,7 @@ def reject_reason(call: Call, target: Target, failed: Container[tuple[str, int]]
     return None
 
 
-def model_unsupported_reason(model: Any, config: Any, stack_forward: Any) -> str | None:
+def model_unsupported_reason(model: Any, config: Any, stack_forward: Any, mixer_layers: set[int]) -> str | None:
     """Why this model as a whole must stay eager (said once, in a warning), or None."""
     if any(p.device.type == "meta" for p in model.parameters()):
         return "some weights are on the meta device (not loaded)"
@@ -213,9 +213,12 @@ def model_unsupported_reason(model: Any, config: Any, stack_forward: Any) -> str
         return "accelerate offloads weights to cpu/disk; graphs need every weight resident on one GPU"
     if len(placements) > 1:
         return f"the model is split across devices {sorted(placements)}; bcg captures single-device models"
-    layer_types = set(getattr(config, "layer_types", None) or ())
-    if other := layer_types - set(hf.ATTENTION_LAYER_TYPES):
-        return f"layer types {sorted(other)} are not plain attention (recurrent mixers)"
+    if unknown := hf.unknown_layer_types(config):
+        return f"layer types {sorted(unknown)} are neither attention nor a stateful mixer bcg knows"
+    if missing := [i for i in hf.stateful_layer_indices(config) if i not in mixer_layers]:
+        types = sorted({config.layer_types[i] for i in missing})
+        return (f"layers {missing} ({', '.join(types)}) have no token mixer bcg recognises (one whose code keeps "
+                "convolution / recurrent state in the cache)")
     if hf.caches_latents(config):
         return "multi-head latent attention caches compressed latents, not the keys/values bcg's breaks would cache"
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}

@@ -38,10 +38,24 @@ REQUIRED_STACK_ARGUMENTS = ("input_ids", "inputs_embeds", "attention_mask", "pos
 
 # Layer types whose token mixer is attention through the AttentionInterface (what a break runs).
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
+# Layer types whose token mixer keeps per-sequence state in the cache (linear attention, SSM, short convolution);
+# a "hybrid" layer runs such a mixer and attention, on one cache layer holding both.
+STATEFUL_LAYER_TYPES = ("linear_attention", "conv", "hybrid", "hybrid_sliding")
+_HYBRID_ATTENTION_MASKS = {"hybrid": "full_attention", "hybrid_sliding": "sliding_attention"}
+# 5.17's placeholders for layers with neither attention nor mixer state (5.24 has DummyLayer for them).
+_STATELESS_LAYER_TYPES = ("moe", "mlp")
 SUPPORTED_CACHES = (DynamicCache, StaticCache)
-# DummyLayer (5.24+) holds the slot of a layer that reads another layer's keys/values and is never updated.
+# DummyLayer (5.24+) holds the slot of a layer that reads another layer's keys/values and is never updated;
+# LinearAttentionCacheLayerMixin layers hold a mixer's convolution / recurrent state (the mixer updates it itself).
 _SUPPORTED_CACHE_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer, StaticLayer, StaticSlidingWindowLayer,
-                           *([cache_utils.DummyLayer] if hasattr(cache_utils, "DummyLayer") else []))
+                           *([cache_utils.DummyLayer] if hasattr(cache_utils, "DummyLayer") else []),
+                           *([cache_utils.LinearAttentionCacheLayerMixin]
+                             if hasattr(cache_utils, "LinearAttentionCacheLayerMixin") else []))
+# The argument a stateful mixer takes its cache under: 5.24 "cache"; 5.17 "cache_params" or "past_key_values".
+_MIXER_CACHE_ARGUMENTS = ("cache", "cache_params", "past_key_values")
+# What a stateful mixer's code touches on its cache, in 5.17 and 5.24 alike.
+_MIXER_STATE_NAMES = frozenset({"update_conv_state", "update_recurrent_state", "get_conv_state",
+                                "get_recurrent_state", "has_previous_state", "conv_states", "recurrent_states"})
 
 # Llama's reference code, which fusion.py recognises in other models by bytecode.
 LLAMA_RMS_NORM_FORWARD = modeling_llama.LlamaRMSNorm.forward
@@ -80,6 +94,66 @@ def cache_argument(forward: Callable) -> str | None:
     """The name under which ``forward`` takes the KV cache in the installed transformers, or None."""
     parameters = forward_parameters(forward)
     return next((name for name in CACHE_ARGUMENTS if name in parameters), None)
+
+
+def mixer_cache_argument(forward: Callable) -> str | None:
+    """The name under which a stateful mixer's ``forward`` takes the cache, or None."""
+    parameters = forward_parameters(forward)
+    return next((name for name in _MIXER_CACHE_ARGUMENTS if name in parameters), None)
+
+
+def is_stateful_mixer(module: nn.Module) -> bool:
+    """A layer's token mixer that reads or writes its cache layer's convolution or recurrent state (Gated DeltaNet,
+    Mamba 1/2, short convolutions), told by the cache names its class's code uses: no list of families."""
+    layer_idx = getattr(module, "layer_idx", None)
+    if not isinstance(layer_idx, int) or isinstance(layer_idx, bool) or mixer_cache_argument(module.forward) is None:
+        return False
+    for klass in type(module).__mro__:
+        if klass is nn.Module:
+            return False
+        for value in vars(klass).values():
+            function = inspect.unwrap(value) if callable(value) else None
+            if inspect.isfunction(function) and _MIXER_STATE_NAMES & _code_names(function.__code__):
+                return True
+    return False
+
+
+def _code_names(code: Any) -> set[str]:
+    """Every global and attribute name a code object (and the functions nested in it) uses."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if inspect.iscode(const):
+            names |= _code_names(const)
+    return names
+
+
+def stateful_layer_indices(config: Any) -> list[int]:
+    """The layers whose type says they hold mixer state (per ``layer_types``)."""
+    return [i for i, t in enumerate(getattr(config, "layer_types", None) or ()) if t in STATEFUL_LAYER_TYPES]
+
+
+def unknown_layer_types(config: Any) -> set[str]:
+    """Layer types that are neither attention, nor a stateful mixer, nor a stateless placeholder."""
+    known = {*ATTENTION_LAYER_TYPES, *STATEFUL_LAYER_TYPES, *_STATELESS_LAYER_TYPES}
+    return set(getattr(config, "layer_types", None) or ()) - known
+
+
+def attention_layers(config: Any, num_layers: int) -> int:
+    """How many of the stack's layers run attention (all of them, unless ``layer_types`` names mixer-only ones)."""
+    layer_types = getattr(config, "layer_types", None)
+    if not layer_types:
+        return num_layers
+    return sum(t in ATTENTION_LAYER_TYPES or t in _HYBRID_ATTENTION_MASKS for t in layer_types)
+
+
+def attention_mask_key(layer_type: str) -> str:
+    """The key of an attention layer's mask among the masks transformers builds per layer type."""
+    return _HYBRID_ATTENTION_MASKS.get(layer_type, layer_type)
+
+
+def mixer_mask_key(layer_type: str) -> str:
+    """The key of a stateful mixer's 2D padding mask among the per-layer-type masks ("conv" for LFM2's)."""
+    return layer_type if layer_type == "conv" else "linear_attention"
 
 
 def missing_stack_arguments(forward: Callable) -> list[str]:
@@ -181,7 +255,10 @@ def create_masks(config: Any, attention_mask: Any, cache: Any, position_ids: tor
     if _MASK_FUNCTIONS_TAKE_ALL or not layer_types or not layer_types <= set(LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING):
         return create_masks_for_generate(**kwargs)
     kwargs["config"] = config.get_text_config()
-    functions = {t: LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING[t] for t in layer_types}
+    functions = {}
+    for layer_type in layer_types:  # a hybrid layer's entry holds its attention's and its mixer's functions
+        function = LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING[layer_type]
+        functions.update(function if isinstance(function, dict) else {layer_type: function})
     return {t: f(**{k: v for k, v in kwargs.items() if k in forward_parameters(f)}) for t, f in functions.items()}
 
 

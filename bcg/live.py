@@ -16,6 +16,8 @@ from . import hf
 
 # Model types whose stacks derive default positions from the 2D attention mask instead of counting from the cache.
 _MASK_DERIVED_POSITIONS = frozenset({"opt"})
+# Model types whose stacks count default positions from 0 whatever the cache holds (Bamba, 5.17 to 5.24).
+_ZERO_BASED_POSITIONS = frozenset({"bamba"})
 
 
 @dataclass
@@ -41,22 +43,26 @@ class LiveContext:
     def mask_for(self, layer_type: str) -> torch.Tensor | None:
         return self.masks[layer_type] if isinstance(self.masks, dict) else self.masks
 
-    def attention_input(self, bridge: torch.Tensor) -> torch.Tensor:
-        """A token-major bridge's live tokens as ``[B, H, S, D]`` (a view made once per call, or, packed, the
-        call's own padded copy refreshed from the bridge)."""
+    def token_input(self, bridge: torch.Tensor) -> torch.Tensor:
+        """A token-major bridge's live tokens as ``[B, S, ...]`` (a view made once per call, or, packed, the call's
+        own padded copy, pad rows zero, refreshed from the bridge)."""
         view = self._views.get(id(bridge))
         if view is None:
             if self.rows is None:
                 view = bridge[: self.num_tokens].view(self.batch, self.seq, *bridge.shape[1:])
             else:
                 view = bridge.new_zeros(self.batch, self.seq, *bridge.shape[1:])
-            view = self._views[id(bridge)] = view.transpose(1, 2)
+            self._views[id(bridge)] = view
         if self.rows is not None:
-            view.transpose(1, 2).view(-1, *bridge.shape[1:]).index_copy_(0, self.rows, bridge[: self.num_tokens])
+            view.view(-1, *bridge.shape[1:]).index_copy_(0, self.rows, bridge[: self.num_tokens])
         return view
 
+    def attention_input(self, bridge: torch.Tensor) -> torch.Tensor:
+        """A ``[tokens, H, D]`` bridge's live tokens as ``[B, H, S, D]``."""
+        return self.token_input(bridge).transpose(1, 2)
+
     def write_output(self, bridge: torch.Tensor, result: torch.Tensor) -> None:
-        """Write an attention result ``[B, S, H, D]`` into the bridge's live rows."""
+        """Write a break's result ``[B, S, ...]`` (attention's ``[B, S, H, D]``) into the bridge's live rows."""
         if self.rows is None:
             bridge[: self.num_tokens].view(self.batch, self.seq, *bridge.shape[1:]).copy_(result)
         else:
@@ -102,7 +108,8 @@ def default_position_ids(
         positions = torch.cumsum(attention_mask, dim=1)
         positions = (positions * attention_mask - 1).long()
         return positions[:, -seq:]
-    positions = torch.arange(seq, device=device) + hf.past_length(cache)
+    past = 0 if model_type in _ZERO_BASED_POSITIONS else hf.past_length(cache)
+    positions = torch.arange(seq, device=device) + past
     return positions.unsqueeze(0).expand(batch, seq)
 
 

@@ -16,7 +16,7 @@ import torch
 
 from . import debug as addresses
 from . import hf
-from .attention import Bridges, BreakSlot, StackRun, StructureError, run_break, run_stack_under_bcg
+from .attention import Bridges, Slot, StackRun, StructureError, run_break, run_stack_under_bcg
 from .backends import Backend, Graph
 from .buckets import pick_bucket
 from .decode import StaticDecoder
@@ -24,6 +24,7 @@ from .eligibility import KNOWN_ARGUMENTS, REPEATING, Call, Reject, Rejection, Ta
 from .errors import BcgCaptureWarning, BcgFallbackWarning, BcgInvalidatedWarning
 from .fusion import Fusions
 from .live import LIVE, LiveContext, capture_context, default_position_ids, live_masks
+from .mixers import mixers_routed
 from .resolve import Stack
 from .stats import Stats
 
@@ -34,7 +35,8 @@ class StackRunner:
     """Owns the graphs of one model's stack and decides, per call, between replay and the eager forward."""
 
     def __init__(self, model: torch.nn.Module, stack: Stack, backend: Backend, sizes: list[int],
-                 debug: bool | str = False, fusions: Fusions | None = None, fast_decode: bool = False) -> None:
+                 debug: bool | str = False, fusions: Fusions | None = None, fast_decode: bool = False,
+                 mixers: list[torch.nn.Module] | None = None) -> None:
         self.model = model
         self.stack = stack
         self.config = stack.config
@@ -54,7 +56,8 @@ class StackRunner:
         first = next(stack.module.parameters())
         self.device, self.dtype = first.device, first.dtype
         self.target = Target(stack.module, self.config, self.device, self.dtype, sizes)
-        self.expected_breaks = len(stack.layers)
+        self.mixers = mixers or []  # stateful token mixers (hybrid models): breaks like attention
+        self.expected_breaks = hf.attention_layers(self.config, len(stack.layers)) + len(self.mixers)
 
         max_tokens = sizes[-1]
         self.bridges = Bridges(max_tokens, self.device)
@@ -62,7 +65,7 @@ class StackRunner:
             self.static_ids = torch.zeros(1, max_tokens, dtype=torch.long, device=self.device)
             self.static_positions = torch.zeros(1, max_tokens, dtype=torch.long, device=self.device)
         self.static_embeds: torch.Tensor | None = None
-        self.slots: dict[str, list[BreakSlot]] = {}  # per graph kind: bridges' dtypes follow the autocast state
+        self.slots: dict[str, list[Slot]] = {}  # per graph kind: bridges' dtypes follow the autocast state
         self.break_fn = backend.wrap_break(run_break)
         self.graphs: dict[tuple[str, int], Graph] = {}
         self.failed: dict[tuple[str, int], str] = {}
@@ -209,15 +212,15 @@ class StackRunner:
             inputs = {"input_ids": self.static_ids[:, :bucket]}
         else:
             inputs = {"inputs_embeds": self.static_embeds[:, :bucket]}
-        with torch.no_grad(), run_stack_under_bcg(run, self.configs), self._fused(kind):
+        with torch.no_grad(), run_stack_under_bcg(run, self.configs), mixers_routed(self.mixers), self._fused(kind):
             output = self.original_forward(
                 **inputs, position_ids=self.static_positions[:, :bucket],
                 attention_mask=None, use_cache=False, **{self.cache_argument: None},
             )
         if run.breaks != self.expected_breaks:
             raise StructureError(
-                f"{run.breaks} attention calls went through bcg's breaks but the stack has "
-                f"{self.expected_breaks} layers; some attention would be captured inside a graph"
+                f"{run.breaks} attention / mixer calls went through bcg's breaks but the stack has "
+                f"{self.expected_breaks}; some would be captured inside a graph"
             )
         self.output_cls = type(output)
         return output[0]
@@ -327,7 +330,7 @@ class StackRunner:
             masks = live_masks(self.config, mask, cache, positions, batch, seq, self.dtype, self.device)
         except Exception as error:
             return Rejection(Reject.MASK_FAILED, f"{type(error).__name__}: {error}")
-        if isinstance(masks, dict) and (missing := {s.layer_type for s in self.slots.get(call.kind, ())} - set(masks)):
+        if isinstance(masks, dict) and (missing := {s.mask_key for s in self.slots.get(call.kind, ())} - set(masks)):
             return Rejection(Reject.UNSUPPORTED_MASK, f"no mask for layer types {sorted(missing)}")
         if isinstance(masks, torch.Tensor) and masks.ndim == 2:
             return Rejection(Reject.UNSUPPORTED_MASK, "a mask layout transformers leaves to the model")

@@ -15,6 +15,7 @@ from .buckets import DEFAULT_MAX_NUM_TOKENS, resolve_capture_sizes, validate_max
 from .eligibility import model_unsupported_reason
 from .errors import BcgFallbackWarning, BcgWarning
 from .fusion import Fusions, find_fusions, unavailable_reason
+from .mixers import find_mixers
 from .resolve import find_stack
 from .runner import StackRunner
 from .stats import Stats
@@ -211,8 +212,9 @@ def wrap_model(
 
     restore = _Restore()
     stack = find_stack(model)
+    mixers = find_mixers(stack.module) if stack is not None else []
     reason = "no layer stack found (no module holds a ModuleList of num_hidden_layers layers)" if stack is None else (
-        model_unsupported_reason(model, stack.config, stack.module.forward)
+        model_unsupported_reason(model, stack.config, stack.module.forward, {m.layer_idx for m in mixers})
     )
     if reason is not None:
         warnings.warn(f"bcg: {type(model).__name__} stays eager: {reason}", BcgFallbackWarning, stacklevel=2)
@@ -224,7 +226,7 @@ def wrap_model(
         _use_capturable_experts(model, restore)
     fusions = _fusions(stack.module, choices.fused_asked) if choices.fused_kernels else None
     runner = StackRunner(model, stack, make_backend(backend_name, device, choices.attention_kernels), sizes,
-                         debug=debug, fusions=fusions, fast_decode=choices.fast_decode)
+                         debug=debug, fusions=fusions, fast_decode=choices.fast_decode, mixers=mixers)
     restore.stack = stack.module
     restore.instance_forward = stack.module.__dict__.get("forward")
     patching.patch(stack.module, "forward", runner.forward)

@@ -14,6 +14,37 @@ _GEMMA_KV_SHARING = dict(
     vocab_size_per_layer_input=VOCAB, layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2,
 )
 
+# Hybrid models: stateful token mixers (Gated DeltaNet, Mamba 1/2, short convolutions) beside attention layers.
+_LINEAR, _FULL = "linear_attention", "full_attention"
+_GATED_DELTA_NET = dict(num_hidden_layers=4, head_dim=16, layer_types=[_LINEAR, _LINEAR, _FULL, _LINEAR],
+                        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+                        linear_value_head_dim=16, linear_conv_kernel_dim=4)
+_MAMBA2 = dict(num_hidden_layers=4, mamba_n_heads=8, mamba_d_head=16, mamba_d_state=16, mamba_n_groups=1,
+               mamba_chunk_size=16)
+HYBRID_ARCHITECTURES: dict[str, dict] = {
+    "qwen3_5_text": _GATED_DELTA_NET,
+    "qwen3_next": dict(_GATED_DELTA_NET, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                       shared_expert_intermediate_size=32),
+    "olmo_hybrid": {k: v for k, v in dict(_GATED_DELTA_NET, linear_num_value_heads=2, linear_value_head_dim=32).items()
+                    if k != "head_dim"},
+    "granitemoehybrid": dict(_MAMBA2, layer_types=["mamba", "attention", "mamba", "mamba"], num_local_experts=4,
+                             num_experts_per_tok=2, shared_intermediate_size=64),
+    "jamba": dict(num_hidden_layers=4, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
+                  expert_layer_offset=1, num_experts=4, num_experts_per_tok=2, mamba_d_state=8, mamba_dt_rank=8),
+    "bamba": dict(_MAMBA2, attn_layer_indices=[1]),
+    # every layer runs a Mamba2 mixer and attention side by side: two breaks per layer
+    "falcon_h1": dict(_MAMBA2, head_dim=16, mamba_d_ssm=128),
+    "lfm2": dict(num_hidden_layers=4, layer_types=["conv", _FULL, "conv", "conv"], conv_L_cache=3),
+}
+# Hybrid models bcg leaves eager, with a warning: Zamba2's shared attention block takes its cache slot per call and
+# its mixers per-call position embeddings; MiniMax's lightning attention replaces its state tensor every step.
+EAGER_HYBRID_ARCHITECTURES: dict[str, dict] = {
+    "zamba2": dict(num_hidden_layers=4, layers_block_type=["mamba", "hybrid", "mamba", "hybrid"], n_mamba_heads=8,
+                   mamba_d_state=16, mamba_ngroups=1, chunk_size=16, attention_head_dim=32, use_mem_rope=True),
+    "minimax": dict(num_hidden_layers=4, head_dim=16, layer_types=[_FULL, _LINEAR, _FULL, _LINEAR], num_local_experts=4,
+                    num_experts_per_tok=2, block_size=8),
+}
+
 # model_type -> config overrides. Sliding windows are small so they bite inside the test sequences.
 ARCHITECTURES: dict[str, dict] = {
     "llama": {},
@@ -45,11 +76,12 @@ ARCHITECTURES: dict[str, dict] = {
     # Chunked attention on three layers of four (its get_decoder() returns the model: the stack is found by scanning).
     "llama4_text": dict(num_hidden_layers=4, head_dim=16, intermediate_size_mlp=128, num_local_experts=2,
                         num_experts_per_tok=1, attention_chunk_size=4),
+    **HYBRID_ARCHITECTURES,
 }
 
 
 def tiny_config(model_type: str, **overrides):
-    kwargs = {**_COMMON, **ARCHITECTURES[model_type], **overrides}
+    kwargs = {**_COMMON, **(ARCHITECTURES | EAGER_HYBRID_ARCHITECTURES)[model_type], **overrides}
     return AutoConfig.for_model(model_type, **kwargs)
 
 

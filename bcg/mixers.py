@@ -1,0 +1,127 @@
+"""A stateful-mixer break: linear attention, SSM and convolution mixers run eagerly on the live cache, like attention.
+
+Hybrid models (Qwen3.5 / Qwen3-Next, OLMo-hybrid, Granite 4, Jamba, Bamba, Falcon-H1, LFM2) mix attention layers with
+token mixers that keep per-sequence state in the cache (a convolution window, a recurrent state). Such a mixer is
+found from its own code (``hf.is_stateful_mixer``: it touches the cache's conv / recurrent state), not from a list of
+families. While a stack runs under bcg its ``forward`` is routed here: the hidden states go into an owned bridge,
+the segment ends with a break, and the break body calls the mixer's own forward on the live ``[B, S, hidden]``
+tokens with the live cache and 2D padding mask, then writes the result into the output bridge the next segment
+reads. Every prefill / decode choice the mixer makes in Python (``has_previous_state``, ``seq_len == 1``, lazily
+allocated states) therefore runs per call, never baked into a graph. MLPs, norms and projections stay in segments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import hf
+from .attention import ACTIVE_RUN, StackRun, StructureError
+from .live import LIVE
+
+# Arguments a mixer call may carry that differ per call: the break supplies the live ones (or refuses).
+_LIVE_ARGUMENTS = frozenset({"attention_mask", "use_cache", "position_ids", "cache", "cache_params", "past_key_values"})
+_UNSUPPLIED_ARGUMENTS = frozenset({"position_embeddings", "cache_position", "seq_idx", "cu_seqlens"})
+
+
+@dataclass
+class MixerSlot:
+    """One stateful mixer's call site: its bridges, its own forward, and the kwargs it was called with."""
+
+    module: nn.Module
+    layer_idx: int
+    layer_type: str
+    forward: Callable  # the mixer's forward as it was before bcg routed it
+    cache_argument: str
+    kwargs: dict  # constant kwargs from the capture call
+    live_arguments: frozenset  # per-call arguments the model passed, refilled from the live context
+    hidden: torch.Tensor
+    out: torch.Tensor
+
+    @property
+    def mask_key(self) -> str:
+        return hf.mixer_mask_key(self.layer_type)
+
+    def run(self) -> None:
+        """The mixer's own forward on the live tokens, cache and 2D padding mask."""
+        live = LIVE.get()
+        kwargs = dict(self.kwargs)
+        if "attention_mask" in self.live_arguments:
+            kwargs["attention_mask"] = live.mask_for(self.mask_key)
+        if "use_cache" in self.live_arguments:
+            kwargs["use_cache"] = live.cache is not None
+        if "position_ids" in self.live_arguments:
+            kwargs["position_ids"] = live.position_ids
+        result = self.forward(hidden_states=live.token_input(self.hidden), **kwargs,
+                              **{self.cache_argument: live.cache})
+        if not isinstance(result, torch.Tensor) or result.shape[-1] != self.out.shape[-1]:
+            raise StructureError(f"{type(self.module).__name__} (layer {self.layer_idx}) returned "
+                                 f"{type(result).__name__}, not a hidden-size tensor bcg can bridge")
+        live.write_output(self.out, result)
+
+
+def find_mixers(stack: nn.Module) -> list[nn.Module]:
+    """The stack's stateful mixers, in module order."""
+    return [module for module in stack.modules() if hf.is_stateful_mixer(module)]
+
+
+def _mixer_forward(module: nn.Module, forward: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """What a routed mixer's ``forward`` does inside a bcg stack run: bridge in, break, bridge out."""
+    run = ACTIVE_RUN.get()
+    if run is None:  # a call outside bcg's runs (another thread): the mixer as it is
+        return forward(*args, **kwargs)
+    if len(args) > 1 or (args and "hidden_states" in kwargs):
+        raise StructureError(f"{type(module).__name__} was called with positional arguments bcg cannot route")
+    hidden_states = args[0] if args else kwargs.pop("hidden_states")
+    if hidden_states.shape[0] != 1:
+        raise RuntimeError(f"bcg captures a flat [1, N] token run, got a batch of {hidden_states.shape[0]}")
+    slot = run.slot(module, lambda: _new_slot(run, module, forward, hidden_states, kwargs))
+    if not isinstance(slot, MixerSlot):
+        raise StructureError(f"{type(module).__name__} (layer {module.layer_idx}) ran as a mixer where bcg saw "
+                             "attention at first capture")
+    n = hidden_states.shape[1]
+    slot.hidden[:n].copy_(hidden_states[0])
+    run.break_fn(slot)
+    return slot.out[:n].unsqueeze(0)
+
+
+def _new_slot(run: StackRun, module: nn.Module, forward: Callable, hidden_states: torch.Tensor,
+              kwargs: dict) -> MixerSlot:
+    unsupplied = sorted(k for k, v in kwargs.items() if k in _UNSUPPLIED_ARGUMENTS and v is not None)
+    if unsupplied:
+        raise StructureError(f"{type(module).__name__} (layer {module.layer_idx}) takes {unsupplied} per call, which "
+                             "bcg's mixer break cannot supply")
+    width, dtype = hidden_states.shape[-1], hidden_states.dtype
+    return MixerSlot(
+        module=module,
+        layer_idx=module.layer_idx,
+        layer_type=run.layer_type(module.layer_idx),
+        forward=forward,
+        cache_argument=hf.mixer_cache_argument(forward),
+        kwargs={k: v for k, v in kwargs.items() if k not in _LIVE_ARGUMENTS},
+        live_arguments=frozenset(kwargs) & _LIVE_ARGUMENTS,
+        hidden=run.bridges.get("hidden", (width,), dtype),
+        out=run.bridges.get("out", (width,), dtype),
+    )
+
+
+@contextmanager
+def mixers_routed(mixers: list[nn.Module]) -> Iterator[None]:
+    """Each mixer's ``forward`` routed through a break for the duration (one stack run), then as it was."""
+    saved = [(module, module.__dict__.get("forward")) for module in mixers]
+    for module, _ in saved:
+        forward = module.forward  # the instance's own (an accelerate hook's) or the class's, bound
+        module.forward = lambda *args, _m=module, _f=forward, **kwargs: _mixer_forward(_m, _f, *args, **kwargs)
+    try:
+        yield
+    finally:
+        for module, instance_forward in saved:
+            if instance_forward is None:
+                del module.forward
+            else:
+                module.forward = instance_forward

@@ -1,0 +1,117 @@
+"""Hybrid models on CPU (eager backend, fp32): stateful mixers run as breaks; outputs and cache state equal eager's."""
+
+import warnings
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import bcg
+from bcg import hf
+from tiny_models import EAGER_HYBRID_ARCHITECTURES, HYBRID_ARCHITECTURES, left_padded_batch, tiny_model
+
+STEPS = 3
+
+
+def _cache_tensors(cache) -> list[torch.Tensor]:
+    """Every tensor a cache holds: keys/values and the mixers' convolution and recurrent states."""
+    tensors = []
+    for layer in cache.layers:
+        for name in ("keys", "values"):
+            if isinstance(getattr(layer, name, None), torch.Tensor):
+                tensors.append(getattr(layer, name))
+        for name in ("conv_states", "recurrent_states"):
+            tensors.extend(t for t in (getattr(layer, name, None) or {}).values() if isinstance(t, torch.Tensor))
+    return tensors
+
+
+def _steps(model, ids, mask) -> tuple[list[torch.Tensor], DynamicCache]:
+    """Prefill, a 2-token continuation, then greedy decode steps, each with the 2D mask generate() would pass."""
+    cache = DynamicCache(config=model.config)
+    logits = []
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, **{_cache_name(model): cache}, use_cache=True)
+        logits.append(out.logits[:, -1])
+        tokens = torch.cat([out.logits[:, -1:].argmax(-1), out.logits[:, -1:].argmax(-1).flip(0)], dim=1)
+        for step in range(STEPS + 1):
+            mask = torch.cat([mask, torch.ones_like(tokens)], dim=1)
+            out = model(input_ids=tokens, attention_mask=mask, **{_cache_name(model): cache}, use_cache=True)
+            logits.append(out.logits[:, -1])
+            tokens = out.logits[:, -1:].argmax(-1)
+    return logits, cache
+
+
+def _cache_name(model) -> str:
+    return hf.cache_argument(model.forward)
+
+
+@pytest.mark.parametrize("arch", sorted(HYBRID_ARCHITECTURES))
+def test_each_step_and_the_state_left_in_the_cache_equal_eagers(arch):
+    reference = tiny_model(arch)
+    model = tiny_model(arch)
+    ids, mask = left_padded_batch()
+    expected_logits, expected_cache = _steps(reference, ids, mask)
+
+    handle = bcg.wrap_model(model, backend="eager")
+    logits, cache = _steps(model, ids, mask)
+
+    assert handle.stats()["rejects"] == {} and handle.stats()["replays"] == STEPS + 2
+    for got, want in zip(logits, expected_logits):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    got_tensors, want_tensors = _cache_tensors(cache), _cache_tensors(expected_cache)
+    assert len(got_tensors) == len(want_tensors) > 0
+    assert any(t is layer.conv_states.get(0) for layer in cache.layers for t in got_tensors
+               if hasattr(layer, "conv_states"))  # the mixers' states are among them
+    for got, want in zip(got_tensors, want_tensors):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch, breaks", [("qwen3_5_text", 4), ("falcon_h1", 8), ("lfm2", 4), ("jamba", 4)])
+def test_every_mixer_and_attention_is_its_own_break(arch, breaks):
+    """Falcon-H1 runs a Mamba2 mixer beside attention in every layer: two breaks per layer; LFM2's convolutions and
+    Qwen3.5's Gated DeltaNet one per layer."""
+    model = tiny_model(arch)
+    handle = bcg.wrap_model(model, backend="eager")
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    kinds = [type(slot).__name__ for slot in handle.runner.slots["ids"]]
+    assert len(kinds) == breaks and "MixerSlot" in kinds and "BreakSlot" in kinds
+
+
+def test_mixers_are_found_by_their_code_and_attention_is_not_a_mixer():
+    model = tiny_model("falcon_h1")
+    mixers = [name for name, module in model.named_modules() if hf.is_stateful_mixer(module)]
+    assert mixers == [f"model.layers.{i}.mamba" for i in range(model.config.num_hidden_layers)]
+    assert not any(hf.is_stateful_mixer(module) for module in tiny_model("llama").modules())
+
+
+@pytest.mark.parametrize("arch, cause", [("zamba2", "position_embeddings"), ("minimax", "no token mixer")])
+def test_hybrids_bcg_cannot_honour_stay_eager_with_a_warning_naming_why(arch, cause):
+    reference = tiny_model(arch)
+    model = tiny_model(arch)
+    ids, mask = left_padded_batch()
+    expected = reference.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        handle = bcg.wrap_model(model, backend="eager")
+        tokens = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    fallbacks = [str(w.message) for w in caught if issubclass(w.category, bcg.BcgFallbackWarning)]
+    assert any(cause in message for message in fallbacks), fallbacks
+    assert handle.stats()["replays"] == 0
+    assert torch.equal(tokens, expected)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_5_text", "falcon_h1"])
+def test_unwrap_restores_the_mixers(arch):
+    model = tiny_model(arch)
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+    bcg.wrap_model(model, backend="eager")
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    bcg.unwrap_model(model)
+    assert not any("forward" in m.__dict__ for m in model.modules() if hf.is_stateful_mixer(m))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, expected)
