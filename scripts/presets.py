@@ -57,6 +57,15 @@ PRESETS: dict[str, Preset] = {
         decoder_sparse_step=1, mlp_only_layers=[], router_aux_loss_coef=0.001, tie_word_embeddings=False,
     ), source="Qwen/Qwen3-30B-A3B", large=True,
         notes="MoE, ~61 GB of bf16 weights: fits an 80 GB H100 with ~15 GB to spare; use small grids"),
+    # Qwen3.5's layout (three Gated DeltaNet layers, then one full-attention layer; transformers'
+    # Qwen3_5TextConfig defaults, an 8.95 B model) scaled to 2048 x 24 layers: fits any benchmark GPU with room.
+    "qwen3.5-like-2b": Preset("qwen3_5_text", dict(
+        vocab_size=248320, hidden_size=2048, intermediate_size=6144, num_hidden_layers=24, num_attention_heads=8,
+        num_key_value_heads=2, head_dim=256, linear_num_key_heads=16, linear_num_value_heads=16,
+        linear_key_head_dim=128, linear_value_head_dim=128, linear_conv_kernel_dim=4, tie_word_embeddings=True,
+        bos_token_id=248044, eos_token_id=248044,
+    ), source="transformers' Qwen3_5TextConfig defaults, scaled (random init)",
+        notes="hybrid: 18 Gated DeltaNet + 6 attention layers"),
 }
 
 

@@ -19,7 +19,9 @@ from tiny_models import left_padded_batch, tiny_model
 pytestmark = pytest.mark.gpu
 # MoE models are tested in bf16 below: in fp32 the experts' grouped_mm fallback copies from the host and
 # cannot be captured (those buckets fall back to eager, counted as capture_failed).
-GPU_ARCHITECTURES = ["llama", "qwen3", "mistral", "gemma2", "gpt2", "opt", "phi3", "gemma3_text", "gemma4_text"]
+GPU_ARCHITECTURES = ["llama", "qwen3", "mistral", "gemma2", "gpt2", "opt", "phi3", "gemma3_text", "gemma4_text",
+                     # hybrid: Gated DeltaNet, Mamba2 beside attention in every layer, short convolutions, Mamba2
+                     "qwen3_5_text", "olmo_hybrid", "falcon_h1", "lfm2", "bamba"]
 GENERATE = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
 
 
@@ -421,3 +423,24 @@ def test_two_live_static_caches_on_real_graphs():
         for a, b in zip(g.layers, e.layers):
             torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=1e-5)
     assert handle.stats()["full_graph_replays"] == 6
+
+
+@pytest.mark.parametrize("arch", ["qwen3_5_text", "falcon_h1", "lfm2"])
+def test_hybrid_steps_and_mixer_state_equal_eager_on_real_graphs(arch):
+    """fp32: prefill, a 2-token continuation and decode steps replay with the mixers as breaks; every step's logits
+    and every cache tensor (keys/values, convolution and recurrent states) match eager's."""
+    from test_hybrid import STEPS, _cache_tensors, _steps
+
+    reference = tiny_model(arch, device="cuda")
+    model = tiny_model(arch, device="cuda")
+    ids, mask = left_padded_batch(device="cuda")
+    expected_logits, expected_cache = _steps(reference, ids, mask)
+    handle = bcg.wrap_model(model)
+    logits, cache = _steps(model, ids, mask)
+
+    stats = handle.stats()
+    assert stats["rejects"] == {} and stats["replays"] == STEPS + 2 and stats["graph_bytes"] > 0
+    for got, want in zip(logits, expected_logits):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    for got, want in zip(_cache_tensors(cache), _cache_tensors(expected_cache), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
