@@ -66,8 +66,12 @@ class MixerSlot:
 
 
 def find_mixers(stack: nn.Module) -> list[nn.Module]:
-    """The stack's stateful mixers, in module order."""
-    return [module for module in stack.modules() if hf.is_stateful_mixer(module)]
+    """The stack's stateful mixers, in module order; the innermost where one holds another (a layer whose own code
+    also touches the state must not become a break around its mixer's break)."""
+    candidates = [module for module in stack.modules() if hf.is_stateful_mixer(module)]
+    found = {id(module) for module in candidates}
+    return [module for module in candidates
+            if not any(id(sub) in found for sub in module.modules() if sub is not module)]
 
 
 def _mixer_forward(module: nn.Module, forward: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:

@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
 
+from bcg import hf
+
 GIB = 2**30
 
 _QWEN3 = dict(vocab_size=151936, head_dim=128, max_position_embeddings=40960, rms_norm_eps=1e-6,
@@ -128,11 +130,12 @@ def decode_weight_bytes(model: PreTrainedModel) -> int:
 
 
 def kv_bytes_per_token(config: PreTrainedConfig, dtype: torch.dtype) -> int:
-    """KV-cache bytes one cached token holds across all layers (full attention assumed)."""
+    """KV-cache bytes one cached token holds across the attention layers (full attention assumed; a hybrid model's
+    mixer layers hold a fixed-size state instead, left out)."""
     text = config.get_text_config(decoder=True)
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    return text.num_hidden_layers * 2 * kv_heads * head_dim * dtype.itemsize
+    return hf.attention_layers(text, text.num_hidden_layers) * 2 * kv_heads * head_dim * dtype.itemsize
 
 
 def pad_token_id(config: PreTrainedConfig) -> int:

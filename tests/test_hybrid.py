@@ -115,3 +115,18 @@ def test_unwrap_restores_the_mixers(arch):
     assert not any("forward" in m.__dict__ for m in model.modules() if hf.is_stateful_mixer(m))
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, expected)
+
+
+def test_a_layer_whose_code_also_touches_the_state_is_not_taken_for_its_mixer(monkeypatch):
+    """Only the innermost stateful module becomes a break: routing both a layer and its mixer would nest breaks."""
+    from bcg.mixers import find_mixers
+
+    model = tiny_model("qwen3_5_text")
+    layer = model.model.layers[0]
+    mixer = layer.linear_attn
+
+    def touches_state(module) -> bool:
+        return module is layer or module is mixer
+
+    monkeypatch.setattr(hf, "is_stateful_mixer", touches_state)
+    assert find_mixers(model.model) == [mixer]
