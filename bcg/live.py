@@ -46,20 +46,26 @@ class LiveContext:
     def token_input(self, bridge: torch.Tensor) -> torch.Tensor:
         """A token-major bridge's live tokens as ``[B, S, ...]`` (a view made once per call, or, packed, the call's
         own padded copy, pad rows zero, refreshed from the bridge)."""
-        view = self._views.get(id(bridge))
+        return self._input(bridge, heads_first=False)
+
+    def attention_input(self, bridge: torch.Tensor) -> torch.Tensor:
+        """A ``[tokens, H, D]`` bridge's live tokens as ``[B, H, S, D]``."""
+        return self._input(bridge, heads_first=True)
+
+    def _input(self, bridge: torch.Tensor, heads_first: bool) -> torch.Tensor:
+        # Every layer reads the same bridges: the views are made once per call (a break's host time is per layer).
+        key = (id(bridge), heads_first)
+        view = self._views.get(key)
         if view is None:
             if self.rows is None:
                 view = bridge[: self.num_tokens].view(self.batch, self.seq, *bridge.shape[1:])
             else:
                 view = bridge.new_zeros(self.batch, self.seq, *bridge.shape[1:])
-            self._views[id(bridge)] = view
+            view = self._views[key] = view.transpose(1, 2) if heads_first else view
         if self.rows is not None:
-            view.view(-1, *bridge.shape[1:]).index_copy_(0, self.rows, bridge[: self.num_tokens])
+            padded = view.transpose(1, 2) if heads_first else view
+            padded.view(-1, *bridge.shape[1:]).index_copy_(0, self.rows, bridge[: self.num_tokens])
         return view
-
-    def attention_input(self, bridge: torch.Tensor) -> torch.Tensor:
-        """A ``[tokens, H, D]`` bridge's live tokens as ``[B, H, S, D]``."""
-        return self.token_input(bridge).transpose(1, 2)
 
     def write_output(self, bridge: torch.Tensor, result: torch.Tensor) -> None:
         """Write a break's result ``[B, S, ...]`` (attention's ``[B, S, H, D]``) into the bridge's live rows."""
