@@ -130,3 +130,25 @@ def test_a_layer_whose_code_also_touches_the_state_is_not_taken_for_its_mixer(mo
 
     monkeypatch.setattr(hf, "is_stateful_mixer", touches_state)
     assert find_mixers(model.model) == [mixer]
+
+
+@pytest.mark.parametrize("arch", ["qwen3_5_text", "falcon_h1", "lfm2"])
+def test_static_cache_generate_and_sampling_equal_eagers(arch):
+    """generate() on a StaticCache (its mixer layers hold state beside the static keys/values: the breaks take it)
+    and seeded sampling both give eager's tokens."""
+    reference = tiny_model(arch)
+    model = tiny_model(arch)
+    ids, mask = left_padded_batch()
+    static = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, cache_implementation="static")
+    sampled = dict(max_new_tokens=5, do_sample=True, top_k=20, pad_token_id=0)
+    expected_static = reference.generate(ids, attention_mask=mask, **static)
+    torch.manual_seed(7)
+    expected_sampled = reference.generate(ids, attention_mask=mask, **sampled)
+
+    handle = bcg.wrap_model(model, backend="eager")
+    tokens_static = model.generate(ids, attention_mask=mask, **static)
+    torch.manual_seed(7)
+    tokens_sampled = model.generate(ids, attention_mask=mask, **sampled)
+
+    assert torch.equal(tokens_static, expected_static) and torch.equal(tokens_sampled, expected_sampled)
+    assert handle.stats()["rejects"] == {} and handle.stats()["full_graph_replays"] == 0
