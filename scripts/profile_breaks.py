@@ -3,6 +3,7 @@
     python scripts/profile_breaks.py --model qwen3-0.6b --requests 8 --length 128   # a multi-request prefill
     python scripts/profile_breaks.py --model qwen3-0.6b --requests 8 --length 128 --spread 0   # equal lengths
     python scripts/profile_breaks.py --model qwen3-0.6b --decode                      # generate(), bs 1
+    python scripts/profile_breaks.py --model qwen3.5-like-2b --decode   # a hybrid: host µs per break by mixer type
 
 The break body's host time is the budget (see DESIGN.md): this script times every break and every CUDA graph
 segment of one replay on the host, then lists the GPU kernels of eager and bcg side by side (torch.profiler)
@@ -48,12 +49,21 @@ class _Timed:
 
 
 def instrument(handle: bcg.BcgHandle) -> None:
-    for graph in handle.runner.graphs.values():
+    """Time every segment of every captured graph; breaks are labelled by the module they stand for (attention, or
+    a hybrid model's mixer class), in the order the runner's slots record them."""
+    for (kind, _), graph in handle.runner.graphs.items():
+        slots = handle.runner.slots.get(kind, [])
         segments = graph._graph._segments
+        breaks = 0
         for i, segment in enumerate(segments):
-            if not isinstance(segment, _Timed):
-                label = "graph segment" if isinstance(segment, torch.cuda.CUDAGraph) else "break"
-                segments[i] = _Timed(segment, label)
+            inner = segment.segment if isinstance(segment, _Timed) else segment
+            if isinstance(inner, torch.cuda.CUDAGraph):
+                label = "graph segment"
+            else:
+                slot = slots[breaks] if breaks < len(slots) else None
+                breaks += 1
+                label = f"break: {type(slot.module).__name__}" if slot is not None else "break"
+            segments[i] = _Timed(inner, label)
 
 
 def batch(requests: int, length: int, spread: float, vocab: int) -> dict[str, torch.Tensor]:
