@@ -42,7 +42,7 @@ ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attenti
 # a "hybrid" layer runs such a mixer and attention, on one cache layer holding both.
 STATEFUL_LAYER_TYPES = ("linear_attention", "conv", "hybrid", "hybrid_sliding")
 _HYBRID_ATTENTION_MASKS = {"hybrid": "full_attention", "hybrid_sliding": "sliding_attention"}
-# 5.17's placeholders for layers with neither attention nor mixer state (5.24 has DummyLayer for them).
+# Layers with neither attention nor mixer state (Nemotron-H's MLP layers; 5.17 gives them empty cache layers).
 _STATELESS_LAYER_TYPES = ("moe", "mlp")
 SUPPORTED_CACHES = (DynamicCache, StaticCache)
 # DummyLayer (5.24+) holds the slot of a layer that reads another layer's keys/values and is never updated;
@@ -52,7 +52,7 @@ _SUPPORTED_CACHE_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer, StaticLayer,
                            *([cache_utils.LinearAttentionCacheLayerMixin]
                              if hasattr(cache_utils, "LinearAttentionCacheLayerMixin") else []))
 # The argument a stateful mixer takes its cache under: 5.24 "cache"; 5.17 "cache_params" or "past_key_values".
-_MIXER_CACHE_ARGUMENTS = ("cache", "cache_params", "past_key_values")
+MIXER_CACHE_ARGUMENTS = ("cache", "cache_params", "past_key_values")
 # What a stateful mixer's code touches on its cache, in 5.17 and 5.24 alike.
 _MIXER_STATE_NAMES = frozenset({"update_conv_state", "update_recurrent_state", "get_conv_state",
                                 "get_recurrent_state", "has_previous_state", "conv_states", "recurrent_states"})
@@ -90,23 +90,22 @@ def forward_parameters(forward: Callable) -> dict[str, inspect.Parameter]:
     return dict(inspect.signature(forward).parameters)
 
 
-def cache_argument(forward: Callable) -> str | None:
-    """The name under which ``forward`` takes the KV cache in the installed transformers, or None."""
+def cache_argument(forward: Callable, names: tuple[str, ...] = CACHE_ARGUMENTS) -> str | None:
+    """The name under which ``forward`` takes the cache in the installed transformers, or None."""
     parameters = forward_parameters(forward)
-    return next((name for name in CACHE_ARGUMENTS if name in parameters), None)
+    return next((name for name in names if name in parameters), None)
 
 
-def mixer_cache_argument(forward: Callable) -> str | None:
-    """The name under which a stateful mixer's ``forward`` takes the cache, or None."""
-    parameters = forward_parameters(forward)
-    return next((name for name in _MIXER_CACHE_ARGUMENTS if name in parameters), None)
+def mixer_cache_argument(mixer: nn.Module) -> str | None:
+    """The name under which a stateful mixer's class forward takes the cache (an instance hook may hide it)."""
+    return cache_argument(type(mixer).forward, MIXER_CACHE_ARGUMENTS)
 
 
 def is_stateful_mixer(module: nn.Module) -> bool:
     """A layer's token mixer that reads or writes its cache layer's convolution or recurrent state (Gated DeltaNet,
     Mamba 1/2, short convolutions), told by the cache names its class's code uses: no list of families."""
     layer_idx = getattr(module, "layer_idx", None)
-    if not isinstance(layer_idx, int) or isinstance(layer_idx, bool) or mixer_cache_argument(module.forward) is None:
+    if not isinstance(layer_idx, int) or isinstance(layer_idx, bool) or mixer_cache_argument(module) is None:
         return False
     for klass in type(module).__mro__:
         if klass is nn.Module:
@@ -201,7 +200,8 @@ def unsupported_cache_reason(cache: Any) -> str | None:
     layers = [type(layer).__name__ for layer in getattr(cache, "layers", ())
               if not isinstance(layer, _SUPPORTED_CACHE_LAYERS)]
     if layers:
-        return f"cache layer classes {sorted(set(layers))} (supported: full and sliding, dynamic and static)"
+        return (f"cache layer classes {sorted(set(layers))} (supported: full and sliding, dynamic and static, and "
+                "the linear-attention layers holding a mixer's state)")
     return None
 
 
@@ -239,7 +239,8 @@ def rebind_static_layer(layer: Any, keys: torch.Tensor, values: torch.Tensor, le
 # ----- masks -----
 _MASK_CACHE_ARGUMENT = cache_argument(create_masks_for_generate)
 # transformers 5.17's create_chunked_causal_mask does not take the block_sequence_ids that create_masks_for_generate
-# passes to every layer type's function (Llama 4 failed there): such versions get the per-type calls made here.
+# passes to every layer type's function (Llama 4 failed there): such versions get the per-type calls made here, as do
+# configs with MLP-only layer types (for which create_masks_for_generate hands back the raw 2D mask).
 _MASK_FUNCTIONS_TAKE_ALL = all(
     "block_sequence_ids" in forward_parameters(LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING[t]) for t in ATTENTION_LAYER_TYPES
 )
@@ -251,8 +252,10 @@ def create_masks(config: Any, attention_mask: Any, cache: Any, position_ids: tor
     model's original attention implementation)."""
     kwargs = dict(config=config, inputs_embeds=torch.empty((batch, seq, 0), dtype=dtype, device=device),
                   attention_mask=attention_mask, position_ids=position_ids, **{_MASK_CACHE_ARGUMENT: cache})
-    layer_types = set(getattr(config.get_text_config(), "layer_types", None) or ())
-    if _MASK_FUNCTIONS_TAKE_ALL or not layer_types or not layer_types <= set(LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING):
+    all_types = set(getattr(config.get_text_config(), "layer_types", None) or ())
+    layer_types = all_types - set(_STATELESS_LAYER_TYPES)  # MLP-only layers (Nemotron-H) take no mask
+    per_type = not _MASK_FUNCTIONS_TAKE_ALL or layer_types != all_types
+    if not per_type or not layer_types or not layer_types <= set(LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING):
         return create_masks_for_generate(**kwargs)
     kwargs["config"] = config.get_text_config()
     functions = {}

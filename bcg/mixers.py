@@ -24,9 +24,9 @@ from . import hf
 from .attention import ACTIVE_RUN, StackRun, StructureError
 from .live import LIVE
 
-# Arguments a mixer call may carry that differ per call: the break supplies the live ones (or refuses).
-_LIVE_ARGUMENTS = frozenset({"attention_mask", "use_cache", "position_ids", "cache", "cache_params", "past_key_values"})
-_UNSUPPLIED_ARGUMENTS = frozenset({"position_embeddings", "cache_position", "seq_idx", "cu_seqlens"})
+# Arguments a mixer call may carry that differ per call: the break supplies the live ones. Any other tensor argument
+# (position embeddings, sequence indices) would be frozen at its capture value: the model stays eager instead.
+_LIVE_ARGUMENTS = frozenset({"attention_mask", "use_cache", "position_ids", *hf.MIXER_CACHE_ARGUMENTS})
 
 
 @dataclass
@@ -52,7 +52,7 @@ class MixerSlot:
         live = LIVE.get()
         kwargs = dict(self.kwargs)
         if "attention_mask" in self.live_arguments:
-            kwargs["attention_mask"] = live.mask_for(self.mask_key)
+            kwargs["attention_mask"] = _padding_mask(live.mask_for(self.mask_key))
         if "use_cache" in self.live_arguments:
             kwargs["use_cache"] = live.cache is not None
         if "position_ids" in self.live_arguments:
@@ -63,6 +63,12 @@ class MixerSlot:
             raise StructureError(f"{type(self.module).__name__} (layer {self.layer_idx}) returned "
                                  f"{type(result).__name__}, not a hidden-size tensor bcg can bridge")
         live.write_output(self.out, result)
+
+
+def _padding_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """What transformers hands a mixer: the 2D padding mask, or None (a caller's prepared 4D mask says nothing a
+    mixer can use: transformers gives it None then too)."""
+    return mask if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
 
 
 def find_mixers(stack: nn.Module) -> list[nn.Module]:
@@ -96,7 +102,7 @@ def _mixer_forward(module: nn.Module, forward: Callable, *args: Any, **kwargs: A
 
 def _new_slot(run: StackRun, module: nn.Module, forward: Callable, hidden_states: torch.Tensor,
               kwargs: dict) -> MixerSlot:
-    unsupplied = sorted(k for k, v in kwargs.items() if k in _UNSUPPLIED_ARGUMENTS and v is not None)
+    unsupplied = sorted(k for k, v in kwargs.items() if k not in _LIVE_ARGUMENTS and _is_per_call(v))
     if unsupplied:
         raise StructureError(f"{type(module).__name__} (layer {module.layer_idx}) takes {unsupplied} per call, which "
                              "bcg's mixer break cannot supply")
@@ -106,12 +112,19 @@ def _new_slot(run: StackRun, module: nn.Module, forward: Callable, hidden_states
         layer_idx=module.layer_idx,
         layer_type=run.layer_type(module.layer_idx),
         forward=forward,
-        cache_argument=hf.mixer_cache_argument(forward),
+        cache_argument=hf.mixer_cache_argument(module),
         kwargs={k: v for k, v in kwargs.items() if k not in _LIVE_ARGUMENTS},
         live_arguments=frozenset(kwargs) & _LIVE_ARGUMENTS,
         hidden=run.bridges.get("hidden", (width,), dtype),
         out=run.bridges.get("out", (width,), dtype),
     )
+
+
+def _is_per_call(value: Any) -> bool:
+    """A tensor (or tuple of tensors) that is not a weight: it may change from call to call."""
+    if isinstance(value, (tuple, list)):
+        return any(_is_per_call(v) for v in value)
+    return isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter)
 
 
 @contextmanager

@@ -139,8 +139,7 @@ class StackRunner:
         arguments.update(kwargs)
         extra = {k: v for k, v in arguments.items() if k not in KNOWN_ARGUMENTS and v is not None and v is not False}
         call = Call(arguments, extra, _autocast_state(self.device))
-        tokens = call.tokens
-        call.fast = self.fast_decode and isinstance(tokens, torch.Tensor) and tokens.ndim >= 2 and tokens.shape[1] == 1
+        call.fast = self.fast_decode and _is_decode_step(call)
         return call
 
     @property
@@ -148,13 +147,16 @@ class StackRunner:
         return self.disabled_reason is None
 
     # ----- capture -----
-    def capture_all(self, kind: str = "ids") -> None:
-        """Capture every size now, largest first, so smaller buckets reuse the pool the largest one grew."""
+    def capture_all(self) -> None:
+        """Capture every size now (prompts' graphs and, in the fast mode, decode steps' own), largest first, so
+        smaller buckets reuse the pool the largest one grew."""
+        kinds = ["ids", "ids/fast"] if self.fast_decode else ["ids"]
         for size in reversed(self.sizes):
-            if self.disabled_reason is not None:
-                return
-            with self._lock:
-                self._graph(kind, size)
+            for kind in kinds:
+                if self.disabled_reason is not None:
+                    return
+                with self._lock:
+                    self._graph(kind, size)
 
     def _graph(self, kind: str, bucket: int) -> Graph | None:
         key = (kind, bucket)
@@ -218,9 +220,11 @@ class StackRunner:
                 attention_mask=None, use_cache=False, **{self.cache_argument: None},
             )
         if run.breaks != self.expected_breaks:
+            attention = self.expected_breaks - len(self.mixers)
             raise StructureError(
-                f"{run.breaks} attention / mixer calls went through bcg's breaks but the stack has "
-                f"{self.expected_breaks}; some would be captured inside a graph"
+                f"{run.breaks} attention / mixer calls went through bcg's breaks where its layer types promise "
+                f"{attention} attention and {len(self.mixers)} mixer calls; the rest would be captured inside a "
+                "graph (a layer type or mixer bcg does not know: please report it with the transformers version)"
             )
         self.output_cls = type(output)
         return output[0]
@@ -247,8 +251,13 @@ class StackRunner:
         warnings.warn(f"bcg: {reason}; the model stays eager", BcgFallbackWarning, stacklevel=6)
 
     def close(self) -> None:
-        """Free the graphs and stop watching the model (unwrap)."""
+        """Free the graphs and everything made for them, and stop watching the model (unwrap; a handle kept by the
+        caller then holds only the stats)."""
         self.free_graphs()
+        self.decoder.storages.clear()
+        self.bridges.buffers.clear()
+        self.slots.clear()
+        self.static_embeds = None
         self._watch.close()
 
     def free_graphs(self) -> None:
@@ -395,6 +404,12 @@ class StackRunner:
             flat[0, n:bucket].zero_()
             self.static_positions[0, n:bucket].zero_()
             self.bridges.zero_output_tails(n, bucket)
+
+
+def _is_decode_step(call: Call) -> bool:
+    """One token per sequence on top of a cache: a generation step (a one-token prompt is not one)."""
+    tokens = call.tokens
+    return call.cache is not None and isinstance(tokens, torch.Tensor) and tokens.ndim >= 2 and tokens.shape[1] == 1
 
 
 def _positional_parameters(forward: Any) -> list[str]:

@@ -54,7 +54,11 @@ def test_custom_sizes_are_used_and_lazy_false_captures_largest_first():
     handle = bcg.wrap_model(model, capture_sizes=[16, 4, 64, 4], max_num_tokens=64, backend="eager", lazy=False)
     stats = handle.stats()
     assert stats["captured"] == [4, 16, 64]
-    assert list(model._bcg_handle.runner.graphs) == [("ids", 64), ("ids", 16), ("ids", 4)]
+    # mode="fast" (the default): each size's decode-step graph too, so generate() captures nothing later
+    assert list(model._bcg_handle.runner.graphs) == [(kind, size) for size in (64, 16, 4) for kind in ("ids", "ids/fast")]
+    exact = bcg.wrap_model(tiny_model("llama"), capture_sizes=[4, 16], max_num_tokens=16, backend="eager", lazy=False,
+                           mode="exact")
+    assert list(exact.runner.graphs) == [("ids", 16), ("ids", 4)]
 
 
 def test_wrap_twice_returns_same_handle_and_unwrap_twice_warns():
@@ -80,7 +84,10 @@ def test_unwrap_restores_generation_config_and_attention():
 
 def test_stats_have_the_documented_keys():
     stats = bcg.wrap_model(tiny_model("llama"), backend="eager").stats()
-    assert {"replays", "rejects", "captured", "capture_seconds", "graph_bytes"} <= set(stats)
+    documented = {"replays", "full_graph_replays", "rejects", "captured", "captured_graphs", "capture_seconds",
+                  "full_graphs", "graph_bytes", "bridge_bytes", "capture_failures", "invalidations", "numerics",
+                  "fused_kernels", "mode", "attention_kernels", "backend", "ready", "disabled_reason"}
+    assert set(stats) == documented
     assert isinstance(stats["replays"], int) and isinstance(stats["rejects"], dict)
 
 
@@ -237,3 +244,25 @@ def test_fast_mode_gives_decode_steps_graphs_of_their_own_and_prompts_eagers_ker
     graphs = handle.stats()["captured_graphs"]
     assert torch.equal(tokens, expected)
     assert sorted(graph.split(":")[0] for graph in graphs) == sorted(["ids", decode_kind]), graphs
+
+
+def test_a_one_token_prompt_is_not_a_decode_step():
+    """Without a cache a one-token call is a prompt: it replays the prompts' graphs (eager's kernels) in fast mode."""
+    model = tiny_model("llama")
+    handle = bcg.wrap_model(model, backend="eager")
+    with torch.no_grad():
+        model(torch.tensor([[5], [6]]))
+    assert [graph.split(":")[0] for graph in handle.stats()["captured_graphs"]] == ["ids"]
+
+
+def test_unwrap_frees_what_was_made_for_the_graphs_and_keeps_the_stats():
+    model = tiny_model("llama")
+    ids, mask = left_padded_batch()
+    handle = bcg.wrap_model(model, backend="eager", static_cache=True)
+    model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    runner = handle.runner
+    assert runner.decoder.storages and runner.bridges.buffers and runner.slots
+    replays = handle.stats()["replays"]
+    bcg.unwrap_model(model)
+    assert not (runner.decoder.storages or runner.bridges.buffers or runner.slots or runner.graphs)
+    assert handle.stats()["replays"] == replays

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.gpu
 # cannot be captured (those buckets fall back to eager, counted as capture_failed).
 GPU_ARCHITECTURES = ["llama", "qwen3", "mistral", "gemma2", "gpt2", "opt", "phi3", "gemma3_text", "gemma4_text",
                      # hybrid: Gated DeltaNet, Mamba2 beside attention in every layer, short convolutions, Mamba2
-                     "qwen3_5_text", "olmo_hybrid", "falcon_h1", "lfm2", "bamba"]
+                     "qwen3_5_text", "olmo_hybrid", "falcon_h1", "lfm2", "bamba", "nemotron_h"]
 GENERATE = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
 
 
@@ -434,13 +434,13 @@ def test_hybrid_steps_and_mixer_state_equal_eager_on_real_graphs(arch):
     reference = tiny_model(arch, device="cuda")
     model = tiny_model(arch, device="cuda")
     ids, mask = left_padded_batch(device="cuda")
-    expected_logits, expected_cache = _steps(reference, ids, mask)
+    expected_logits, expected_cache, final_mask = _steps(reference, ids, mask)
     handle = bcg.wrap_model(model)
-    logits, cache = _steps(model, ids, mask)
+    logits, cache, _ = _steps(model, ids, mask)
 
     stats = handle.stats()
     assert stats["rejects"] == {} and stats["replays"] == STEPS + 2 and stats["graph_bytes"] > 0
     for got, want in zip(logits, expected_logits):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-    for got, want in zip(_cache_tensors(cache), _cache_tensors(expected_cache), strict=True):
+    for got, want in zip(_cache_tensors(cache, final_mask), _cache_tensors(expected_cache, final_mask), strict=True):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

@@ -13,19 +13,20 @@ from tiny_models import EAGER_HYBRID_ARCHITECTURES, HYBRID_ARCHITECTURES, left_p
 STEPS = 3
 
 
-def _cache_tensors(cache) -> list[torch.Tensor]:
-    """Every tensor a cache holds: keys/values and the mixers' convolution and recurrent states."""
+def _cache_tensors(cache, mask: torch.Tensor) -> list[torch.Tensor]:
+    """Every tensor a cache holds: keys/values at the real positions of ``mask`` (a packed prefill leaves zeros at
+    pads, eager the pad tokens' keys) and the mixers' convolution and recurrent states."""
     tensors = []
     for layer in cache.layers:
         for name in ("keys", "values"):
             if isinstance(getattr(layer, name, None), torch.Tensor):
-                tensors.append(getattr(layer, name))
+                tensors.append(getattr(layer, name).transpose(1, 2)[mask.bool()])
         for name in ("conv_states", "recurrent_states"):
             tensors.extend(t for t in (getattr(layer, name, None) or {}).values() if isinstance(t, torch.Tensor))
     return tensors
 
 
-def _steps(model, ids, mask) -> tuple[list[torch.Tensor], DynamicCache]:
+def _steps(model, ids, mask) -> tuple[list[torch.Tensor], DynamicCache, torch.Tensor]:
     """Prefill, a 2-token continuation, then greedy decode steps, each with the 2D mask generate() would pass."""
     cache = DynamicCache(config=model.config)
     logits = []
@@ -38,7 +39,7 @@ def _steps(model, ids, mask) -> tuple[list[torch.Tensor], DynamicCache]:
             out = model(input_ids=tokens, attention_mask=mask, **{_cache_name(model): cache}, use_cache=True)
             logits.append(out.logits[:, -1])
             tokens = out.logits[:, -1:].argmax(-1)
-    return logits, cache
+    return logits, cache, mask
 
 
 def _cache_name(model) -> str:
@@ -50,15 +51,15 @@ def test_each_step_and_the_state_left_in_the_cache_equal_eagers(arch):
     reference = tiny_model(arch)
     model = tiny_model(arch)
     ids, mask = left_padded_batch()
-    expected_logits, expected_cache = _steps(reference, ids, mask)
+    expected_logits, expected_cache, final_mask = _steps(reference, ids, mask)
 
     handle = bcg.wrap_model(model, backend="eager")
-    logits, cache = _steps(model, ids, mask)
+    logits, cache, _ = _steps(model, ids, mask)
 
     assert handle.stats()["rejects"] == {} and handle.stats()["replays"] == STEPS + 2
     for got, want in zip(logits, expected_logits):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-    got_tensors, want_tensors = _cache_tensors(cache), _cache_tensors(expected_cache)
+    got_tensors, want_tensors = _cache_tensors(cache, final_mask), _cache_tensors(expected_cache, final_mask)
     assert len(got_tensors) == len(want_tensors) > 0
     assert any(t is layer.conv_states.get(0) for layer in cache.layers for t in got_tensors
                if hasattr(layer, "conv_states"))  # the mixers' states are among them
@@ -152,3 +153,23 @@ def test_static_cache_generate_and_sampling_equal_eagers(arch):
 
     assert torch.equal(tokens_static, expected_static) and torch.equal(tokens_sampled, expected_sampled)
     assert handle.stats()["rejects"] == {} and handle.stats()["full_graph_replays"] == 0
+
+
+@pytest.mark.parametrize("arch", ["qwen3_5_text", "lfm2", "bamba"])
+def test_a_prepared_4d_mask_gives_the_mixers_what_transformers_gives_them(arch):
+    """A caller's 4D float mask: attention reads it, the mixers get None (as transformers hands them), and the
+    logits equal eager's."""
+    reference = tiny_model(arch)
+    model = tiny_model(arch)
+    ids, mask = left_padded_batch()
+    seq = ids.shape[1]
+    allowed = torch.ones(seq, seq).tril().bool()[None, None] & mask.bool()[:, None, None, :]
+    mask_4d = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    with torch.no_grad():
+        expected = reference(input_ids=ids, attention_mask=mask_4d).logits
+    handle = bcg.wrap_model(model, backend="eager")
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask_4d).logits
+    assert handle.stats()["replays"] == 1 and handle.stats()["rejects"] == {}
+    real = mask.bool()
+    torch.testing.assert_close(logits[real], expected[real], atol=1e-4, rtol=1e-4)

@@ -35,6 +35,9 @@ HYBRID_ARCHITECTURES: dict[str, dict] = {
     # every layer runs a Mamba2 mixer and attention side by side: two breaks per layer
     "falcon_h1": dict(_MAMBA2, head_dim=16, mamba_d_ssm=128),
     "lfm2": dict(num_hidden_layers=4, layer_types=["conv", _FULL, "conv", "conv"], conv_L_cache=3),
+    # Mamba2, attention, Mamba2, then an MLP-only layer (no mask, no cache state)
+    "nemotron_h": dict(num_hidden_layers=4, head_dim=16, mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=16,
+                       n_groups=1, chunk_size=16, hybrid_override_pattern="M*M-"),
 }
 # Hybrid models bcg leaves eager, with a warning: Zamba2's shared attention block takes its cache slot per call and
 # its mixers per-call position embeddings; MiniMax's lightning attention replaces its state tensor every step.
