@@ -231,6 +231,9 @@ def model_unsupported_reason(model: Any, config: Any, stack_forward: Any, mixer_
     if not hf.uses_attention_interface(model):
         return f"{type(model).__name__}'s attention does not go through transformers' AttentionInterface"
     missing = hf.missing_stack_arguments(stack_forward)
+    if missing and hf.attention_layers(config, getattr(config, "num_hidden_layers", 0) or 0) == 0:
+        return ("an attention-free model (every layer a state-space mixer, as in Mamba): its stack takes no "
+                f"{missing}, and bcg replays only stacks with attention")
     if missing:
         return (f"the stack's forward does not take {missing}, which bcg needs to replay it (a transformers "
                 "version bcg does not know?)")

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from .buckets import DEFAULT_MAX_NUM_TOKENS
-from .wrap import BcgHandle, unwrap_model, wrap_model
+from .wrap import BcgHandle, speed_choices, unwrap_model, wrap_model
 
 try:
     import lm_eval
@@ -302,8 +302,11 @@ def _is_score(metric: str, value: Any) -> bool:
 
 
 def default_acceptance(model_args: dict[str, Any]) -> str:
-    """The acceptance a comparison of ``model_args``' mode should pass: ``exact`` for mode=exact, else ``score``."""
-    return "exact" if model_args.get("mode") == "exact" else "score"
+    """The acceptance ``model_args``' choices should pass: ``exact`` when they leave every kernel eager's (mode=exact
+    without overrides, or both overrides off), else ``score``."""
+    choices = speed_choices(model_args.get("mode", "fast"), model_args.get("attention_kernels"),
+                            model_args.get("fused_kernels"), device=None)
+    return "score" if choices.fast_decode else "exact"
 
 
 def acceptance_failures(comparison: Comparison, accept: str, *, min_agreement: float = MIN_AGREEMENT,

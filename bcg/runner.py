@@ -196,7 +196,8 @@ class StackRunner:
         return graph
 
     def _fused(self, kind: str) -> Any:
-        """The fused kernels in place while a graph of ``kind`` is captured: only fast decode graphs hold them."""
+        """The fused kernels in place for one run of the stack for a graph of ``kind`` (a capture, or an eager-backend
+        replay): only fast decode graphs, breakable or full, hold them."""
         return self.fusions.installed() if self.fusions and kind.endswith("/fast") else nullcontext()
 
     def _run_plain(self, kind: str, **inputs: Any) -> torch.Tensor:

@@ -123,8 +123,9 @@ def _use_capturable_experts(model: Any, restore: _Restore) -> None:
 
 
 def speed_choices(mode: str, attention_kernels: str | None, fused_kernels: bool | None,
-                  device: torch.device) -> SpeedChoices:
-    """``mode``'s attention kernels and fusion, each overridable; ``fast`` fuses only where fused kernels can run."""
+                  device: torch.device | None) -> SpeedChoices:
+    """``mode``'s attention kernels and fusion, each overridable; ``fast`` fuses only where fused kernels can run
+    (``device`` None: as if they could, e.g. to know what a run elsewhere would choose)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if attention_kernels is None:
@@ -132,7 +133,7 @@ def speed_choices(mode: str, attention_kernels: str | None, fused_kernels: bool 
     elif attention_kernels not in _ATTENTION_KERNELS:
         raise ValueError(f"attention_kernels must be one of {_ATTENTION_KERNELS} or None (from mode), "
                          f"got {attention_kernels!r}")
-    why_not_fused = unavailable_reason(device)
+    why_not_fused = unavailable_reason(device) if device is not None else None
     asked = fused_kernels is True
     if fused_kernels is None:
         fused_kernels = mode == "fast" and why_not_fused is None

@@ -5,7 +5,7 @@
     python scripts/profile_breaks.py --model qwen3-0.6b --decode                      # generate(), bs 1
     python scripts/profile_breaks.py --model qwen3.5-like-2b --decode   # a hybrid: host µs per break by mixer type
 
-The break body's host time is the budget (see DESIGN.md): this script times every break and every CUDA graph
+A break body's host time is what a small model's step is made of: this script times every break and every CUDA graph
 segment of one replay on the host, then lists the GPU kernels of eager and bcg side by side (torch.profiler)
 with the GPU busy time per call. ``--decode`` also times a plain forward loop (no generate()) to separate
 generate()'s own per-step host time from the model's.

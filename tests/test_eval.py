@@ -203,3 +203,15 @@ def test_compare_rejects_different_models(model_dir: Path, tmp_path: Path, local
     assert [f.split(":")[0] for f in acceptance_failures(comparison, "score")] == ["mgsm_direct_en_local bs=4"]
     with pytest.raises(ValueError, match="accept must be one of"):
         acceptance_failures(comparison, "close")
+
+
+@pytest.mark.parametrize("model_args, acceptance", [
+    ({}, "score"),
+    ({"mode": "exact"}, "exact"),
+    ({"mode": "exact", "attention_kernels": "fast"}, "score"),
+    ({"mode": "fast", "attention_kernels": "eager", "fused_kernels": False}, "exact"),
+])
+def test_default_acceptance_follows_the_kernels_chosen(model_args, acceptance) -> None:
+    from bcg.eval import default_acceptance
+
+    assert default_acceptance(model_args) == acceptance

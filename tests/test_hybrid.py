@@ -173,3 +173,13 @@ def test_a_prepared_4d_mask_gives_the_mixers_what_transformers_gives_them(arch):
     assert handle.stats()["replays"] == 1 and handle.stats()["rejects"] == {}
     real = mask.bool()
     torch.testing.assert_close(logits[real], expected[real], atol=1e-4, rtol=1e-4)
+
+
+def test_an_attention_free_model_stays_eager_saying_so():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("mamba", hidden_size=64, num_hidden_layers=2, state_size=8, vocab_size=128)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with pytest.warns(bcg.BcgFallbackWarning, match="attention-free model"):
+        handle = bcg.wrap_model(model, backend="eager")
+    assert not handle.stats()["ready"]
