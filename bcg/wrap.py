@@ -185,7 +185,9 @@ def wrap_model(
             every step) and, where triton is installed, hold fused Triton kernels for Llama-style RMSNorm and
             rotary code (one launch instead of 8-10). Prompts and every multi-token call (log-likelihoods) run
             eager's kernels as in ``"exact"``: their outputs are exact mode's; generated bf16 text can fork from
-            eager's by rounding (README: MGSM). ``"exact"``: eager's kernels everywhere: token-identical text.
+            eager's by rounding (README: MGSM). ``"exact"``: eager's kernels everywhere (MGSM on a real model:
+            identical text and log-likelihoods; bf16 near-ties may still flip where a bucket's flat token run
+            changes a matmul's shape).
         static_cache: make ``generate()`` calls that choose no cache use a static cache sized per call, so every
             decode step replays as one graph, attention and cache update included (no breaks). Any call given a
             full-attention ``StaticCache`` gets that anyway; sliding-window static caches keep the breaks.
