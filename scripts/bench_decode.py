@@ -11,6 +11,8 @@ bandwidth measured here with a large device-to-device copy.
     python scripts/bench_decode.py --model llama-3.1-8b --skip-compile
     python scripts/bench_decode.py --model qwen3-8b --batches 1 8 --contexts 256 --skip-compile --exact
     python scripts/bench_decode.py --static                # + bcg on generate()'s static cache, beside hf-compile
+    python scripts/bench_decode.py --batches 32 --contexts 128 --spread 0.5 --new-tokens 128 --skip-compile
+                                                           # 32 requests of 64..192 tokens: multi-request generation
     python scripts/bench_decode.py --model tiny --batches 1 2 --contexts 16 --new-tokens 4 --out-dir /tmp/bench
 """
 
@@ -56,6 +58,7 @@ from benchutil import (
     stats_since,
     timed,
 )
+from bench_prefill import make_batch
 from presets import decode_weight_bytes, kv_bytes_per_token, pad_token_id
 
 # Two shapes, so two compiles of HF's peer (~40 s each): the default run stays within ~4 minutes on qwen3-0.6b.
@@ -72,15 +75,25 @@ Generate = Callable[[int], torch.Tensor]
 
 @dataclass
 class Shape:
-    """``batch`` prompts of ``context`` random tokens (no padding)."""
+    """``batch`` prompts of ``context`` random tokens on average: all that long (no padding), or with ``--spread``
+    of seeded lengths, left-padded as HF users batch them."""
 
     batch: int
     context: int
     input_ids: torch.Tensor
+    attention_mask: torch.Tensor
 
     @property
     def key(self) -> tuple[int, int]:
         return self.batch, self.context
+
+    @property
+    def padded_length(self) -> int:
+        return self.input_ids.shape[1]
+
+    @property
+    def real_tokens(self) -> int:
+        return int(self.attention_mask.sum())
 
 
 @dataclass
@@ -100,22 +113,26 @@ class Measurement:
         return (self.n_s - self.one_s) / (new_tokens - 1) * 1e3
 
 
-def make_shape(batch: int, context: int, vocab: int, seed: int, device: torch.device) -> Shape:
-    ids = torch.randint(0, vocab, (batch, context), generator=point_generator(seed, batch, context))
-    return Shape(batch, context, ids.to(device))
+def make_shape(batch: int, context: int, vocab: int, seed: int, spread: float, pad: int,
+               device: torch.device) -> Shape:
+    if spread == 0:
+        ids = torch.randint(0, vocab, (batch, context), generator=point_generator(seed, batch, context)).to(device)
+        return Shape(batch, context, ids, torch.ones_like(ids))
+    prompts = make_batch(batch, context, spread, vocab, pad, seed, device)  # bench_prefill's requests
+    return Shape(batch, context, prompts.input_ids, prompts.attention_mask)
 
 
 def make_generate(contender: Contender, model: PreTrainedModel, shape: Shape, new_tokens: int) -> Generate:
     """``generate(n)``: n greedy tokens, never stopping early, with the contender's cache."""
     kwargs: dict[str, Any] = {
-        "attention_mask": torch.ones_like(shape.input_ids), "do_sample": False, "eos_token_id": None,
+        "attention_mask": shape.attention_mask, "do_sample": False, "eos_token_id": None,
         "pad_token_id": pad_token_id(model.config), **contender.generate,
     }
     cache = None
     if contender is COMPILED:
         # One StaticCache per shape, reset in place between calls. cache_implementation="static" would make a
         # fresh cache per call, and torch re-records CUDA graphs whenever a static-address input moves.
-        cache = StaticCache(config=model.config, max_cache_len=shape.context + new_tokens)
+        cache = StaticCache(config=model.config, max_cache_len=shape.padded_length + new_tokens)
         kwargs[cache_argument(model.forward)] = cache
         if model.device.type == "cuda":  # HF compiles on accelerators only (it warns when asked on CPU)
             kwargs["compile_config"] = COMPILE_CONFIG
@@ -124,7 +141,7 @@ def make_generate(contender: Contender, model: PreTrainedModel, shape: Shape, ne
         if cache is not None:
             cache.reset()
         output = model.generate(shape.input_ids, max_new_tokens=n, min_new_tokens=n, **kwargs)
-        return output[:, shape.context:]
+        return output[:, shape.padded_length:]
 
     return generate
 
@@ -182,7 +199,7 @@ class Floors:
     def ms(self, shape: Shape, new_tokens: int, with_kv: bool) -> float | None:
         if self.bandwidth is None:
             return None
-        cached = shape.batch * (shape.context + new_tokens / 2)  # mean cache length over the generation
+        cached = shape.real_tokens + shape.batch * new_tokens / 2  # mean cache length over the generation
         total = self.weight_bytes + (cached * self.kv_bytes_per_token if with_kv else 0)
         return total / self.bandwidth * 1e3
 
@@ -195,7 +212,7 @@ def decode_check(contender: Contender, measurement: Measurement, same_tokens: fl
     if measurement.stats is None:  # not bcg
         return "ok"
     # one prefill per generate(N) and one per generate(1)
-    expected = expected_stats(shape.batch * shape.context, 2 * args.repeats, args.max_num_tokens,
+    expected = expected_stats(shape.real_tokens, 2 * args.repeats, args.max_num_tokens,
                               steps=args.repeats * (args.new_tokens - 1))
     return check(measurement.stats, expected, same_tokens == 1.0, device)
 
@@ -252,7 +269,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="leave out HF's static cache + torch.compile peer (~40 s of compile per shape)")
     parser.add_argument("--static", action="store_true",
                         help="also measure bcg-static: wrapped with static_cache=True (full-graph decode steps)")
+    parser.add_argument("--spread", type=float, default=0.0,
+                        help="prompt lengths uniform in [1 - spread, 1 + spread] x context, left-padded (bench_prefill's "
+                             "requests); default 0: every prompt exactly --contexts long, no padding")
     args = parser.parse_args(argv)
+    if not 0 <= args.spread < 1:
+        parser.error(f"--spread must be in [0, 1), got {args.spread}")
     if args.new_tokens is not None and args.new_tokens < 2:
         parser.error("--new-tokens must be at least 2 (per-token time subtracts generate(1))")
     return args
@@ -264,7 +286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     model, device = bench.model, bench.device
     floors = Floors(decode_weight_bytes(model), kv_bytes_per_token(model.config, model.dtype), hbm_bandwidth(device))
     vocab = model.config.get_text_config(decoder=True).vocab_size
-    shapes = [make_shape(b, c, vocab, args.seed, device) for c in args.contexts for b in args.batches]
+    pad = pad_token_id(model.config)
+    shapes = [make_shape(b, c, vocab, args.seed, args.spread, pad, device) for c in args.contexts for b in args.batches]
     ran = contenders(exact=args.exact, compiled=not args.skip_compile, static=args.static)
     if COMPILED in ran and device.type != "cuda":
         print(f"{COMPILED.name} on {device.type}: static cache only, HF's generate() compiles on accelerators only")
@@ -272,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = bench.run(ran, partial(run_contender, model=model, shapes=shapes, args=args, device=device))
     rows = [make_row(c, s, results, floors, args, device) for s in shapes for c in ran]
     title = f"Decode, {bench.name}: {args.new_tokens} new tokens ({device_tag(device)})"
-    settings = {"new_tokens": args.new_tokens, "repeats": args.repeats,
+    settings = {"new_tokens": args.new_tokens, "repeats": args.repeats, "spread": args.spread,
                 "compile_config": COMPILE_CONFIG.to_dict() if COMPILED in ran else None}
     bandwidth_gb_s = floors.bandwidth / 1e9 if floors.bandwidth else None
     extra = {"floors": {"decode_weight_bytes": floors.weight_bytes, "kv_bytes_per_token": floors.kv_bytes_per_token,
@@ -283,6 +306,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 NOTES = """\
 `generate(input_ids, attention_mask, do_sample=False, min_new_tokens=N, max_new_tokens=N, eos_token_id=None)`.
+With `--spread` > 0 the prompts have seeded lengths uniform in [1 - spread, 1 + spread] x context (context: their
+mean), left-padded with a mask, as bench_prefill's requests; tok_s counts generated tokens of all of them.
 eager: HF's default DynamicCache. hf-compile: a StaticCache (max_cache_len = context + N, made once per shape and
 reset in place between calls) passed as the cache argument, with which generate() auto-compiles its decode forward
 (CompileConfig(mode="reduce-overhead", fullgraph=False), HF's default; the prefill is not compiled); run on the

@@ -93,6 +93,22 @@ def test_bench_decode_tiny(tmp_path):
     assert _plotted(tmp_path / "decode_tiny.png")
 
 
+def test_bench_decode_multi_request_prompts_of_spread_lengths(tmp_path):
+    """--spread: left-padded prompts of seeded lengths, as multi-request generation runs them; bcg packs the prefill
+    and replays every step with eager's tokens."""
+    code = bench_decode.main(["--model", "tiny", "--device", "cpu", "--batches", "4", "--contexts", "8", "--spread",
+                              "0.5", "--new-tokens", "3", "--repeats", "1", "--skip-compile", "--out-dir",
+                              str(tmp_path), "--out-name", "spread"])
+    assert code == 0
+    payload = json.loads((tmp_path / "spread.json").read_text())
+    assert payload["settings"]["spread"] == 0.5
+    shape = bench_decode.make_shape(4, 8, 512, 0, 0.5, 0, torch.device("cpu"))
+    assert shape.real_tokens < shape.batch * shape.padded_length  # the prompts really are padded
+    for row in _rows(tmp_path / "spread.json"):
+        assert row["check"] == "ok" and row["same_tokens"] == 1.0
+        assert row["contender"] == "eager" or (row["rejects"] == "0" and row["replays"] == 4)
+
+
 def test_bench_capture_tiny(tmp_path):
     assert bench_capture.main(["--model", "tiny", "--device", "cpu", "--out-dir", str(tmp_path)]) == 0
     (row,) = _rows(tmp_path / "capture_tiny.json")
