@@ -183,3 +183,26 @@ def test_an_attention_free_model_stays_eager_saying_so():
     with pytest.warns(bcg.BcgFallbackWarning, match="attention-free model"):
         handle = bcg.wrap_model(model, backend="eager")
     assert not handle.stats()["ready"]
+
+
+@pytest.mark.parametrize("arch", ["qwen3_5_text", "lfm2", "jamba"])
+def test_inputs_embeds_and_bf16_autocast_equal_eagers(arch):
+    """Prompts given as embeddings (graph kind "embeds") and generate() under bf16 autocast (graphs per autocast state)
+    with the mixers as breaks give eager's tokens."""
+    reference = tiny_model(arch)
+    model = tiny_model(arch)
+    ids, mask = left_padded_batch()
+    generate = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    embeds = reference.get_input_embeddings()(ids)
+    expected_embeds = reference.generate(inputs_embeds=embeds, attention_mask=mask, **generate)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected_autocast = reference.generate(ids, attention_mask=mask, **generate)
+
+    handle = bcg.wrap_model(model, backend="eager")
+    tokens_embeds = model.generate(inputs_embeds=embeds, attention_mask=mask, **generate)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        tokens_autocast = model.generate(ids, attention_mask=mask, **generate)
+
+    assert torch.equal(tokens_embeds, expected_embeds) and torch.equal(tokens_autocast, expected_autocast)
+    kinds = {graph.split(":")[0] for graph in handle.stats()["captured_graphs"]}
+    assert {"embeds", "ids@autocast-bfloat16"} <= kinds and handle.stats()["rejects"] == {}
