@@ -4,7 +4,9 @@ While a stack runs under bcg (warm-up, capture, or an eager-backend replay) its 
 ``bcg_attention_forward`` instead of sdpa/flash/eager. That function copies q/k/v into owned bridge buffers
 (captured into the current graph segment), ends the segment with a break, and returns the output bridge,
 which the next segment reads. The break body runs eagerly on every replay: it reads the bridges, updates
-the live KV cache and calls the model's *original* attention function with the live mask.
+the live KV cache and calls the model's *original* attention function with the live mask. A hybrid model's
+stateful mixers are breaks of the same run (``mixers.py``): every break takes the next ``Slot`` of the ``StackRun``
+and shares its ``Bridges``.
 
 bcg registers no mask function on purpose: for an implementation unknown to ``AttentionMaskInterface``,
 ``masking_utils`` returns ``None`` before building anything, so no mask kernels or host syncs land in a graph.
