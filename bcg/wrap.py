@@ -10,13 +10,13 @@ from typing import Any
 import torch
 
 from . import hf, patching
-from .backends import make_backend
+from .backends import Backend, make_backend
 from .buckets import DEFAULT_MAX_NUM_TOKENS, resolve_capture_sizes, validate_max_num_tokens
 from .eligibility import model_unsupported_reason
 from .errors import BcgFallbackWarning, BcgWarning
 from .fusion import Fusions, find_fusions, unavailable_reason
 from .mixers import find_mixers
-from .resolve import find_stack
+from .resolve import Stack, find_stack
 from .runner import StackRunner
 from .stats import Stats
 
@@ -222,14 +222,28 @@ def wrap_model(
     if reason is not None:
         warnings.warn(f"bcg: {type(model).__name__} stays eager: {reason}", BcgFallbackWarning, stacklevel=2)
         handle = BcgHandle(model, None, backend_name, reason, restore, choices)
-        setattr(model, _HANDLE_ATTRIBUTE, handle)
-        return handle
+    else:
+        graph_backend = make_backend(backend_name, device, choices.attention_kernels)
+        runner = _patch_stack(model, stack, mixers, restore, graph_backend, sizes, debug, choices, static_cache)
+        handle = BcgHandle(model, runner, backend_name, None, restore, choices)
+        logger.info("bcg: wrapped %s at '%s' (%d layers, %d mixers), backend=%s, mode=%s, sizes=%s",
+                    type(model).__name__, stack.path, len(stack.layers), len(mixers), backend_name, choices.mode,
+                    sizes)
+    setattr(model, _HANDLE_ATTRIBUTE, handle)
+    if handle.runner is not None and not lazy:
+        handle.runner.capture_all()
+    return handle
 
-    if backend_name == "cuda":
+
+def _patch_stack(model: Any, stack: Stack, mixers: list[torch.nn.Module], restore: _Restore, backend: Backend,
+                 sizes: list[int], debug: bool | str, choices: SpeedChoices, static_cache: bool) -> StackRunner:
+    """Build the runner and patch the stack's forward (and generate()'s cache and compile choices) to it; what is
+    changed goes into ``restore``."""
+    if backend.name == "cuda":
         _use_capturable_experts(model, restore)
     fusions = _fusions(stack.module, choices.fused_asked) if choices.fused_kernels else None
-    runner = StackRunner(model, stack, make_backend(backend_name, device, choices.attention_kernels), sizes,
-                         debug=debug, fusions=fusions, fast_decode=choices.fast_decode, mixers=mixers)
+    runner = StackRunner(model, stack, backend, sizes, debug=debug, fusions=fusions, fast_decode=choices.fast_decode,
+                         mixers=mixers)
     restore.stack = stack.module
     restore.instance_forward = stack.module.__dict__.get("forward")
     patching.patch(stack.module, "forward", runner.forward)
@@ -237,16 +251,10 @@ def wrap_model(
     if not hf.prevent_auto_compile(model):
         warnings.warn("bcg: this transformers has no hook to keep generate() from compiling the forward; a static "
                       "cache may make generate() trace the model with torch.compile instead of replaying",
-                      BcgWarning, stacklevel=2)
+                      BcgWarning, stacklevel=3)
     if static_cache:
         hf.default_to_static_cache(model)
-    handle = BcgHandle(model, runner, backend_name, None, restore, choices)
-    setattr(model, _HANDLE_ATTRIBUTE, handle)
-    logger.info("bcg: wrapped %s at '%s' (%d layers), backend=%s, mode=%s, sizes=%s",
-                type(model).__name__, stack.path, len(stack.layers), backend_name, choices.mode, sizes)
-    if not lazy:
-        runner.capture_all()
-    return handle
+    return runner
 
 
 def unwrap_model(model: Any) -> Any:
