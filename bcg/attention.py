@@ -145,6 +145,7 @@ class StackRun:
     original_implementation: str | None
     layer_types: list[str] | None
     break_fn: Callable[[Slot], None]
+    layer_of: dict[int, int] = field(default_factory=dict)  # id(module) -> index of the stack layer holding it
     breaks: int = 0
     _seen: set = field(default_factory=set)
     _stored_types: set = field(default_factory=set)
@@ -184,11 +185,20 @@ class StackRun:
             self._stored_types.add(slot.layer_type)
         return slot
 
-    def _new_slot(self, module, query, key, value, kwargs) -> BreakSlot:
+    def _cache_slot(self, module: nn.Module) -> int:
+        """The cache layer an attention module updates: its ``layer_idx``; for a shared block that takes the slot per
+        call (its forward's ``layer_idx`` argument; Zamba2, whose attribute is -1), the stack layer holding it."""
         layer_idx = getattr(module, "layer_idx", len(self.slots))
-        if not isinstance(layer_idx, int) or layer_idx < 0:
-            raise StructureError(f"{type(module).__name__} has layer_idx {layer_idx!r}: a shared attention block whose "
-                                 "cache slot is passed per call (Zamba2)")
+        if isinstance(layer_idx, int) and layer_idx >= 0:
+            return layer_idx
+        holder = self.layer_of.get(id(module))
+        if holder is None or "layer_idx" not in hf.forward_parameters(type(module).forward):
+            raise StructureError(f"{type(module).__name__} has layer_idx {layer_idx!r} and bcg cannot tell which cache "
+                                 "layer it updates")
+        return holder
+
+    def _new_slot(self, module, query, key, value, kwargs) -> BreakSlot:
+        layer_idx = self._cache_slot(module)
         layer_type = self.layer_type(layer_idx)
         heads, _, dim = query.shape[1:]
         kv_heads, _, k_dim = key.shape[1:]

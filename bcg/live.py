@@ -52,6 +52,15 @@ class LiveContext:
         """A ``[tokens, H, D]`` bridge's live tokens as ``[B, H, S, D]``."""
         return self._input(bridge, heads_first=True)
 
+    def relayout(self, flat: torch.Tensor) -> torch.Tensor:
+        """A tensor the graph computed per token of its flat run (``[1, bucket, ...]``) in the call's ``[B, S, ...]``
+        layout (pad rows zero); made anew on each call (no view cache: ``flat`` may be a temporary)."""
+        tokens = flat[0, : self.num_tokens]
+        if self.rows is None:
+            return tokens.view(self.batch, self.seq, *tokens.shape[1:])
+        padded = tokens.new_zeros(self.batch * self.seq, *tokens.shape[1:])
+        return padded.index_copy_(0, self.rows, tokens).view(self.batch, self.seq, *tokens.shape[1:])
+
     def _input(self, bridge: torch.Tensor, heads_first: bool) -> torch.Tensor:
         # Every layer reads the same bridges: the views are made once per call (a break's host time is per layer).
         key = (id(bridge), heads_first)

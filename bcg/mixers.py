@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,7 +25,8 @@ from .attention import ACTIVE_RUN, StackRun, StructureError
 from .live import LIVE
 
 # Arguments a mixer call may carry that differ per call: the break supplies the live ones. Any other tensor argument
-# (position embeddings, sequence indices) would be frozen at its capture value: the model stays eager instead.
+# (Zamba2's position embeddings) is what the graph computed from its static inputs: the break hands the mixer the
+# tensors of the bucket it replays (a CUDA graph rewrites them in place), laid out as the call's [B, S] tokens.
 _LIVE_ARGUMENTS = frozenset({"attention_mask", "use_cache", "position_ids", *hf.MIXER_CACHE_ARGUMENTS})
 
 
@@ -42,6 +43,8 @@ class MixerSlot:
     live_arguments: frozenset  # per-call arguments the model passed, refilled from the live context
     hidden: torch.Tensor
     out: torch.Tensor
+    returns_tuple: bool = False  # the mixer returns (hidden, extra): the model gets (bridge, None)
+    graph_tensors: dict = field(default_factory=dict)  # bucket -> tensor arguments that graph computed
 
     @property
     def mask_key(self) -> str:
@@ -57,8 +60,12 @@ class MixerSlot:
             kwargs["use_cache"] = live.cache is not None
         if "position_ids" in self.live_arguments:
             kwargs["position_ids"] = live.position_ids
+        for name, value in self.graph_tensors.get(live.bucket, {}).items():
+            kwargs[name] = _relaid(value, live)
         result = self.forward(hidden_states=live.token_input(self.hidden), **kwargs,
                               **{self.cache_argument: live.cache})
+        if isinstance(result, tuple) and result:
+            self.returns_tuple, result = True, result[0]
         if not isinstance(result, torch.Tensor) or result.shape[-1] != self.out.shape[-1]:
             raise StructureError(f"{type(self.module).__name__} (layer {self.layer_idx}) returned "
                                  f"{type(result).__name__}, not a hidden-size tensor bcg can bridge")
@@ -94,18 +101,17 @@ def _mixer_forward(module: nn.Module, forward: Callable, *args: Any, **kwargs: A
     if not isinstance(slot, MixerSlot):
         raise StructureError(f"{type(module).__name__} (layer {module.layer_idx}) ran as a mixer where bcg saw "
                              "attention at first capture")
+    slot.graph_tensors[LIVE.get().bucket] = {k: v for k, v in kwargs.items()
+                                             if k not in _LIVE_ARGUMENTS and _is_per_call(v)}
     n = hidden_states.shape[1]
     slot.hidden[:n].copy_(hidden_states[0])
     run.break_fn(slot)
-    return slot.out[:n].unsqueeze(0)
+    output = slot.out[:n].unsqueeze(0)
+    return (output, None) if slot.returns_tuple else output
 
 
 def _new_slot(run: StackRun, module: nn.Module, forward: Callable, hidden_states: torch.Tensor,
               kwargs: dict) -> MixerSlot:
-    unsupplied = sorted(k for k, v in kwargs.items() if k not in _LIVE_ARGUMENTS and _is_per_call(v))
-    if unsupplied:
-        raise StructureError(f"{type(module).__name__} (layer {module.layer_idx}) takes {unsupplied} per call, which "
-                             "bcg's mixer break cannot supply")
     width, dtype = hidden_states.shape[-1], hidden_states.dtype
     return MixerSlot(
         module=module,
@@ -113,11 +119,21 @@ def _new_slot(run: StackRun, module: nn.Module, forward: Callable, hidden_states
         layer_type=run.layer_type(module.layer_idx),
         forward=forward,
         cache_argument=hf.mixer_cache_argument(module),
-        kwargs={k: v for k, v in kwargs.items() if k not in _LIVE_ARGUMENTS},
+        kwargs={k: v for k, v in kwargs.items() if k not in _LIVE_ARGUMENTS and not _is_per_call(v)},
         live_arguments=frozenset(kwargs) & _LIVE_ARGUMENTS,
         hidden=run.bridges.get("hidden", (width,), dtype),
         out=run.bridges.get("out", (width,), dtype),
     )
+
+
+def _relaid(value: Any, live: Any) -> Any:
+    """A graph-computed argument for the live call: per-token tensors (``[1, bucket, ...]``) in its ``[B, S]``
+    layout, anything else as it is."""
+    if isinstance(value, (tuple, list)):
+        return type(value)(_relaid(v, live) for v in value)
+    if isinstance(value, torch.Tensor) and value.ndim >= 2 and value.shape[:2] == (1, live.bucket):
+        return live.relayout(value)
+    return value
 
 
 def _is_per_call(value: Any) -> bool:

@@ -58,6 +58,7 @@ class StackRunner:
         self.target = Target(stack.module, self.config, self.device, self.dtype, sizes)
         self.mixers = mixers or []  # stateful token mixers (hybrid models): breaks like attention
         self.expected_breaks = hf.attention_layers(self.config, len(stack.layers)) + len(self.mixers)
+        self.layer_of = {id(module): i for i, layer in enumerate(stack.layers) for module in layer.modules()}
 
         max_tokens = sizes[-1]
         self.bridges = Bridges(max_tokens, self.device)
@@ -210,7 +211,8 @@ class StackRunner:
     def _run_stack(self, kind: str, bucket: int) -> torch.Tensor:
         """One run of the original stack forward on the static inputs, attention routed through the breaks."""
         slots = self.slots.setdefault(kind, [])
-        run = StackRun(slots, self.bridges, self.original_implementation, self.layer_types, self.break_fn)
+        run = StackRun(slots, self.bridges, self.original_implementation, self.layer_types, self.break_fn,
+                       self.layer_of)
         if kind.startswith("ids"):
             inputs = {"input_ids": self.static_ids[:, :bucket]}
         else:

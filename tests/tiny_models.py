@@ -35,15 +35,17 @@ HYBRID_ARCHITECTURES: dict[str, dict] = {
     # every layer runs a Mamba2 mixer and attention side by side: two breaks per layer
     "falcon_h1": dict(_MAMBA2, head_dim=16, mamba_d_ssm=128),
     "lfm2": dict(num_hidden_layers=4, layer_types=["conv", _FULL, "conv", "conv"], conv_L_cache=3),
+    # Mamba2 layers, and hybrid layers: a shared attention block (its cache slot passed per call; tied weights) then
+    # a Mamba2 mixer that receives the graph's position embeddings
+    "zamba2": dict(num_hidden_layers=4, layers_block_type=["mamba", "hybrid", "mamba", "hybrid"], n_mamba_heads=8,
+                   mamba_d_state=16, mamba_ngroups=1, chunk_size=16, attention_head_dim=32, use_mem_rope=True),
     # Mamba2, attention, Mamba2, then an MLP-only layer (no mask, no cache state)
     "nemotron_h": dict(num_hidden_layers=4, head_dim=16, mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=16,
                        n_groups=1, chunk_size=16, hybrid_override_pattern="M*M-"),
 }
-# Hybrid models bcg leaves eager, with a warning: Zamba2's shared attention block takes its cache slot per call and
-# its mixers per-call position embeddings; MiniMax's lightning attention replaces its state tensor every step.
+# Hybrid models bcg leaves eager, with a warning: MiniMax's lightning attention keeps its state in a list of its own
+# cache class, replaced every step.
 EAGER_HYBRID_ARCHITECTURES: dict[str, dict] = {
-    "zamba2": dict(num_hidden_layers=4, layers_block_type=["mamba", "hybrid", "mamba", "hybrid"], n_mamba_heads=8,
-                   mamba_d_state=16, mamba_ngroups=1, chunk_size=16, attention_head_dim=32, use_mem_rope=True),
     "minimax": dict(num_hidden_layers=4, head_dim=16, layer_types=[_FULL, _LINEAR, _FULL, _LINEAR], num_local_experts=4,
                     num_experts_per_tok=2, block_size=8),
 }
