@@ -44,7 +44,8 @@ REPEATING = {
                          "freeze the weights with model.requires_grad_(False)",
     Reject.UNSUPPORTED_ARGUMENT: "bcg does not know what it changes; if it changes nothing the stack computes, "
                                  "report it (with your transformers version) so bcg can accept it",
-    Reject.UNSUPPORTED_CACHE: "use a DynamicCache or StaticCache (the default of generate()) to get replays",
+    Reject.UNSUPPORTED_CACHE: "use the cache generate() makes (a DynamicCache or StaticCache; a model's own cache "
+                              "class where it has one) to get replays",
     Reject.UNSUPPORTED_MASK: "pass a 2D padding mask [batch, length] (or a 4D mask / dict as generate() builds)",
     Reject.MASK_FAILED: "transformers' mask utilities failed on this call; please report it with your transformers "
                         "version",
@@ -115,6 +116,7 @@ class Target:
     device: torch.device
     dtype: torch.dtype
     sizes: list[int]
+    cache_class: type  # the cache class the stack makes for itself (hf.stack_cache_class)
 
 
 @dataclass(frozen=True)
@@ -189,7 +191,7 @@ def reject_reason(call: Call, target: Target, failed: Container[tuple[str, int]]
     problem = _input_problem(call, target) or _device_problem(call, target) or _shape_problem(call)
     if problem:
         return problem
-    if (why := hf.unsupported_cache_reason(call.cache)) is not None:
+    if (why := hf.unsupported_cache_reason(call.cache, target.cache_class)) is not None:
         return Rejection(Reject.UNSUPPORTED_CACHE, why)
     # A padded call is packed before it is bucketed: the segments compute (and buckets count) its real tokens only.
     call.rows = real_rows(call.get("attention_mask"), *call.tokens.shape[:2])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import sys
+import typing
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -55,7 +56,9 @@ _SUPPORTED_CACHE_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer, StaticLayer,
 MIXER_CACHE_ARGUMENTS = ("cache", "cache_params", "past_key_values")
 # What a stateful mixer's code touches on its cache, in 5.17 and 5.24 alike.
 _MIXER_STATE_NAMES = frozenset({"update_conv_state", "update_recurrent_state", "get_conv_state",
-                                "get_recurrent_state", "has_previous_state", "conv_states", "recurrent_states"})
+                                "get_recurrent_state", "has_previous_state", "conv_states", "recurrent_states",
+                                # MiniMax's lightning attention: its state lives in its own cache class's list
+                                "get_linear_cache", "set_linear_cache"})
 
 # Llama's reference code, which fusion.py recognises in other models by bytecode.
 LLAMA_RMS_NORM_FORWARD = modeling_llama.LlamaRMSNorm.forward
@@ -184,16 +187,32 @@ def output_with_cache(output_cls: type, hidden: torch.Tensor, cache: Any) -> Any
 
 
 # ----- caches -----
-def new_dynamic_cache(config: Any) -> DynamicCache:
+def stack_cache_class(stack_forward: Callable) -> type:
+    """The cache class a stack makes for itself: the DynamicCache subclass its cache argument is annotated with
+    (MiniMax's MiniMaxCache, which holds its mixers' state), else DynamicCache."""
+    name = cache_argument(stack_forward)
+    annotation = forward_parameters(stack_forward)[name].annotation if name else None
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, DynamicCache):
+            return candidate
+    return DynamicCache
+
+
+def new_cache(cache_class: type, config: Any) -> DynamicCache:
     """The cache a stack creates for itself when called with ``use_cache`` and no cache."""
-    return DynamicCache(config=config)
+    if "config" in forward_parameters(cache_class.__init__):
+        return cache_class(config=config)
+    return cache_class()
 
 
-def unsupported_cache_reason(cache: Any) -> str | None:
-    """Why the breaks cannot update ``cache`` in place of the model, naming the class; None when they can."""
+def unsupported_cache_reason(cache: Any, own_class: type = DynamicCache) -> str | None:
+    """Why the breaks cannot update ``cache`` in place of the model, naming the class; None when they can.
+    ``own_class``: the cache class the model makes for itself (supported: a DynamicCache subclass by construction)."""
     if cache is None:
         return None
-    if type(cache) not in SUPPORTED_CACHES:
+    if own_class is not DynamicCache and type(cache) is not own_class:
+        return f"cache class {type(cache).__name__} (this model keeps state in a {own_class.__name__} of its own)"
+    if type(cache) not in SUPPORTED_CACHES and type(cache) is not own_class:
         return f"cache class {type(cache).__name__} (supported: DynamicCache, StaticCache)"
     if getattr(cache, "offloading", False):
         return f"an offloading {type(cache).__name__}"

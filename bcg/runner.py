@@ -55,7 +55,8 @@ class StackRunner:
         self.model_type = getattr(self.config, "model_type", "")
         first = next(stack.module.parameters())
         self.device, self.dtype = first.device, first.dtype
-        self.target = Target(stack.module, self.config, self.device, self.dtype, sizes)
+        self.cache_class = hf.stack_cache_class(self.original_forward)
+        self.target = Target(stack.module, self.config, self.device, self.dtype, sizes, self.cache_class)
         self.mixers = mixers or []  # stateful token mixers (hybrid models): breaks like attention
         self.expected_breaks = hf.attention_layers(self.config, len(stack.layers)) + len(self.mixers)
         self.layer_of = {id(module): i for i, layer in enumerate(stack.layers) for module in layer.modules()}
@@ -330,7 +331,7 @@ class StackRunner:
         if use_cache is None:
             use_cache = getattr(self.config, "use_cache", True)
         if cache is None and use_cache:
-            cache = hf.new_dynamic_cache(self.config)
+            cache = hf.new_cache(self.cache_class, self.config)
         mask = call.get("attention_mask")
         positions = call.get("position_ids")
         if positions is None:

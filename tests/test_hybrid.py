@@ -2,13 +2,14 @@
 
 import warnings
 
+from typing import Any
+
 import pytest
 import torch
-from transformers import DynamicCache
 
 import bcg
 from bcg import hf
-from tiny_models import EAGER_HYBRID_ARCHITECTURES, HYBRID_ARCHITECTURES, left_padded_batch, tiny_model
+from tiny_models import HYBRID_ARCHITECTURES, left_padded_batch, tiny_model
 
 STEPS = 3
 
@@ -23,12 +24,14 @@ def _cache_tensors(cache, mask: torch.Tensor) -> list[torch.Tensor]:
                 tensors.append(getattr(layer, name).transpose(1, 2)[mask.bool()])
         for name in ("conv_states", "recurrent_states"):
             tensors.extend(t for t in (getattr(layer, name, None) or {}).values() if isinstance(t, torch.Tensor))
+    tensors.extend(t for t in getattr(cache, "linear_cache", ()) if isinstance(t, torch.Tensor))  # MiniMax
     return tensors
 
 
-def _steps(model, ids, mask) -> tuple[list[torch.Tensor], DynamicCache, torch.Tensor]:
+def _steps(model, ids, mask) -> tuple[list[torch.Tensor], Any, torch.Tensor]:
     """Prefill, a 2-token continuation, then greedy decode steps, each with the 2D mask generate() would pass."""
-    cache = DynamicCache(config=model.config)
+    own_class = hf.stack_cache_class(type(model.get_decoder()).forward.__get__(model.get_decoder()))  # MiniMax's
+    cache = hf.new_cache(own_class, model.config)
     logits = []
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, **{_cache_name(model): cache}, use_cache=True)
@@ -61,8 +64,9 @@ def test_each_step_and_the_state_left_in_the_cache_equal_eagers(arch):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     got_tensors, want_tensors = _cache_tensors(cache, final_mask), _cache_tensors(expected_cache, final_mask)
     assert len(got_tensors) == len(want_tensors) > 0
-    assert any(t is layer.conv_states.get(0) for layer in cache.layers for t in got_tensors
-               if hasattr(layer, "conv_states"))  # the mixers' states are among them
+    mixer_states = [t for layer in cache.layers for t in (getattr(layer, "conv_states", None) or {}).values()]
+    mixer_states += list(getattr(cache, "linear_cache", ()))
+    assert any(any(t is state for state in mixer_states) for t in got_tensors)  # the mixers' states are among them
     for got, want in zip(got_tensors, want_tensors):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
@@ -87,20 +91,32 @@ def test_mixers_are_found_by_their_code_and_attention_is_not_a_mixer():
     assert not any(hf.is_stateful_mixer(module) for module in tiny_model("llama").modules())
 
 
-@pytest.mark.parametrize("arch, cause", [("minimax", "no token mixer")])
-def test_hybrids_bcg_cannot_honour_stay_eager_with_a_warning_naming_why(arch, cause):
-    reference = tiny_model(arch)
-    model = tiny_model(arch)
+def test_a_hybrid_whose_mixer_bcg_does_not_recognise_stays_eager_naming_the_layers(monkeypatch):
+    reference = tiny_model("qwen3_5_text")
+    model = tiny_model("qwen3_5_text")
     ids, mask = left_padded_batch()
     expected = reference.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    monkeypatch.setattr(hf, "is_stateful_mixer", lambda module: False)
+    with pytest.warns(bcg.BcgFallbackWarning, match=r"layers \[0, 1, 3\] \(linear_attention\) have no token mixer"):
         handle = bcg.wrap_model(model, backend="eager")
-        tokens = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
-    fallbacks = [str(w.message) for w in caught if issubclass(w.category, bcg.BcgFallbackWarning)]
-    assert any(cause in message for message in fallbacks), fallbacks
-    assert handle.stats()["replays"] == 0
-    assert torch.equal(tokens, expected)
+    tokens = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert handle.stats()["replays"] == 0 and torch.equal(tokens, expected)
+
+
+def test_minimax_runs_its_own_cache_class_and_tuple_returning_mixers():
+    """MiniMax's stack makes a MiniMaxCache for itself (its cache argument's annotation says so): bcg makes the same
+    when a call brings none, accepts it on later calls, and hands its lightning attention (which returns a tuple)
+    its tuple back."""
+    model = tiny_model("minimax")
+    handle = bcg.wrap_model(model, backend="eager")
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+    cache = out[hf.cache_argument(model.forward)] if hasattr(out, "keys") else None
+    assert type(cache).__name__ == "MiniMaxCache"
+    assert any(isinstance(slot.module, torch.nn.Module) and slot.returns_tuple
+               for slot in handle.runner.slots["ids"] if type(slot).__name__ == "MixerSlot")
+    assert handle.stats()["rejects"] == {}
 
 
 @pytest.mark.parametrize("arch", ["qwen3_5_text", "falcon_h1"])
@@ -206,3 +222,18 @@ def test_inputs_embeds_and_bf16_autocast_equal_eagers(arch):
     assert torch.equal(tokens_embeds, expected_embeds) and torch.equal(tokens_autocast, expected_autocast)
     kinds = {graph.split(":")[0] for graph in handle.stats()["captured_graphs"]}
     assert {"embeds", "ids@autocast-bfloat16"} <= kinds and handle.stats()["rejects"] == {}
+
+
+def test_a_cache_of_another_class_than_minimaxs_own_is_refused_before_any_break():
+    """MiniMax raises for a cache that is not its MiniMaxCache; bcg refuses the call up front (eager then raises the
+    model's own error) instead of failing in a mixer's break with the cache half-updated."""
+    from transformers import DynamicCache
+
+    model = tiny_model("minimax")
+    handle = bcg.wrap_model(model, backend="eager")
+    ids, mask = left_padded_batch()
+    cache = {hf.cache_argument(model.forward): DynamicCache(config=model.config)}
+    with torch.no_grad(), pytest.warns(bcg.BcgFallbackWarning, match="MiniMaxCache of its own"):
+        with pytest.raises(ValueError, match="MiniMax"):
+            model(input_ids=ids, attention_mask=mask, use_cache=True, **cache)
+    assert handle.stats()["rejects"] == {"unsupported_cache": 1}

@@ -42,10 +42,7 @@ HYBRID_ARCHITECTURES: dict[str, dict] = {
     # Mamba2, attention, Mamba2, then an MLP-only layer (no mask, no cache state)
     "nemotron_h": dict(num_hidden_layers=4, head_dim=16, mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=16,
                        n_groups=1, chunk_size=16, hybrid_override_pattern="M*M-"),
-}
-# Hybrid models bcg leaves eager, with a warning: MiniMax's lightning attention keeps its state in a list of its own
-# cache class, replaced every step.
-EAGER_HYBRID_ARCHITECTURES: dict[str, dict] = {
+    # lightning attention: its state lives in a list of MiniMax's own cache class, replaced every step
     "minimax": dict(num_hidden_layers=4, head_dim=16, layer_types=[_FULL, _LINEAR, _FULL, _LINEAR], num_local_experts=4,
                     num_experts_per_tok=2, block_size=8),
 }
@@ -86,7 +83,7 @@ ARCHITECTURES: dict[str, dict] = {
 
 
 def tiny_config(model_type: str, **overrides):
-    kwargs = {**_COMMON, **(ARCHITECTURES | EAGER_HYBRID_ARCHITECTURES)[model_type], **overrides}
+    kwargs = {**_COMMON, **ARCHITECTURES[model_type], **overrides}
     return AutoConfig.for_model(model_type, **kwargs)
 
 
