@@ -21,7 +21,7 @@ pytestmark = pytest.mark.gpu
 # cannot be captured (those buckets fall back to eager, counted as capture_failed).
 GPU_ARCHITECTURES = ["llama", "qwen3", "mistral", "gemma2", "gpt2", "opt", "phi3", "gemma3_text", "gemma4_text",
                      # hybrid: Gated DeltaNet, Mamba2 beside attention in every layer, short convolutions, Mamba2
-                     "qwen3_5_text", "olmo_hybrid", "falcon_h1", "lfm2", "bamba", "nemotron_h"]
+                     "qwen3_5_text", "olmo_hybrid", "falcon_h1", "lfm2", "bamba", "nemotron_h", "zamba2"]
 GENERATE = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
 
 
