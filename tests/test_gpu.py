@@ -154,7 +154,9 @@ def test_smollm2_batched_mgsm_generation_matches_eager():
     print(f"default mode: {sum(a == b for a, b in zip(fast, eager))}/8 texts identical to eager")
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "gpt_oss", "llama4_text"])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "gpt_oss", "llama4_text",
+                                  # hybrids with MoE layers: their mixers as breaks beside grouped_mm experts
+                                  "qwen3_next", "granitemoehybrid", "jamba", "minimax"])
 def test_moe_bf16_graphs_match_eager(arch):
     """MoE experts run transformers' grouped_mm kernels (bf16 on Hopper) inside the graphs."""
     model = tiny_model(arch, dtype=torch.bfloat16, device="cuda")
