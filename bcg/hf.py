@@ -192,6 +192,11 @@ def stack_cache_class(stack_forward: Callable) -> type:
     (MiniMax's MiniMaxCache, which holds its mixers' state), else DynamicCache."""
     name = cache_argument(stack_forward)
     annotation = forward_parameters(stack_forward)[name].annotation if name else None
+    if isinstance(annotation, str):  # a modeling file with postponed annotations
+        try:
+            annotation = typing.get_type_hints(inspect.unwrap(stack_forward)).get(name)
+        except Exception:  # an annotation that does not resolve says nothing about the cache
+            annotation = None
     for candidate in (annotation, *typing.get_args(annotation)):
         if isinstance(candidate, type) and issubclass(candidate, DynamicCache):
             return candidate

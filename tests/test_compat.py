@@ -5,7 +5,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from transformers import DynamicCache, QuantizedCache
+from transformers import Cache, DynamicCache, QuantizedCache
 
 import bcg
 from bcg import hf
@@ -158,3 +158,27 @@ def test_a_mask_that_transformers_cannot_build_runs_eagerly_with_one_warning(mon
     assert len(fallback) == 1 and "create_chunked_causal_mask" in str(fallback[0].message)
     assert handle.stats()["rejects"] == {"mask_failed": 2}
     assert torch.equal(got[1], expected)
+
+
+class _OwnCache(DynamicCache):
+    """A model's own cache class (as MiniMax has), for the annotation tests below."""
+
+
+def test_the_cache_class_a_stack_makes_is_read_from_its_annotation():
+    def annotated(input_ids=None, cache: _OwnCache | None = None):
+        return None
+
+    def postponed(input_ids=None, past_key_values: "_OwnCache | None" = None):
+        return None
+
+    def unresolvable(input_ids=None, cache: "NoSuchCache | None" = None):  # noqa: F821
+        return None
+
+    def plain(input_ids=None, cache: Cache | None = None):
+        return None
+
+    assert hf.stack_cache_class(annotated) is _OwnCache
+    assert hf.stack_cache_class(postponed) is _OwnCache
+    assert hf.stack_cache_class(unresolvable) is DynamicCache
+    assert hf.stack_cache_class(plain) is DynamicCache
+    assert type(hf.new_cache(_OwnCache, None)) is _OwnCache
