@@ -5,7 +5,8 @@ needs no break. bcg owns one set of cache tensors per cache shape and *binds* a 
 layers then point at bcg's tensors, holding what they held): every generate() call makes a new StaticCache, and
 each one replays the same graphs. A cache still bound when another takes the tensors first gets copies of its own
 back, so two live caches never share storage. Graphs are keyed by the call's kind (inputs, autocast, fast), batch,
-tokens per sequence, the masks' layout and the cache shape; anything else (a dynamic or sliding cache, a prefill) takes the breakable path.
+tokens per sequence, the masks' layout and the cache shape; anything else (a dynamic or sliding cache, a prefill)
+takes the breakable path.
 """
 
 from __future__ import annotations

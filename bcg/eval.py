@@ -75,10 +75,10 @@ class BcgLM(HFLM):
     """lm-eval's ``hf`` model wrapped by ``bcg.wrap_model``; registered as ``--model bcg``.
 
     bcg's options (``mode``, ``max_num_tokens``, ``backend``, ``static_cache``, ``debug``, ``lazy``,
-    ``capture_sizes``, ``attention_kernels``, ``fused_kernels``) come from ``--model_args`` beside HFLM's own; ``wrap=False`` keeps the
-    model eager (the baseline, with the same throughput figures). ``get_model_info()`` adds ``bcg``: options,
-    ``handle.stats()`` and per request type the requests, wall seconds, capture seconds, tokens and tokens/s
-    (capture time left out).
+    ``capture_sizes``, ``attention_kernels``, ``fused_kernels``) come from ``--model_args`` beside HFLM's own;
+    ``wrap=False`` keeps the model eager (the baseline, with the same throughput figures). ``get_model_info()``
+    adds ``bcg``: options, ``handle.stats()`` and per request type the requests, wall seconds, capture seconds,
+    tokens and tokens/s (capture time left out).
     """
 
     def __init__(self, pretrained: Any, *, wrap: bool = True, mode: str = "fast",

@@ -24,10 +24,12 @@ from . import hf
 from .attention import ACTIVE_RUN, StackRun, StructureError
 from .live import LIVE
 
-# Arguments a mixer call may carry that differ per call: the break supplies the live ones. Any other tensor argument
-# (Zamba2's position embeddings) is what the graph computed from its static inputs: the break hands the mixer the
-# tensors of the bucket it replays (a CUDA graph rewrites them in place), laid out as the call's [B, S] tokens.
+# Arguments a mixer call may carry that differ per call: the break supplies the live ones.
 _LIVE_ARGUMENTS = frozenset({"attention_mask", "use_cache", "position_ids", *hf.MIXER_CACHE_ARGUMENTS})
+# Per-token tensors the stack computes from the positions inside the graph (Zamba2's and MiniMax's mixers receive the
+# rotary embeddings): the break hands the mixer those of the bucket it replays (a CUDA graph rewrites them in place),
+# laid out as the call's [B, S] tokens. Any other per-call tensor keeps the model eager: it could hold capture state.
+_GRAPH_ARGUMENTS = frozenset({"position_embeddings"})
 
 
 @dataclass
@@ -102,7 +104,7 @@ def _mixer_forward(module: nn.Module, forward: Callable, *args: Any, **kwargs: A
         raise StructureError(f"{type(module).__name__} (layer {module.layer_idx}) ran as a mixer where bcg saw "
                              "attention at first capture")
     slot.graph_tensors[LIVE.get().bucket] = {k: v for k, v in kwargs.items()
-                                             if k not in _LIVE_ARGUMENTS and _is_per_call(v)}
+                                             if k in _GRAPH_ARGUMENTS and v is not None}
     n = hidden_states.shape[1]
     slot.hidden[:n].copy_(hidden_states[0])
     run.break_fn(slot)
@@ -112,6 +114,11 @@ def _mixer_forward(module: nn.Module, forward: Callable, *args: Any, **kwargs: A
 
 def _new_slot(run: StackRun, module: nn.Module, forward: Callable, hidden_states: torch.Tensor,
               kwargs: dict) -> MixerSlot:
+    per_call = sorted(k for k, v in kwargs.items() if k not in _LIVE_ARGUMENTS and _is_per_call(v))
+    unsupplied = [k for k in per_call if k not in _GRAPH_ARGUMENTS or not _per_token(kwargs[k], hidden_states.shape[1])]
+    if unsupplied:
+        raise StructureError(f"{type(module).__name__} (layer {module.layer_idx}) takes {unsupplied} per call, which "
+                             "bcg's mixer break cannot supply")
     width, dtype = hidden_states.shape[-1], hidden_states.dtype
     return MixerSlot(
         module=module,
@@ -127,13 +134,18 @@ def _new_slot(run: StackRun, module: nn.Module, forward: Callable, hidden_states
 
 
 def _relaid(value: Any, live: Any) -> Any:
-    """A graph-computed argument for the live call: per-token tensors (``[1, bucket, ...]``) in its ``[B, S]``
-    layout, anything else as it is."""
+    """A graph-computed per-token argument (tensors ``[1, bucket, ...]``, checked at first capture) in the live
+    call's ``[B, S]`` layout."""
     if isinstance(value, (tuple, list)):
         return type(value)(_relaid(v, live) for v in value)
-    if isinstance(value, torch.Tensor) and value.ndim >= 2 and value.shape[:2] == (1, live.bucket):
-        return live.relayout(value)
-    return value
+    return live.relayout(value)
+
+
+def _per_token(value: Any, tokens: int) -> bool:
+    """Every tensor in ``value`` is laid out ``[1, tokens, ...]``, as the flat token run the graph computes."""
+    if isinstance(value, (tuple, list)):
+        return bool(value) and all(_per_token(v, tokens) for v in value)
+    return isinstance(value, torch.Tensor) and value.ndim >= 2 and tuple(value.shape[:2]) == (1, tokens)
 
 
 def _is_per_call(value: Any) -> bool:

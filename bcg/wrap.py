@@ -78,7 +78,8 @@ class BcgHandle:
 
     def __repr__(self) -> str:
         s = self.stats()
-        return f"BcgHandle(backend={s['backend']!r}, ready={s['ready']}, replays={s['replays']}, captured={s['captured']})"
+        return (f"BcgHandle(backend={s['backend']!r}, mode={s['mode']!r}, ready={s['ready']}, replays={s['replays']}, "
+                f"captured={s['captured']})")
 
 
 def _check_model(model: Any) -> None:

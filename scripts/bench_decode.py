@@ -270,8 +270,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--static", action="store_true",
                         help="also measure bcg-static: wrapped with static_cache=True (full-graph decode steps)")
     parser.add_argument("--spread", type=float, default=0.0,
-                        help="prompt lengths uniform in [1 - spread, 1 + spread] x context, left-padded (bench_prefill's "
-                             "requests); default 0: every prompt exactly --contexts long, no padding")
+                        help="prompt lengths uniform in [1 - spread, 1 + spread] x context, left-padded "
+                             "(bench_prefill's requests); default 0: every prompt exactly --contexts long, no padding")
     args = parser.parse_args(argv)
     if not 0 <= args.spread < 1:
         parser.error(f"--spread must be in [0, 1), got {args.spread}")

@@ -55,7 +55,8 @@ def test_custom_sizes_are_used_and_lazy_false_captures_largest_first():
     stats = handle.stats()
     assert stats["captured"] == [4, 16, 64]
     # mode="fast" (the default): each size's decode-step graph too, so generate() captures nothing later
-    assert list(model._bcg_handle.runner.graphs) == [(kind, size) for size in (64, 16, 4) for kind in ("ids", "ids/fast")]
+    expected = [(kind, size) for size in (64, 16, 4) for kind in ("ids", "ids/fast")]
+    assert list(model._bcg_handle.runner.graphs) == expected
     exact = bcg.wrap_model(tiny_model("llama"), capture_sizes=[4, 16], max_num_tokens=16, backend="eager", lazy=False,
                            mode="exact")
     assert list(exact.runner.graphs) == [("ids", 16), ("ids", 4)]

@@ -237,3 +237,29 @@ def test_a_cache_of_another_class_than_minimaxs_own_is_refused_before_any_break(
         with pytest.raises(ValueError, match="MiniMax"):
             model(input_ids=ids, attention_mask=mask, use_cache=True, **cache)
     assert handle.stats()["rejects"] == {"unsupported_cache": 1}
+
+
+def test_relayout_puts_a_flat_runs_per_token_tensor_in_the_calls_batch_layout():
+    from bcg.live import LiveContext
+
+    flat = torch.arange(8 * 2, dtype=torch.float32).view(1, 8, 2)  # bucket 8, 2 features per token
+    unpacked = LiveContext(batch=2, seq=3, num_tokens=6, bucket=8)
+    assert torch.equal(unpacked.relayout(flat), flat[0, :6].view(2, 3, 2))
+    packed = LiveContext(batch=2, seq=3, num_tokens=4, bucket=8, rows=torch.tensor([1, 2, 4, 5]))
+    expected = torch.zeros(6, 2)
+    expected[[1, 2, 4, 5]] = flat[0, :4]
+    assert torch.equal(packed.relayout(flat), expected.view(2, 3, 2))
+
+
+def test_a_per_call_tensor_a_mixer_break_cannot_supply_keeps_the_model_eager(monkeypatch):
+    """Only per-token tensors the graph computes from positions are handed on; anything else a mixer takes per call
+    could hold capture-time state, so the model stays eager, naming the argument."""
+    monkeypatch.setattr(bcg.mixers, "_GRAPH_ARGUMENTS", frozenset())
+    reference = tiny_model("zamba2")
+    model = tiny_model("zamba2")
+    ids, mask = left_padded_batch()
+    expected = reference.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    with pytest.warns(bcg.BcgFallbackWarning, match=r"takes \['position_embeddings'\] per call"):
+        handle = bcg.wrap_model(model, backend="eager")
+        tokens = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert torch.equal(tokens, expected) and not handle.stats()["ready"]

@@ -93,7 +93,8 @@ def tiny_model(model_type: str, dtype: torch.dtype = torch.float32, device: str 
     return model.to(device).eval()
 
 
-def left_padded_batch(batch: int = 3, seq: int = 9, pads: tuple[int, ...] = (3, 0, 5), device: str = "cpu", seed: int = 1):
+def left_padded_batch(batch: int = 3, seq: int = 9, pads: tuple[int, ...] = (3, 0, 5), device: str = "cpu",
+                      seed: int = 1):
     """Token ids in [3, VOCAB) with a left-padding 2D mask (pad id 0)."""
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, VOCAB, (batch, seq), generator=generator)
