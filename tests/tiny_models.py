@@ -39,6 +39,9 @@ HYBRID_ARCHITECTURES: dict[str, dict] = {
     # a Mamba2 mixer that receives the graph's position embeddings
     "zamba2": dict(num_hidden_layers=4, layers_block_type=["mamba", "hybrid", "mamba", "hybrid"], n_mamba_heads=8,
                    mamba_d_state=16, mamba_ngroups=1, chunk_size=16, attention_head_dim=32, use_mem_rope=True),
+    # Zamba (v1): Mamba layers and hybrid layers with a shared attention block (layer_idx None, slot per call)
+    "zamba": dict(num_hidden_layers=4, layers_block_type=["mamba", "hybrid", "mamba", "hybrid"], n_mamba_heads=2,
+                  mamba_d_state=16, attention_head_dim=16, mamba_dt_rank=8),
     # Mamba2, attention, Mamba2, then an MLP-only layer (no mask, no cache state)
     "nemotron_h": dict(num_hidden_layers=4, head_dim=16, mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=16,
                        n_groups=1, chunk_size=16, hybrid_override_pattern="M*M-"),
