@@ -136,6 +136,13 @@ def _owned(states: torch.Tensor, given: torch.Tensor) -> torch.Tensor:
     return states.clone() if same else states
 
 
+def is_per_call(value: Any) -> bool:
+    """A tensor (or tuple of tensors) that is not a weight: it may change from call to call."""
+    if isinstance(value, (tuple, list)):
+        return any(is_per_call(v) for v in value)
+    return isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter)
+
+
 @dataclass
 class StackRun:
     """State of one run of the stack under bcg: which break comes next and where its slot lives."""
@@ -203,6 +210,10 @@ class StackRun:
         heads, _, dim = query.shape[1:]
         kv_heads, _, k_dim = key.shape[1:]
         v_dim = value.shape[-1]
+        per_call = sorted(k for k, v in kwargs.items() if k not in _PER_CALL_KWARGS and is_per_call(v))
+        if per_call:
+            raise StructureError(f"{type(module).__name__} (layer {layer_idx}) passes {per_call} to its attention "
+                                 "function per call, which bcg's break cannot supply")
         constant_kwargs = {k: v for k, v in kwargs.items() if k not in _PER_CALL_KWARGS}
         reuses_kv, stores_kv = hf.kv_sharing(module)
         return BreakSlot(

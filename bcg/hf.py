@@ -40,9 +40,10 @@ REQUIRED_STACK_ARGUMENTS = ("input_ids", "inputs_embeds", "attention_mask", "pos
 # Layer types whose token mixer is attention through the AttentionInterface (what a break runs).
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
 # Layer types whose token mixer keeps per-sequence state in the cache (linear attention, SSM, short convolution);
-# a "hybrid" layer runs such a mixer and attention, on one cache layer holding both.
-STATEFUL_LAYER_TYPES = ("linear_attention", "conv", "hybrid", "hybrid_sliding")
-_HYBRID_ATTENTION_MASKS = {"hybrid": "full_attention", "hybrid_sliding": "sliding_attention"}
+# a "hybrid" layer runs such a mixer and attention, on one cache layer holding both. Not "hybrid_sliding" (Inkling):
+# transformers' mask table gives its attention a full causal mask where the model applies its window.
+STATEFUL_LAYER_TYPES = ("linear_attention", "conv", "hybrid")
+_HYBRID_ATTENTION_MASKS = {"hybrid": "full_attention"}
 # Layers with neither attention nor mixer state (Nemotron-H's MLP layers; 5.17 gives them empty cache layers).
 _STATELESS_LAYER_TYPES = ("moe", "mlp")
 SUPPORTED_CACHES = (DynamicCache, StaticCache)
@@ -270,12 +271,24 @@ _MASK_FUNCTIONS_TAKE_ALL = all(
 )
 
 
+def builds_full_masks_only(config: Any, stack_forward: Callable) -> bool:
+    """The stack builds plain causal masks although its config names a sliding window (Moshi): transformers' generic
+    builder would apply the window, so bcg must build what the stack's own code calls."""
+    if getattr(config, "layer_types", None) or getattr(config, "sliding_window", None) is None:
+        return False
+    names = _code_names(inspect.unwrap(stack_forward).__code__)
+    return "create_causal_mask" in names and "create_sliding_window_causal_mask" not in names
+
+
 def create_masks(config: Any, attention_mask: Any, cache: Any, position_ids: torch.Tensor, batch: int, seq: int,
-                 dtype: torch.dtype, device: torch.device) -> torch.Tensor | dict | None:
+                 dtype: torch.dtype, device: torch.device, full_only: bool = False) -> torch.Tensor | dict | None:
     """transformers' own per-layer-type masks for a call, as the model would build them (``config`` carries the
-    model's original attention implementation)."""
+    model's original attention implementation; ``full_only``: see ``builds_full_masks_only``)."""
     kwargs = dict(config=config, inputs_embeds=torch.empty((batch, seq, 0), dtype=dtype, device=device),
                   attention_mask=attention_mask, position_ids=position_ids, **{_MASK_CACHE_ARGUMENT: cache})
+    if full_only:
+        function = LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING["full_attention"]
+        return {"full_attention": function(**{k: v for k, v in kwargs.items() if k in forward_parameters(function)})}
     all_types = set(getattr(config.get_text_config(), "layer_types", None) or ())
     layer_types = all_types - set(_STATELESS_LAYER_TYPES)  # MLP-only layers (Nemotron-H) take no mask
     per_type = not _MASK_FUNCTIONS_TAKE_ALL or layer_types != all_types

@@ -137,6 +137,7 @@ def live_masks(
     seq: int,
     dtype: torch.dtype,
     device: torch.device,
+    full_only: bool = False,
 ) -> torch.Tensor | dict | None:
     """Masks per layer type, built before any cache update with transformers' own utilities.
 
@@ -145,4 +146,4 @@ def live_masks(
     """
     if isinstance(attention_mask, dict) or (isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 4):
         return attention_mask
-    return hf.create_masks(config, attention_mask, cache, position_ids, batch, seq, dtype, device)
+    return hf.create_masks(config, attention_mask, cache, position_ids, batch, seq, dtype, device, full_only)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from . import hf
-from .attention import ACTIVE_RUN, StackRun, StructureError
+from .attention import ACTIVE_RUN, StackRun, StructureError, is_per_call
 from .live import LIVE
 
 # Arguments a mixer call may carry that differ per call: the break supplies the live ones.
@@ -108,13 +108,15 @@ def _mixer_forward(module: nn.Module, forward: Callable, *args: Any, **kwargs: A
     n = hidden_states.shape[1]
     slot.hidden[:n].copy_(hidden_states[0])
     run.break_fn(slot)
-    output = slot.out[:n].unsqueeze(0)
+    # A copy: the next mixer's break rewrites the shared output bridge, and a module may hold this output across it
+    # (Inkling's attention runs one short convolution for its keys, then another for its values).
+    output = slot.out[:n].unsqueeze(0).clone()
     return (output, None) if slot.returns_tuple else output
 
 
 def _new_slot(run: StackRun, module: nn.Module, forward: Callable, hidden_states: torch.Tensor,
               kwargs: dict) -> MixerSlot:
-    per_call = sorted(k for k, v in kwargs.items() if k not in _LIVE_ARGUMENTS and _is_per_call(v))
+    per_call = sorted(k for k, v in kwargs.items() if k not in _LIVE_ARGUMENTS and is_per_call(v))
     unsupplied = [k for k in per_call if k not in _GRAPH_ARGUMENTS or not _per_token(kwargs[k], hidden_states.shape[1])]
     if unsupplied:
         raise StructureError(f"{type(module).__name__} (layer {module.layer_idx}) takes {unsupplied} per call, which "
@@ -126,7 +128,7 @@ def _new_slot(run: StackRun, module: nn.Module, forward: Callable, hidden_states
         layer_type=run.layer_type(module.layer_idx),
         forward=forward,
         cache_argument=hf.mixer_cache_argument(module),
-        kwargs={k: v for k, v in kwargs.items() if k not in _LIVE_ARGUMENTS and not _is_per_call(v)},
+        kwargs={k: v for k, v in kwargs.items() if k not in _LIVE_ARGUMENTS and not is_per_call(v)},
         live_arguments=frozenset(kwargs) & _LIVE_ARGUMENTS,
         hidden=run.bridges.get("hidden", (width,), dtype),
         out=run.bridges.get("out", (width,), dtype),
@@ -146,13 +148,6 @@ def _per_token(value: Any, tokens: int) -> bool:
     if isinstance(value, (tuple, list)):
         return bool(value) and all(_per_token(v, tokens) for v in value)
     return isinstance(value, torch.Tensor) and value.ndim >= 2 and tuple(value.shape[:2]) == (1, tokens)
-
-
-def _is_per_call(value: Any) -> bool:
-    """A tensor (or tuple of tensors) that is not a weight: it may change from call to call."""
-    if isinstance(value, (tuple, list)):
-        return any(_is_per_call(v) for v in value)
-    return isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter)
 
 
 @contextmanager

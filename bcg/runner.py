@@ -30,6 +30,8 @@ from .stats import Stats
 
 logger = logging.getLogger("bcg")
 
+_THRASHING_CALLS = 3  # calls in a row that each invalidate the graphs: the model changes itself, bcg steps aside
+
 
 class StackRunner:
     """Owns the graphs of one model's stack and decides, per call, between replay and the eager forward."""
@@ -49,6 +51,7 @@ class StackRunner:
         self.original_forward = stack.module.forward
         self._parameter_names = _positional_parameters(self.original_forward)
         self.cache_argument = hf.cache_argument(self.original_forward)
+        self.full_masks_only = hf.builds_full_masks_only(self.config, self.original_forward)
         self.original_implementation = hf.attention_implementation_of(self.config)
         self.configs = hf.attention_configs(stack.module)
         self.layer_types = getattr(self.config, "layer_types", None)
@@ -80,6 +83,7 @@ class StackRunner:
         self._watch = addresses.AddressWatch(stack.module)
         self._address_book: dict[str, tuple] | None = None
         self._warned_capture = False
+        self._calls_invalidating = 0  # consecutive calls that found the state changed
         self._warned_rejects: set[Rejection] = set()
 
     # ----- the patched forward -----
@@ -293,6 +297,7 @@ class StackRunner:
             if changed:
                 addresses.raise_address_error(changed)
         implementation = hf.attention_implementation_of(self.config)
+        invalidations = self.stats.invalidations
         if implementation != self.original_implementation:
             self.original_implementation = implementation
             self.configs = hf.attention_configs(self.stack.module)
@@ -307,6 +312,11 @@ class StackRunner:
             self.dtype = self.target.dtype = first.dtype
             self._invalidate("the model's weights moved or changed dtype since capture (to(), half(), "
                              "load_state_dict(assign=True), ...)")
+        self._calls_invalidating = self._calls_invalidating + 1 if self.stats.invalidations > invalidations else 0
+        if self._calls_invalidating >= _THRASHING_CALLS:
+            self._disable(f"the model's weights or buffers changed on {_THRASHING_CALLS} calls in a row (its own "
+                          "forward reassigns them, as CTRL's does its position encoding): graphs would be captured "
+                          "anew on every call")
 
     def _invalidate(self, why: str) -> None:
         """Drop every graph and what was built for them; the next calls capture again under the new state."""
@@ -340,7 +350,8 @@ class StackRunner:
                 return Rejection(Reject.UNSUPPORTED_MASK, "a prepared mask, from which this model derives positions")
         positions = positions.expand(batch, seq)
         try:
-            masks = live_masks(self.config, mask, cache, positions, batch, seq, self.dtype, self.device)
+            masks = live_masks(self.config, mask, cache, positions, batch, seq, self.dtype, self.device,
+                               self.full_masks_only)
         except Exception as error:
             return Rejection(Reject.MASK_FAILED, f"{type(error).__name__}: {error}")
         if isinstance(masks, dict) and (missing := {s.mask_key for s in self.slots.get(call.kind, ())} - set(masks)):

@@ -263,3 +263,16 @@ def test_a_per_call_tensor_a_mixer_break_cannot_supply_keeps_the_model_eager(mon
         handle = bcg.wrap_model(model, backend="eager")
         tokens = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert torch.equal(tokens, expected) and not handle.stats()["ready"]
+
+
+def test_hybrid_sliding_layers_stay_eager_naming_the_layer_type():
+    """Inkling's hybrid_sliding layers: transformers' mask table gives their attention a full causal mask where the
+    model applies its window, so bcg would mask differently from the model: it stays eager, saying so."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tiny_models import _COMMON
+
+    config = AutoConfig.for_model("inkling_text", **{**_COMMON, "sliding_window": 6, "head_dim": 16})
+    with pytest.warns(bcg.BcgFallbackWarning, match="hybrid_sliding"):
+        handle = bcg.wrap_model(AutoModelForCausalLM.from_config(config).eval(), backend="eager")
+    assert not handle.stats()["ready"]

@@ -1,6 +1,7 @@
 """Right or loud: moved weights, debug modes, threads, bad input, and randomized parity against eager."""
 
 import threading
+import warnings
 
 import pytest
 import torch
@@ -230,3 +231,39 @@ def test_failed_capture_releases_its_tensors_even_when_logs_are_kept(monkeypatch
         logging.getLogger("bcg").removeHandler(keeper)
     assert any("Traceback" in r.getMessage() for r in keeper.records)  # the traceback is still logged, as text
     assert activations and activations[0]() is None
+
+
+def test_an_attention_argument_that_changes_per_call_keeps_the_model_eager(monkeypatch):
+    """A tensor an attention module hands its attention function per call (Inkling's position bias) would be frozen at
+    its capture value in the break: the model stays eager, naming it."""
+    import bcg.attention
+
+    monkeypatch.setattr(bcg.attention, "_PER_CALL_KWARGS", bcg.attention._PER_CALL_KWARGS - {"position_ids"})
+    reference, model = tiny_model("llama"), tiny_model("llama")
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        expected = reference(input_ids=ids, attention_mask=mask).logits
+        handle = bcg.wrap_model(model, backend="eager")
+        with pytest.warns(bcg.BcgFallbackWarning, match=r"passes \['position_ids'\] to its attention function"):
+            logits = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(logits, expected) and not handle.stats()["ready"]
+
+
+def test_a_model_that_changes_its_own_buffers_every_call_is_left_eager_after_three_calls():
+    """CTRL's forward reassigns its position-encoding buffer on every call: each call would invalidate and recapture
+    the graphs, so after three such calls in a row bcg steps aside, with a warning; outputs stay eager's."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("ctrl", vocab_size=128, n_embd=64, n_layer=2, n_head=4, dff=128, n_positions=256)
+    torch.manual_seed(0)
+    reference = AutoModelForCausalLM.from_config(config).eval()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(3, 128, (2, 7))
+    handle = bcg.wrap_model(model, backend="eager")
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        same = [torch.allclose(model(ids).logits, reference(ids).logits, atol=1e-5) for _ in range(5)]
+    assert all(same) and not handle.stats()["ready"]
+    assert any("changed on 3 calls in a row" in str(w.message) for w in caught)
+    assert handle.stats()["invalidations"] == 3

@@ -67,6 +67,8 @@ ARCHITECTURES: dict[str, dict] = {
     "olmo": {},
     "olmo2": {},
     "starcoder2": dict(sliding_window=6),
+    # its config names a sliding window its stack never applies (plain causal masks): bcg must build the same
+    "moshi": dict(sliding_window=6, head_dim=16),
     "granite": {},
     "cohere": {},
     "stablelm": {},
