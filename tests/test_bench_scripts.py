@@ -13,6 +13,8 @@ import bench_prefill  # noqa: E402
 import benchutil  # noqa: E402
 import torch  # noqa: E402
 
+import bcg  # noqa: E402
+
 
 def _rows(path: Path) -> list[dict]:
     payload = json.loads(path.read_text())
@@ -130,3 +132,30 @@ def test_bench_prefill_without_gpu_defaults_to_the_quick_check(tmp_path, capsys)
     for text in (payload["caveat"], payload["title"], markdown, printed):
         assert "NOT speed figures" in text
     assert "speedup |" not in markdown and "speedup |" not in printed  # no speedup column in the tables
+
+
+def test_sweep_architectures_classifies_types_and_fails_on_a_mismatch(tmp_path, monkeypatch):
+    import sweep_architectures
+
+    assert sweep_architectures.main(["--types", "llama", "bloom", "--out-dir", str(tmp_path)]) == 0
+    outcomes = {r["model_type"]: r["outcome"] for r in _rows(tmp_path / "sweep_architectures.json")}
+    assert outcomes == {"llama": "replays", "bloom": "fallback"}
+
+    def wrong_logits(self, *args, **kwargs):  # a wrapped stack that answers differently from eager
+        output = self.runner_forward(*args, **kwargs)
+        output.last_hidden_state.add_(1.0)
+        return output
+
+    original_wrap = bcg.wrap_model
+
+    def wrap_badly(model, **kwargs):
+        handle = original_wrap(model, **kwargs)
+        stack = handle._restore.stack
+        stack.runner_forward = stack.forward
+        stack.forward = wrong_logits.__get__(stack)
+        return handle
+
+    monkeypatch.setattr(sweep_architectures.bcg, "wrap_model", wrap_badly)
+    assert sweep_architectures.main(["--types", "llama", "--out-dir", str(tmp_path), "--out-name", "bad"]) == 1
+    (row,) = _rows(tmp_path / "bad.json")
+    assert row["outcome"] == "MISMATCH"

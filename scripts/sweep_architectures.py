@@ -1,0 +1,160 @@
+"""Every causal-LM type the installed transformers ships, tiny and random, eager beside bcg's eager backend (CPU).
+
+Finds what a new transformers release breaks: for each model type a 2-layer fp32 model is built from its own config
+(small sizes, a sliding window of 6 where the config has one, so windows bite), and a left-padded batch runs eagerly
+and wrapped: logits on real tokens and greedy ``generate()`` tokens. Each type ends as one of
+
+    replays        every call replayed, outputs equal eager's
+    fallback       bcg stayed eager with a warning (the reason is listed), outputs equal eager's
+    MISMATCH       wrapped outputs differ from eager's: silently wrong unless a warning says otherwise
+    CRASH          a wrapped call raised where eager did not
+    eager fails / not built   the tiny config does not run in transformers itself
+
+and the script exits 1 when any type is MISMATCH or CRASH. Each type runs in a forked child with a time limit.
+
+    python scripts/sweep_architectures.py                          # all types (~15 min on 2 cores)
+    python scripts/sweep_architectures.py --types moshi ctrl zamba2 --out-dir /tmp/sweep
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import tempfile
+import traceback
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from report import RESULTS_DIR, write_results
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+import bcg
+
+TOLERANCE = 1e-4
+# Set when the type's default config has the field (the first group always): small, and windows that bite.
+ALWAYS = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+IF_PRESENT = dict(num_key_value_heads=2, head_dim=16, num_experts=4, num_local_experts=4, n_routed_experts=4,
+                  num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32, n_group=1,
+                  topk_group=1, sliding_window=6)
+
+
+def small_config(model_type: str) -> Any:
+    """The type's (text) config with small sizes; a field the config rejects is dropped and the build retried."""
+    default = AutoConfig.for_model(model_type)
+    text = default.get_text_config(decoder=True)
+    target = text.model_type if text is not default else model_type
+    kwargs = {**ALWAYS, **{k: v for k, v in IF_PRESENT.items() if getattr(text, k, None) is not None}}
+    for _ in range(len(kwargs)):
+        try:
+            return AutoConfig.for_model(target, **kwargs)
+        except Exception as error:  # drop the field the message names, if it names one
+            named = [k for k in kwargs if k in str(error)]
+            if not named:
+                raise
+            kwargs.pop(named[0])
+    raise RuntimeError("no config builds with small sizes")
+
+
+def left_padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, ALWAYS["vocab_size"], (3, 9), generator=generator)
+    mask = torch.ones_like(ids)
+    for row, pad in enumerate((3, 0, 5)):
+        ids[row, :pad], mask[row, :pad] = 0, 0
+    return ids, mask
+
+
+def run_type(model_type: str) -> dict[str, Any]:
+    """One type's outcome (see the module docstring), with bcg's stats and warnings."""
+    try:
+        config = small_config(model_type)
+        torch.manual_seed(0)
+        reference = AutoModelForCausalLM.from_config(config).eval()
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config).eval()
+    except Exception as error:
+        return {"outcome": "not built", "detail": _short(error)}
+    ids, mask = left_padded_batch()
+    generate = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    try:
+        with torch.no_grad():
+            expected = reference(input_ids=ids, attention_mask=mask).logits
+        expected_tokens = reference.generate(ids, attention_mask=mask, **generate)
+    except Exception as error:
+        return {"outcome": "eager fails", "detail": _short(error)}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            handle = bcg.wrap_model(model, backend="eager")
+            with torch.no_grad():
+                logits = model(input_ids=ids, attention_mask=mask).logits
+            tokens = model.generate(ids, attention_mask=mask, **generate)
+        except Exception as error:
+            return {"outcome": "CRASH", "detail": _short(error), "where": traceback.format_exc(limit=-3)}
+    said = sorted({str(w.message)[:160] for w in caught if issubclass(w.category, bcg.BcgWarning)})
+    real = mask.bool()
+    diff = (logits[real] - expected[real]).abs().max().item()
+    equal = diff <= TOLERANCE and torch.equal(tokens, expected_tokens)
+    stats = handle.stats()
+    outcome = "MISMATCH" if not equal else "replays" if stats["ready"] and stats["replays"] else "fallback"
+    return {"outcome": outcome, "detail": "; ".join(said), "max_abs_diff": diff, "replays": stats["replays"],
+            "rejects": stats["rejects"]}
+
+
+def _short(error: BaseException) -> str:
+    return f"{type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}"
+
+
+def run_isolated(model_type: str, timeout: int) -> dict[str, Any]:
+    """``run_type`` in a forked child: a hang or a hard crash costs one row, not the sweep."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
+        path = handle.name
+    pid = os.fork()
+    if pid == 0:  # child
+        signal.alarm(timeout)
+        try:
+            result = run_type(model_type)
+        except BaseException as error:  # noqa: BLE001 - anything is a row
+            result = {"outcome": "CRASH", "detail": _short(error)}
+        Path(path).write_text(json.dumps(result, default=str))
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    text = Path(path).read_text()
+    os.unlink(path)
+    return json.loads(text) if text else {"outcome": "not built", "detail": f"child ended (status {status}, "
+                                                                             f"limit {timeout} s)"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--types", nargs="+", help="model types (default: every causal-LM type of this transformers)")
+    parser.add_argument("--timeout", type=int, default=60, help="seconds per type (default %(default)s)")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--out-name", default="sweep_architectures")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    rows = []
+    for model_type in args.types or sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
+        row = {"model_type": model_type, **run_isolated(model_type, args.timeout)}
+        print(f"{model_type:32s} {row['outcome']:12s} {row.get('detail', '')[:100]}", flush=True)
+        rows.append(row)
+    counts = {outcome: sum(r["outcome"] == outcome for r in rows) for outcome in dict.fromkeys(r["outcome"]
+                                                                                               for r in rows)}
+    bad = [r["model_type"] for r in rows if r["outcome"] in ("MISMATCH", "CRASH")]
+    notes = f"Outcomes: {counts}. MISMATCH or CRASH: {bad or 'none'}."
+    write_results(args.out_name, "Causal-LM types, eager vs bcg (eager backend, fp32, tiny random models)", rows,
+                  extra={"counts": counts}, notes=notes, out_dir=args.out_dir,
+                  caveat="CPU correctness sweep (eager backend): NOT speed figures")
+    print(notes)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
