@@ -35,6 +35,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 import bcg
+from bcg import hf
 
 TOLERANCE = 1e-4
 # Set when the type's default config has the field (the first group always): small, and windows that bite.
@@ -43,6 +44,31 @@ ALWAYS = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_
 IF_PRESENT = dict(num_key_value_heads=2, head_dim=16, num_experts=4, num_local_experts=4, n_routed_experts=4,
                   num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32, n_group=1,
                   topk_group=1, sliding_window=6)
+# Types whose config needs other small sizes to build and run eagerly: (extra fields, fields to leave at default).
+_ENCODER_DECODER = dict(decoder_layers=2, encoder_layers=2, d_model=64, decoder_attention_heads=4,
+                        encoder_attention_heads=4, decoder_ffn_dim=128, encoder_ffn_dim=128)
+_LATENT = ({}, ("head_dim", "n_group", "topk_group", "num_key_value_heads"))  # multi-head latent attention sizes
+_LINEAR_AND_FULL = ["linear_attention", "full_attention"] * 2
+OVERRIDES: dict[str, tuple[dict, tuple]] = {
+    **{t: (_ENCODER_DECODER, ()) for t in ("bart", "mbart", "blenderbot", "blenderbot-small", "marian", "mvp",
+                                            "pegasus", "bigbird_pegasus", "plbart", "whisper")},
+    **{t: _LATENT for t in ("axk1", "axk2", "deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite",
+                            "glm_moe_dsa", "minicpm3", "sarvam_mla", "longcat_flash", "youtu")},
+    "codegen": (dict(rotary_dim=8), ()),
+    "gptj": (dict(rotary_dim=8), ()),
+    "dory": ({}, ("sliding_window",)),
+    # hybrids whose default layouts put the first attention layer past a tiny model's end
+    "bamba": (dict(num_hidden_layers=4, attn_layer_indices=[1]), ()),
+    "jamba": (dict(num_hidden_layers=4, attn_layer_period=2, attn_layer_offset=1), ()),
+    "granitemoehybrid": (dict(num_hidden_layers=4, layer_types=["mamba", "attention", "mamba", "mamba"]), ()),
+    "dots1": (dict(max_window_layers=2), ()),
+    "kimi_linear": (dict(num_hidden_layers=4, layer_types=_LINEAR_AND_FULL), ("head_dim", "num_key_value_heads")),
+    "bailing_hybrid": (dict(num_hidden_layers=4, layer_types=_LINEAR_AND_FULL), ("head_dim", "num_key_value_heads")),
+    "lfm2_moe": (dict(num_hidden_layers=4, layer_types=["conv", "full_attention", "conv", "conv"], num_dense_layers=1),
+                 ()),
+    **{t: (dict(unpadded_vocab_size=128), ()) for t in ("inkling2", "inkling2_text", "inkling2_loop",
+                                                         "inkling2_loop_text")},
+}
 
 
 def small_config(model_type: str) -> Any:
@@ -50,15 +76,23 @@ def small_config(model_type: str) -> Any:
     default = AutoConfig.for_model(model_type)
     text = default.get_text_config(decoder=True)
     target = text.model_type if text is not default else model_type
-    kwargs = {**ALWAYS, **{k: v for k, v in IF_PRESENT.items() if getattr(text, k, None) is not None}}
+    extra, keep_default = OVERRIDES.get(model_type, ({}, ()))
+    kwargs = {**ALWAYS, **{k: v for k, v in IF_PRESENT.items() if getattr(text, k, None) is not None}, **extra}
+    for name in keep_default:
+        kwargs.pop(name, None)
     for _ in range(len(kwargs)):
         try:
-            return AutoConfig.for_model(target, **kwargs)
+            config = AutoConfig.for_model(target, **kwargs)
         except Exception as error:  # drop the field the message names, if it names one
             named = [k for k in kwargs if k in str(error)]
             if not named:
                 raise
             kwargs.pop(named[0])
+            continue
+        if hf.attention_layers(config, config.num_hidden_layers) == 0 and kwargs["num_hidden_layers"] < 4:
+            kwargs["num_hidden_layers"] = 4  # a hybrid's first layers are mixers: reach an attention layer
+            continue
+        return config
     raise RuntimeError("no config builds with small sizes")
 
 
