@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import hf
+from . import hf, patching
 
 _ROPE_NAME = "apply_rotary_pos_emb"
 # The rotary swap patches a modeling module that other models may share: one swap at a time (re-entrant, as
@@ -125,15 +125,12 @@ class Fusions:
         with _SWAP_LOCK:
             norms = [n for n in self.norms if "forward" not in n.__dict__]  # leave a forward set since alone
             saved_rotary = [(m, getattr(m, _ROPE_NAME)) for m in self.rotary_modules]
-            for norm in norms:
-                norm.forward = _bound_forward(norm)
             for modeling, original in saved_rotary:
                 setattr(modeling, _ROPE_NAME, _fused_rotary(original))
             try:
-                yield
+                with patching.forwards_replaced({norm: _bound_forward(norm) for norm in norms}):
+                    yield
             finally:
-                for norm in norms:
-                    del norm.forward
                 for modeling, original in saved_rotary:
                     setattr(modeling, _ROPE_NAME, original)
 

@@ -12,15 +12,16 @@ allocated states) therefore runs per call, never baked into a graph. MLPs, norms
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import hf
+from . import hf, patching
 from .attention import ACTIVE_RUN, StackRun, StructureError, is_per_call
 from .live import LIVE
 
@@ -150,18 +151,8 @@ def _per_token(value: Any, tokens: int) -> bool:
     return isinstance(value, torch.Tensor) and value.ndim >= 2 and tuple(value.shape[:2]) == (1, tokens)
 
 
-@contextmanager
-def mixers_routed(mixers: list[nn.Module]) -> Iterator[None]:
+def mixers_routed(mixers: list[nn.Module]) -> AbstractContextManager:
     """Each mixer's ``forward`` routed through a break for the duration (one stack run), then as it was."""
-    saved = [(module, module.__dict__.get("forward")) for module in mixers]
-    for module, _ in saved:
-        forward = module.forward  # the instance's own (an accelerate hook's) or the class's, bound
-        module.forward = lambda *args, _m=module, _f=forward, **kwargs: _mixer_forward(_m, _f, *args, **kwargs)
-    try:
-        yield
-    finally:
-        for module, instance_forward in saved:
-            if instance_forward is None:
-                del module.forward
-            else:
-                module.forward = instance_forward
+    # module.forward: the instance's own (an accelerate hook's) or the class's, bound; the break calls it
+    return patching.forwards_replaced({
+        module: partial(_mixer_forward, module, module.forward) for module in mixers})

@@ -7,7 +7,8 @@ handle to nothing, so ``copy.deepcopy``, ``pickle`` and ``torch.save`` give an u
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 
@@ -31,6 +32,23 @@ def patch(owner: Any, name: str, replacement: Callable) -> None:
 
 def is_patched(owner: Any, name: str) -> bool:
     return isinstance(owner.__dict__.get(name), InstancePatch)
+
+
+@contextmanager
+def forwards_replaced(replacements: dict[Any, Callable]) -> Iterator[None]:
+    """Each module's ``forward`` replaced for the duration of one stack run, then as it was (an instance ``forward``
+    set before, such as an accelerate hook's, comes back)."""
+    saved = [(module, module.__dict__.get("forward")) for module in replacements]
+    for module, forward in replacements.items():
+        module.forward = forward
+    try:
+        yield
+    finally:
+        for module, instance_forward in saved:
+            if instance_forward is None:
+                del module.forward
+            else:
+                module.forward = instance_forward
 
 
 def dropped() -> None:
