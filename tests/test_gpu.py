@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import bcg
+from bcg import hf
 from tiny_models import left_padded_batch, tiny_model
 
 pytestmark = pytest.mark.gpu
@@ -326,14 +327,17 @@ def test_fused_rms_norm_kernel_matches_llamas_code_to_rounding(dtype, ulp, shape
 
 
 def _kernel_launches(model: torch.nn.Module, ids: torch.Tensor) -> int:
-    """CUDA kernels of one replayed decode-shaped call (one token per sequence: where the default mode fuses)."""
+    """CUDA kernels of one replayed decode step (one token per sequence on a cache: where the default mode fuses)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
+    name = hf.cache_argument(model.forward)
     with torch.no_grad():
-        model(input_ids=ids[:, -1:])  # captures, if this shape has not been yet
+        out = model(input_ids=ids[:, :-1], use_cache=True)
+        step = {"input_ids": ids[:, -1:], "use_cache": True, name: out[name]}
+        model(**step)  # captures, if this shape has not been yet
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            model(input_ids=ids[:, -1:])
+            model(**step)
             torch.cuda.synchronize()
     return sum(1 for e in prof.events() if e.device_type == DeviceType.CUDA)
 
