@@ -3,7 +3,8 @@
     python -m bcg.eval --model bcg --model_args pretrained=DIR,mode=exact --tasks mgsm_en_local \\
         --include_path tasks --batch_size 32 --output_path out/        # every lm-eval flag works
     python -m bcg.eval compare --model_args pretrained=DIR --tasks mgsm_en_local --include_path tasks \\
-        --batch_size 1,32                               # exits 1 when the acceptance fails (mode's own)
+        --batch_size 1,32 --modes exact,fast            # one eager run per batch size against each mode;
+                                                        # exits 1 when a mode fails its acceptance
 
 ``--model bcg`` loads the model as lm-eval's ``hf`` does, wraps it with ``bcg.wrap_model`` (bcg's options come from
 ``--model_args``), and adds ``handle.stats()`` and throughput per request type to the results JSON under
@@ -17,7 +18,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 
 from .buckets import DEFAULT_MAX_NUM_TOKENS
-from .wrap import BcgHandle, speed_choices, unwrap_model, wrap_model
+from .wrap import MODES, BcgHandle, speed_choices, unwrap_model, wrap_model
 
 try:
     import lm_eval
@@ -184,13 +185,14 @@ if MODEL_NAME not in model_registry:
 # ----- eager vs bcg -----
 @dataclass
 class Comparison:
-    """Eager and bcg runs of the same tasks, per batch size: accuracy rows, speed rows, what differed."""
+    """Eager and bcg runs of the same tasks, per batch size and bcg mode: accuracy rows, speed rows, what differed."""
 
-    rows: list[dict[str, Any]] = field(default_factory=list)  # one per task and batch size
-    speed: list[dict[str, Any]] = field(default_factory=list)  # one per request type and batch size
-    bcg_stats: dict[int, dict[str, Any]] = field(default_factory=dict)  # batch size -> handle.stats()
-    disagreements: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # "<task>/bs<N>" -> differing docs
-    responses: dict[str, dict[str, dict[int, Any]]] = field(default_factory=dict)  # "<task>/bs<N>" -> side -> doc
+    rows: list[dict[str, Any]] = field(default_factory=list)  # one per task, batch size and mode
+    speed: list[dict[str, Any]] = field(default_factory=list)  # one per request type, batch size and mode
+    bcg_stats: dict[str, dict[str, Any]] = field(default_factory=dict)  # "bs<N>/<mode>" -> handle.stats()
+    # "<task>/bs<N>/<mode>" -> the documents whose responses differ; -> side ("eager", "bcg") -> doc -> responses
+    disagreements: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    responses: dict[str, dict[str, dict[int, Any]]] = field(default_factory=dict)
 
 
 def split_model_args(model_args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -199,20 +201,34 @@ def split_model_args(model_args: dict[str, Any]) -> tuple[dict[str, Any], dict[s
     return hf, {k: v for k, v in model_args.items() if k in WRAP_OPTIONS}
 
 
+def compare_modes(model_args: dict[str, Any], modes: Sequence[str] | None) -> list[str]:
+    """The bcg modes to run: ``modes``, else ``model_args``' mode, else bcg's default; named once, known, no repeats."""
+    if modes is not None and "mode" in model_args:
+        raise ValueError(f"mode={model_args['mode']} in model_args and modes {list(modes)}: name the modes once")
+    chosen = list(modes) if modes is not None else [model_args.get("mode", "fast")]
+    if not chosen or len(set(chosen)) != len(chosen) or not set(chosen) <= set(MODES):
+        raise ValueError(f"modes must be distinct values of {MODES}, got {chosen}")
+    return chosen
+
+
 def compare(model_args: dict[str, Any], tasks: Sequence[str], *, batch_sizes: Sequence[int] = (1,),
-            device: str | None = None, task_manager: TaskManager | None = None,
+            modes: Sequence[str] | None = None, device: str | None = None, task_manager: TaskManager | None = None,
             include_path: str | Path | None = None, metadata: dict[str, Any] | None = None,
             **evaluate_options: Any) -> Comparison:
-    """Run ``tasks`` through ``lm_eval.simple_evaluate`` eagerly, then wrapped by bcg, at each batch size.
+    """Run ``tasks`` through ``lm_eval.simple_evaluate`` eagerly, then wrapped by bcg in each of ``modes``, at each
+    batch size.
 
-    One model is loaded (``model_args`` as for ``--model bcg``); per batch size the eager run goes first, then the
-    same model object wrapped and unwrapped again. Tasks come from ``task_manager``, else from a ``TaskManager`` of
+    One model is loaded (``model_args`` as for ``--model bcg``); per batch size the eager run goes first, then per
+    mode the same model object wrapped and unwrapped again, each compared with that one eager run. ``modes``: default
+    ``model_args``' mode (bcg's default when absent). Tasks come from ``task_manager``, else from a ``TaskManager`` of
     lm-eval's tasks plus ``include_path``, with ``metadata`` (e.g. ``{"data_dir": DIR}``). ``evaluate_options`` go to
     ``simple_evaluate`` (``limit``, ``num_fewshot``, ``gen_kwargs``, ``apply_chat_template``, ...); its caches stay off.
     """
     from lm_eval import simple_evaluate
 
+    modes = compare_modes(model_args, modes)
     hf_args, wrap_options = split_model_args(model_args)
+    wrap_options.pop("mode", None)
     if "pretrained" not in hf_args:
         raise ValueError("model_args needs pretrained=<model id or directory>")
     device = device or hf_args.pop("device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -232,20 +248,22 @@ def compare(model_args: dict[str, Any], tasks: Sequence[str], *, batch_sizes: Se
     for bs in batch_sizes:
         logger.info("bcg.eval compare: eager run, batch size %d", bs)
         eager = run(BcgLM(model, tokenizer=tokenizer, batch_size=bs, wrap=False, **shared))
-        logger.info("bcg.eval compare: bcg run, batch size %d, %s", bs, wrap_options)
-        lm = BcgLM(model, tokenizer=tokenizer, batch_size=bs, **shared, **wrap_options)
-        try:
-            wrapped = run(lm)
-        finally:
-            lm.unwrap()
-        add_runs(comparison, eager, wrapped, bs)
+        for mode in modes:
+            logger.info("bcg.eval compare: bcg run, batch size %d, mode %s, %s", bs, mode, wrap_options)
+            lm = BcgLM(model, tokenizer=tokenizer, batch_size=bs, mode=mode, **shared, **wrap_options)
+            try:
+                wrapped = run(lm)
+            finally:
+                lm.unwrap()
+            add_runs(comparison, eager, wrapped, bs, mode)
     return comparison
 
 
-def add_runs(comparison: Comparison, eager: dict[str, Any], wrapped: dict[str, Any], batch_size: int) -> None:
+def add_runs(comparison: Comparison, eager: dict[str, Any], wrapped: dict[str, Any], batch_size: int,
+             mode: str) -> None:
     """Compare two ``simple_evaluate(..., log_samples=True)`` results of the same tasks, sample by sample."""
     for task, eager_samples in eager["samples"].items():
-        key = f"{task}/bs{batch_size}"
+        key = f"{task}/bs{batch_size}/{mode}"
         ours, theirs = _responses(eager_samples), _responses(wrapped["samples"][task])
         if ours.keys() != theirs.keys():
             raise RuntimeError(f"{task}: the two runs evaluated different documents")
@@ -257,7 +275,7 @@ def add_runs(comparison: Comparison, eager: dict[str, Any], wrapped: dict[str, A
                 differing.append({"doc_id": doc_id, "eager": ours[doc_id], "bcg": theirs[doc_id]})
         n = len(ours)
         comparison.rows.append({
-            "task": task, "batch_size": batch_size, "n": n,
+            "task": task, "batch_size": batch_size, "mode": mode, "n": n,
             "scores": {metric: [value, wrapped["results"][task].get(metric)]
                        for metric, value in eager["results"][task].items() if _is_score(metric, value)},
             "agreement": (n - len(differing)) / n if n else 1.0,
@@ -271,11 +289,11 @@ def add_runs(comparison: Comparison, eager: dict[str, Any], wrapped: dict[str, A
     for kind, figures in bcg_info.get("requests", {}).items():
         base = eager_speed.get(kind, {})
         comparison.speed.append({
-            "request_type": kind, "batch_size": batch_size, "requests": figures["requests"],
+            "request_type": kind, "batch_size": batch_size, "mode": mode, "requests": figures["requests"],
             "eager_s": base.get("seconds"), "bcg_s": figures["seconds"], "bcg_capture_s": figures["capture_seconds"],
             "eager_tok_s": base.get("tokens_per_second"), "bcg_tok_s": figures["tokens_per_second"],
         })
-    comparison.bcg_stats[batch_size] = bcg_info.get("stats")
+    comparison.bcg_stats[f"bs{batch_size}/{mode}"] = bcg_info.get("stats")
 
 
 def _responses(samples: list[dict[str, Any]]) -> dict[int, list[Any]]:
@@ -309,17 +327,24 @@ def default_acceptance(model_args: dict[str, Any]) -> str:
     return "score" if choices.fast_decode else "exact"
 
 
-def acceptance_failures(comparison: Comparison, accept: str, *, min_agreement: float = MIN_AGREEMENT,
-                        loglik_tolerance: float = LOGLIK_TOLERANCE,
+def acceptances(model_args: dict[str, Any], modes: Sequence[str], accept: str | None = None) -> dict[str, str]:
+    """Per mode the acceptance it must pass: ``accept`` for all, else each mode's own (``default_acceptance``)."""
+    return {mode: accept or default_acceptance({**model_args, "mode": mode}) for mode in modes}
+
+
+def acceptance_failures(comparison: Comparison, accept: str | Mapping[str, str], *,
+                        min_agreement: float = MIN_AGREEMENT, loglik_tolerance: float = LOGLIK_TOLERANCE,
                         max_score_diff: float = MAX_SCORE_DIFF) -> list[str]:
     """``exact``: >= ``min_agreement`` identical responses and log-likelihoods within ``loglik_tolerance``;
-    ``score``: every score within ``max_score_diff``. An empty list: accepted."""
-    if accept not in ACCEPT_MODES:
-        raise ValueError(f"accept must be one of {ACCEPT_MODES}, got {accept!r}")
+    ``score``: every score within ``max_score_diff``. ``accept``: one for every row, or one per mode. An empty list:
+    accepted."""
     failures = []
     for row in comparison.rows:
-        where = f"{row['task']} bs={row['batch_size']}"
-        if accept == "exact":
+        rule = accept if isinstance(accept, str) else accept[row["mode"]]
+        if rule not in ACCEPT_MODES:
+            raise ValueError(f"accept must be one of {ACCEPT_MODES}, got {rule!r}")
+        where = f"{row['task']} bs={row['batch_size']} {row['mode']} ({rule})"
+        if rule == "exact":
             if row["agreement"] < min_agreement:
                 failures.append(f"{where}: {row['agreement']:.1%} identical responses < {min_agreement:.0%}")
             if row["loglik_max_abs_diff"] is not None and row["loglik_max_abs_diff"] > loglik_tolerance:
@@ -350,7 +375,8 @@ def accuracy_table(comparison: Comparison) -> list[dict[str, Any]]:
         return "; ".join(f"{metric} {e:.4g} / {'-' if b is None else f'{b:.4g}'}"
                          for metric, (e, b) in row["scores"].items())
 
-    return [{"task": r["task"], "batch_size": r["batch_size"], "n": r["n"], "scores (eager / bcg)": scores(r),
+    return [{"task": r["task"], "batch_size": r["batch_size"], "mode": r["mode"], "n": r["n"],
+             "scores (eager / bcg)": scores(r),
              "identical": r["agreement"], "loglik_max_abs_diff": r["loglik_max_abs_diff"]} for r in comparison.rows]
 
 
@@ -358,6 +384,10 @@ def accuracy_table(comparison: Comparison) -> list[dict[str, Any]]:
 def _dict_arg(text: str) -> dict[str, Any]:
     """``key=value,...`` as lm-eval parses it, or a JSON object (for lists: ``{"capture_sizes": [1, 8]}``)."""
     return json.loads(text) if text.lstrip().startswith("{") else simple_parse_args_string(text)
+
+
+def _modes_arg(text: str) -> list[str]:
+    return [mode for mode in text.split(",") if mode]
 
 
 def compare_parser() -> argparse.ArgumentParser:
@@ -369,6 +399,9 @@ def compare_parser() -> argparse.ArgumentParser:
     p.add_argument("--model_args", type=_dict_arg, required=True,
                    help="as for --model bcg: pretrained=DIR,gguf_file=F,dtype=bfloat16,mode=exact,... "
                         "(or a JSON object)")
+    p.add_argument("--modes", type=_modes_arg,
+                   help=f"comma-separated bcg modes ({', '.join(MODES)}), each compared with one eager run per batch "
+                        "size (default: model_args' mode, else fast)")
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task, group or tag names")
     p.add_argument("--include_path", help="extra task folder, e.g. tasks (mgsm_en_local: local MGSM data)")
     p.add_argument("--batch_size", default="1", help="comma-separated batch sizes, each run eager then bcg "
@@ -383,8 +416,8 @@ def compare_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="default: cuda when available, else cpu")
     p.add_argument("--accept", choices=ACCEPT_MODES,
                    help=f"exact: >= {MIN_AGREEMENT:.0%} identical responses and equal log-likelihoods; score: "
-                        f"every score within {MAX_SCORE_DIFF} (default: exact for mode=exact, score for mode=fast, "
-                        "the default mode)")
+                        f"every score within {MAX_SCORE_DIFF} (default: each mode's own, exact for mode=exact, score "
+                        "for mode=fast)")
     p.add_argument("--min_agreement", type=float, default=MIN_AGREEMENT)
     p.add_argument("--loglik_tolerance", type=float, default=LOGLIK_TOLERANCE,
                    help="largest absolute log-likelihood difference accepted as equal (default %(default)s)")
@@ -397,37 +430,41 @@ def compare_parser() -> argparse.ArgumentParser:
 def run_compare(argv: Sequence[str]) -> int:
     """``python -m bcg.eval compare ...``: 0 when accepted, 1 when not."""
     args = compare_parser().parse_args(argv)
-    if args.accept is None:
-        args.accept = default_acceptance(args.model_args)
+    modes = compare_modes(args.model_args, args.modes)
+    accept = acceptances(args.model_args, modes, args.accept)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     options = {k: v for k, v in {"limit": args.limit, "num_fewshot": args.num_fewshot, "gen_kwargs": args.gen_kwargs,
                                  "system_instruction": args.system_instruction}.items() if v is not None}
     comparison = compare(args.model_args, [t for t in args.tasks.split(",") if t],
-                         batch_sizes=[int(b) for b in args.batch_size.split(",")], device=device,
+                         batch_sizes=[int(b) for b in args.batch_size.split(",")], modes=args.modes, device=device,
                          include_path=args.include_path, metadata=args.metadata,
                          apply_chat_template=args.apply_chat_template,
                          fewshot_as_multiturn=args.fewshot_as_multiturn or bool(args.apply_chat_template), **options)
-    failures = acceptance_failures(comparison, args.accept, min_agreement=args.min_agreement,
+    failures = acceptance_failures(comparison, accept, min_agreement=args.min_agreement,
                                    loglik_tolerance=args.loglik_tolerance, max_score_diff=args.max_score_diff)
     print(markdown(accuracy_table(comparison)))
     print(markdown(comparison.speed))
     if not device.startswith("cuda"):
         print(f"NOT speed figures: on {device} bcg runs its eager backend (no CUDA graphs); this checks the code path.")
     if args.output_path is not None:
-        write_comparison(comparison, args, failures)
-    for failure in failures:
-        print(f"ACCEPTANCE FAILED ({args.accept}): {failure}")
-    if not failures:
-        print(f"acceptance ({args.accept}) passed")
+        write_comparison(comparison, args, accept, failures)
+    print(verdict(accept, failures))
     return 1 if failures else 0
 
 
-def write_comparison(comparison: Comparison, args: argparse.Namespace, failures: list[str]) -> Path:
+def verdict(accept: Mapping[str, str], failures: list[str]) -> str:
+    """What passed or failed, per mode, as printed at the end of a comparison."""
+    rules = ", ".join(f"{mode}: {rule}" for mode, rule in accept.items())
+    return "\n".join(f"ACCEPTANCE FAILED: {f}" for f in failures) if failures else f"acceptance passed ({rules})"
+
+
+def write_comparison(comparison: Comparison, args: argparse.Namespace, accept: Mapping[str, str],
+                     failures: list[str]) -> Path:
     path = args.output_path if args.output_path.suffix == ".json" else args.output_path / "bcg_compare.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "command": " ".join(sys.argv), "lm_eval": lm_eval.__version__, "model_args": args.model_args,
-        "tasks": args.tasks, "accept": args.accept, "acceptance_failures": failures,
+        "tasks": args.tasks, "accept": accept, "acceptance_failures": failures,
         "rows": comparison.rows, "speed": comparison.speed, "bcg_stats": comparison.bcg_stats,
         "disagreements": {k: v[:MAX_DISAGREEMENTS] for k, v in comparison.disagreements.items()},
         **({"responses": comparison.responses} if args.log_samples else {}),

@@ -2,16 +2,17 @@
 
 One model, each batch size run eagerly and then wrapped by bcg, through ``lm_eval.simple_evaluate`` on the local
 MGSM tasks in ``tasks/`` (generation: ``mgsm_direct_en_local``; log-likelihoods: ``mgsm_choice_en_local``, lm-eval's
-right-padded, mask-free batches). Exits 1 when the acceptance fails (``--accept exact``: >= 98% identical
-responses and equal log-likelihoods; ``score``: scores within 0.02; default: the one ``--mode`` promises).
+right-padded, mask-free batches). With ``--mode exact,fast`` each eager run is compared with both modes. Exits 1
+when a mode fails its acceptance (``--accept exact``: >= 98% identical responses and equal log-likelihoods;
+``score``: scores within 0.02; default: the one each mode promises, exact for ``exact``, score for ``fast``).
 
     python scripts/mgsm_sweep.py --model DIR --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf --max-gen-toks 64 \\
-        --mode exact                                    # all 250 questions, batch 1 and 32, acceptance exact
+        --mode exact,fast                               # all 250 questions, batch 1 and 32, both modes
     python scripts/mgsm_sweep.py --model DIR --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf --max-gen-toks 64
                                                         # the default mode "fast": bf16 text may fork, acceptance score
 
 The same comparison without this script: ``python -m bcg.eval compare --model_args pretrained=DIR,... --tasks
-mgsm_en_local --include_path tasks --batch_size 1,32``.
+mgsm_en_local --include_path tasks --batch_size 1,32 --modes exact,fast``.
 """
 
 from __future__ import annotations
@@ -27,9 +28,8 @@ import torch
 from benchutil import announce_device, results_name, speed_caveat
 from report import RESULTS_DIR, write_results
 
-from bcg.eval import (ACCEPT_MODES, MAX_DISAGREEMENTS, accuracy_table, acceptance_failures, compare,
-                      default_acceptance, markdown)
-from bcg.wrap import MODES
+from bcg.eval import (ACCEPT_MODES, MAX_DISAGREEMENTS, acceptances, accuracy_table, acceptance_failures, compare,
+                      compare_modes, markdown, verdict)
 
 TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
 DEFAULT_TASKS = "mgsm_direct_en_local,mgsm_choice_en_local"
@@ -49,10 +49,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="default: cuda when available, here %(default)s")
     p.add_argument("--backend", choices=["cuda", "eager"], help="bcg backend (default: bcg picks by device)")
-    p.add_argument("--mode", choices=MODES, default="fast",
-                   help="bcg's mode: 'fast' (bcg's default: faster kernels, bf16 rounding differs) or 'exact' (eager's "
-                        "kernels: the same answers) (default %(default)s)")
-    p.add_argument("--accept", choices=ACCEPT_MODES, help="default: exact for --mode exact, score for fast")
+    p.add_argument("--mode", default="fast",
+                   help="bcg's modes, comma-separated: 'fast' (bcg's default: faster decode kernels, bf16 text may "
+                        "fork) and/or 'exact' (eager's kernels: the same answers) (default %(default)s)")
+    p.add_argument("--accept", choices=ACCEPT_MODES, help="default: each mode's own, exact for exact, score for fast")
     p.add_argument("--out-name", help="results file stem (default mgsm_<model basename>)")
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="default %(default)s")
     p.add_argument("--log-samples", action="store_true",
@@ -65,7 +65,11 @@ def model_args(args: argparse.Namespace) -> dict[str, Any]:
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     extra = {"gguf_file": args.gguf_file} if args.gguf_file else {}
     wrap = {"backend": args.backend} if args.backend else {}
-    return {"pretrained": args.model, "dtype": dtype, **extra, "mode": args.mode, **wrap}
+    return {"pretrained": args.model, "dtype": dtype, **extra, **wrap}
+
+
+def modes(args: argparse.Namespace) -> list[str]:
+    return compare_modes({}, [m for m in args.mode.split(",") if m])
 
 
 def default_out_name(args: argparse.Namespace) -> str:
@@ -76,20 +80,19 @@ def default_out_name(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    args.accept = args.accept or default_acceptance(model_args(args))
+    accept = acceptances(model_args(args), modes(args), args.accept)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [%(name)s] %(message)s")
     device = torch.device(args.device)
     announce_device(device)
     comparison = compare(
         model_args(args), args.tasks.split(","), batch_sizes=[int(b) for b in args.batch_sizes.split(",")],
-        device=args.device, include_path=TASKS_DIR, limit=args.limit,
+        modes=modes(args), device=args.device, include_path=TASKS_DIR, limit=args.limit,
         metadata={"data_dir": str(args.data_dir)} if args.data_dir else None,
         gen_kwargs={"max_gen_toks": args.max_gen_toks} if args.max_gen_toks else None)
-    failures = acceptance_failures(comparison, args.accept)
+    failures = acceptance_failures(comparison, accept)
     name = args.out_name or default_out_name(args)
-    verdict = f"Acceptance ({args.accept}): " + ("FAILED" if failures else "passed")
-    notes = "\n".join([markdown(comparison.speed), verdict, *(f"- {f}" for f in failures)])
-    extra = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    notes = "\n".join([markdown(comparison.speed), verdict(accept, failures)])
+    extra = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "accept": accept,
              "rows_detail": comparison.rows, "speed": comparison.speed, "bcg_stats": comparison.bcg_stats,
              "acceptance_failures": failures,
              "disagreements": {k: v[:MAX_DISAGREEMENTS] for k, v in comparison.disagreements.items()}}
@@ -100,10 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         path = Path(args.out_dir) / f"{name}_samples.json"
         path.write_text(json.dumps(comparison.responses, indent=1, ensure_ascii=False) + "\n")
         print(f"wrote {path}")
-    for failure in failures:
-        print(f"ACCEPTANCE FAILED ({args.accept}): {failure}", flush=True)
-    if not failures:
-        print(f"acceptance ({args.accept}) passed", flush=True)
+    print(verdict(accept, failures), flush=True)
     return 1 if failures else 0
 
 

@@ -166,8 +166,8 @@ def test_compare_accepts_bcg(model_dir: Path, tmp_path: Path, monkeypatch: pytes
                    GEN, "--device", "cpu", "--accept", "exact", "--output_path", str(out), "--log_samples"])
     result = json.loads(out.read_text())
     assert status == 0, result["acceptance_failures"]
-    assert [(r["task"], r["batch_size"]) for r in result["rows"]] == [
-        (task, bs) for bs in (1, 4) for task in TASKS.split(",")]
+    assert [(r["task"], r["batch_size"], r["mode"]) for r in result["rows"]] == [
+        (task, bs, "fast") for bs in (1, 4) for task in TASKS.split(",")]
     for row in result["rows"]:
         assert row["n"] == LIMIT and row["agreement"] == 1.0
         assert all(eager == wrapped for eager, wrapped in row["scores"].values())
@@ -178,7 +178,7 @@ def test_compare_accepts_bcg(model_dir: Path, tmp_path: Path, monkeypatch: pytes
     assert all(s["eager_tok_s"] > 0 and s["bcg_tok_s"] > 0 for s in result["speed"])
     assert all(stats["replays"] > 0 and not stats["rejects"] for stats in result["bcg_stats"].values())
     # Agreement means something only if the model generated text.
-    texts = result["responses"]["mgsm_direct_en_local/bs1"]["eager"].values()
+    texts = result["responses"]["mgsm_direct_en_local/bs1/fast"]["eager"].values()
     assert sum(bool(t[0]) for t in texts) >= LIMIT // 2
 
 
@@ -193,14 +193,16 @@ def test_compare_rejects_different_models(model_dir: Path, tmp_path: Path, local
                             task_manager=local_tasks, limit=LIMIT, gen_kwargs=GEN, bootstrap_iters=0)
             for d in (model_dir, other)]
     comparison = Comparison()
-    add_runs(comparison, *runs, batch_size=4)
+    add_runs(comparison, *runs, batch_size=4, mode="exact")
     failures = acceptance_failures(comparison, "exact")
     assert any("identical responses" in f for f in failures), failures
     assert any("log-likelihoods differ" in f for f in failures), failures
     # A score 0.25 apart fails the score acceptance; the same scores pass it.
     comparison.rows[0]["scores"] = {"exact_match,flexible-extract": [0.5, 0.25]}
     comparison.rows[1]["scores"] = {"acc,none": [0.5, 0.5]}
-    assert [f.split(":")[0] for f in acceptance_failures(comparison, "score")] == ["mgsm_direct_en_local bs=4"]
+    assert [f.split(":")[0] for f in acceptance_failures(comparison, "score")] == [
+        "mgsm_direct_en_local bs=4 exact (score)"]
+    assert acceptance_failures(comparison, {"exact": "score"}) == acceptance_failures(comparison, "score")
     with pytest.raises(ValueError, match="accept must be one of"):
         acceptance_failures(comparison, "close")
 
@@ -212,6 +214,23 @@ def test_compare_rejects_different_models(model_dir: Path, tmp_path: Path, local
     ({"mode": "fast", "attention_kernels": "eager", "fused_kernels": False}, "exact"),
 ])
 def test_default_acceptance_follows_the_kernels_chosen(model_args, acceptance) -> None:
-    from bcg.eval import default_acceptance
+    from bcg.eval import acceptances, default_acceptance
 
     assert default_acceptance(model_args) == acceptance
+    mode = model_args.get("mode", "fast")
+    overrides = {k: v for k, v in model_args.items() if k != "mode"}
+    assert acceptances(overrides, [mode]) == {mode: acceptance}
+    assert acceptances(overrides, [mode], "exact") == {mode: "exact"}
+
+
+def test_compare_modes_are_named_once_and_known() -> None:
+    from bcg.eval import compare_modes
+
+    assert compare_modes({}, None) == ["fast"]
+    assert compare_modes({"mode": "exact"}, None) == ["exact"]
+    assert compare_modes({}, ["exact", "fast"]) == ["exact", "fast"]
+    with pytest.raises(ValueError, match="name the modes once"):
+        compare_modes({"mode": "exact"}, ["fast"])
+    for bad in ([], ["fast", "fast"], ["quick"]):
+        with pytest.raises(ValueError, match="modes must be distinct"):
+            compare_modes({}, bad)

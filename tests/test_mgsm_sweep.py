@@ -37,18 +37,18 @@ def test_sweep_writes_results_and_accepts(tmp_path: Path, monkeypatch: pytest.Mo
         status = mgsm_sweep.main(["--model", str(model_dir), "--limit", str(LIMIT), "--batch-sizes",
                                   ",".join(map(str, BATCH_SIZES)), "--max-gen-toks", "12", "--backend", "eager",
                                   "--data-dir", str(DATA_DIR), "--device", "cpu", "--out-dir", str(tmp_path / "r"),
-                                  "--out-name", "sweep", "--log-samples"])
+                                  "--out-name", "sweep", "--log-samples", "--mode", "exact,fast"])
     finally:
         torch.set_num_threads(threads)
     result = json.loads((tmp_path / "r" / "sweep.json").read_text())
     assert status == 0, result["acceptance_failures"]
     assert "NOT speed figures" in result["caveat"]
     tasks = mgsm_sweep.DEFAULT_TASKS.split(",")
-    assert [(r["task"], r["batch_size"], r["n"]) for r in result["rows"]] == [
-        (task, bs, LIMIT) for bs in BATCH_SIZES for task in tasks]
-    assert all(r["identical"] == 1.0 for r in result["rows"])
-    assert result["config"]["mode"] == "fast" and result["config"]["accept"] == "score"
-    assert result["bcg_stats"]["1"]["replays"] > 0
+    assert [(r["task"], r["batch_size"], r["mode"], r["n"]) for r in result["rows"]] == [
+        (task, bs, mode, LIMIT) for bs in BATCH_SIZES for mode in ("exact", "fast") for task in tasks]
+    assert all(r["identical"] == 1.0 for r in result["rows"])  # fp32 on the eager backend: both modes exact
+    assert result["accept"] == {"exact": "exact", "fast": "score"}
+    assert result["bcg_stats"]["bs1/exact"]["replays"] > 0 and result["bcg_stats"]["bs3/fast"]["replays"] > 0
     assert (tmp_path / "r" / "sweep.md").is_file() and (tmp_path / "r" / "sweep_samples.json").is_file()
 
 
@@ -56,7 +56,9 @@ def test_model_args_and_names() -> None:
     args = mgsm_sweep.parse_args(["--model", "/m/smol/", "--gguf-file", "SmolLM2-135M-Instruct.Q4_1.gguf",
                                   "--device", "cuda", "--mode", "exact"])
     assert mgsm_sweep.model_args(args) == {
-        "pretrained": "/m/smol/", "dtype": "bfloat16", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf",
-        "mode": "exact"}
+        "pretrained": "/m/smol/", "dtype": "bfloat16", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
     assert mgsm_sweep.default_out_name(args) == "mgsm_smol_SmolLM2-135M-Instruct.Q4_1"
-    assert args.limit is None and bcg.eval.default_acceptance(mgsm_sweep.model_args(args)) == "exact"
+    assert args.limit is None and mgsm_sweep.modes(args) == ["exact"]
+    for bad in ("exact,exact", "quick", ","):
+        with pytest.raises(ValueError, match="modes must be distinct values"):
+            mgsm_sweep.modes(mgsm_sweep.parse_args(["--model", "m", "--mode", bad]))
