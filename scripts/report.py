@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 RESULTS_DIR = Path(__file__).resolve().parent.parent / "results"
+# Kernel packages transformers' modeling code takes a fast path with when installed (a hybrid model's mixers).
+OPTIONAL_KERNELS = ("triton", "flash-linear-attention", "causal-conv1d", "mamba-ssm", "flash-attn")
 
 
 def machine() -> dict[str, Any]:
@@ -29,7 +31,21 @@ def machine() -> dict[str, Any]:
         props = torch.cuda.get_device_properties(0)
         info["gpu"] = f"{props.name} ({props.total_memory / 2**30:.0f} GiB)"
         info["cuda"] = torch.version.cuda
+    if installed := _installed(OPTIONAL_KERNELS):
+        info["kernels"] = installed
     return info
+
+
+def _installed(distributions: tuple[str, ...]) -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in distributions:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return found
 
 
 def command() -> str:
