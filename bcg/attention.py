@@ -153,6 +153,10 @@ class StackRun:
     layer_types: list[str] | None
     break_fn: Callable[[Slot], None]
     layer_of: dict[int, int] = field(default_factory=dict)  # id(module) -> index of the stack layer holding it
+    # A hybrid model's decode step with its mixers inside the graph (mixer_states.py): the cache bound to bcg's state
+    # tensors, and the number of sequences (the flat run's first rows).
+    mixer_cache: Any = None
+    decode_batch: int = 0
     breaks: int = 0
     _seen: set = field(default_factory=set)
     _stored_types: set = field(default_factory=set)

@@ -77,6 +77,7 @@ class Call:
     autocast: str = ""  # the autocast state the call runs under ("" when off): graphs are captured per state
     rows: torch.Tensor | None = None  # a padded multi-token call: its real tokens' flat indices (see live.real_rows)
     fast: bool = False  # a decode step under mode="fast": its graphs hold the fast kernels (see wrap.SpeedChoices)
+    mixer_states: str = ""  # a hybrid model's decode step with its mixers inside the graph: their storage's tag
 
     def get(self, name: str) -> Any:
         return self.arguments.get(name)
@@ -97,9 +98,10 @@ class Call:
 
     @property
     def kind(self) -> str:
-        """The graph family this call replays: its input kind, autocast state and speed ("ids", "ids/fast",
-        "embeds@autocast-bfloat16/fast", ...)."""
-        return self.inputs + (f"@{self.autocast}" if self.autocast else "") + ("/fast" if self.fast else "")
+        """The graph family this call replays: its input kind, autocast state, inline mixer states and speed ("ids",
+        "ids/fast", "embeds@autocast-bfloat16/fast", "ids/mixers0/fast", ...)."""
+        return (self.inputs + (f"@{self.autocast}" if self.autocast else "")
+                + (f"/{self.mixer_states}" if self.mixer_states else "") + ("/fast" if self.fast else ""))
 
     @property
     def num_tokens(self) -> int:

@@ -261,6 +261,42 @@ def rebind_static_layer(layer: Any, keys: torch.Tensor, values: torch.Tensor, le
     layer.keys, layer.values, layer.cumulative_length = keys, values, length
 
 
+_LINEAR_LAYER = getattr(cache_utils, "LinearAttentionCacheLayerMixin", None)
+_MIXER_STATE_KINDS = ("conv_states", "recurrent_states")
+
+
+def settled_mixer_states(cache: Any, layer_idx: int) -> dict[tuple[str, Any], torch.Tensor] | None:
+    """A mixer's cache-layer states, by (kind, state index), when a decode step updates them in place: every state
+    allocated, a previous step recorded, no past being recorded (transformers copies into these tensors "to keep the
+    static address" then). None otherwise: a prefill, a first step, speculative rollback, another cache layer."""
+    layers = getattr(cache, "layers", None)
+    if _LINEAR_LAYER is None or layers is None or layer_idx >= len(layers):
+        return None
+    layer = layers[layer_idx]
+    if not isinstance(layer, _LINEAR_LAYER) or layer.record_past or getattr(cache, "offloading", False):
+        return None
+    indices = range(layer.number_of_states)
+    if not all(layer.has_previous_state[i] for i in indices):
+        return None
+    states = {}
+    for kind, flags in zip(_MIXER_STATE_KINDS, (layer.is_conv_states_initialized, layer.is_recurrent_states_initialized)):
+        states.update({(kind, i): getattr(layer, kind)[i] for i in indices if flags[i]})
+    return states or None
+
+
+def mixer_state(cache: Any, layer_idx: int, name: tuple[str, Any]) -> Any:
+    """One of a mixer's cache-layer states by (kind, state index), whatever the layer's condition (None if absent)."""
+    kind, index = name
+    states = getattr(cache.layers[layer_idx], kind, None)
+    return states[index] if states is not None else None
+
+
+def rebind_mixer_state(cache: Any, layer_idx: int, name: tuple[str, Any], tensor: torch.Tensor) -> None:
+    """Point one of a mixer's cache-layer states at another tensor of its shape (its contents copied first)."""
+    kind, index = name
+    getattr(cache.layers[layer_idx], kind)[index] = tensor
+
+
 # ----- masks -----
 _MASK_CACHE_ARGUMENT = cache_argument(create_masks_for_generate)
 # transformers 5.17's create_chunked_causal_mask does not take the block_sequence_ids that create_masks_for_generate

@@ -100,6 +100,8 @@ def _mixer_forward(module: nn.Module, forward: Callable, *args: Any, **kwargs: A
     hidden_states = args[0] if args else kwargs.pop("hidden_states")
     if hidden_states.shape[0] != 1:
         raise RuntimeError(f"bcg captures a flat [1, N] token run, got a batch of {hidden_states.shape[0]}")
+    if run.mixer_cache is not None:
+        return _decode_step_inline(module, forward, hidden_states, kwargs, run)
     slot = run.slot(module, lambda: _new_slot(run, module, forward, hidden_states, kwargs))
     if not isinstance(slot, MixerSlot):
         raise StructureError(f"{type(module).__name__} (layer {module.layer_idx}) ran as a mixer where bcg saw "
@@ -113,6 +115,42 @@ def _mixer_forward(module: nn.Module, forward: Callable, *args: Any, **kwargs: A
     # (Inkling's attention runs one short convolution for its keys, then another for its values).
     output = slot.out[:n].unsqueeze(0).clone()
     return (output, None) if slot.returns_tuple else output
+
+
+def _decode_step_inline(module: nn.Module, forward: Callable, hidden_states: torch.Tensor, kwargs: dict,
+                        run: StackRun) -> Any:
+    """A decode step's mixer inside the graph: its own forward on the first ``decode_batch`` rows as ``[B, 1, hidden]``,
+    with the cache bound to bcg's state tensors (updated in place) and what transformers hands a mixer in a decode
+    step (no padding mask: the stack gives None once the cache holds a past)."""
+    batch = run.decode_batch
+    arguments = {k: _decode_layout(v, batch, hidden_states.shape[1], module) for k, v in kwargs.items()
+                 if k not in _LIVE_ARGUMENTS}
+    if "attention_mask" in kwargs:
+        arguments["attention_mask"] = None
+    if "use_cache" in kwargs:
+        arguments["use_cache"] = True
+    if "position_ids" in kwargs:
+        arguments["position_ids"] = _decode_layout(kwargs["position_ids"], batch, hidden_states.shape[1], module)
+    result = forward(hidden_states=hidden_states[0, :batch].unsqueeze(1), **arguments,
+                     **{hf.mixer_cache_argument(module): run.mixer_cache})
+    returns_tuple = isinstance(result, tuple) and bool(result)
+    step = result[0] if returns_tuple else result
+    output = hidden_states.clone()  # the flat run's rows beyond the batch keep their (harmless) pad values
+    output[0, :batch] = step[:, 0]
+    return (output, None) if returns_tuple else output
+
+
+def _decode_layout(value: Any, batch: int, tokens: int, module: nn.Module) -> Any:
+    """A tensor argument the graph computed per token of its flat run (``[1, tokens, ...]``) as the decode step's
+    ``[B, 1, ...]``; other values as they are."""
+    if isinstance(value, (tuple, list)):
+        return type(value)(_decode_layout(v, batch, tokens, module) for v in value)
+    if not is_per_call(value):
+        return value
+    if not _per_token(value, tokens):
+        raise RuntimeError(f"{type(module).__name__} (layer {module.layer_idx}) takes a per-call tensor of shape "
+                           f"{tuple(value.shape)} that bcg cannot lay out for a decode step")
+    return value[0, :batch].unsqueeze(1)
 
 
 def _new_slot(run: StackRun, module: nn.Module, forward: Callable, hidden_states: torch.Tensor,

@@ -24,6 +24,7 @@ from .eligibility import KNOWN_ARGUMENTS, REPEATING, Call, Reject, Rejection, Ta
 from .errors import BcgCaptureWarning, BcgFallbackWarning, BcgInvalidatedWarning
 from .fusion import Fusions
 from .live import LIVE, LiveContext, capture_context, default_position_ids, live_masks
+from .mixer_states import MixerStates
 from .mixers import mixers_routed
 from .resolve import Stack
 from .stats import Stats
@@ -61,6 +62,9 @@ class StackRunner:
         self.cache_class = hf.stack_cache_class(self.original_forward)
         self.target = Target(stack.module, self.config, self.device, self.dtype, sizes, self.cache_class)
         self.mixers = mixers or []  # stateful token mixers (hybrid models): breaks like attention
+        # ... except in decode steps, where they run inside the graph on state tensors bcg owns
+        self.mixer_states = MixerStates([m.layer_idx for m in self.mixers]) if self.mixers else None
+        self._decode_cache: tuple[Any, int] | None = None  # (cache, sequences) of the decode step being replayed
         self.expected_breaks = hf.attention_layers(self.config, len(stack.layers)) + len(self.mixers)
         self.layer_of = {id(module): i for i, layer in enumerate(stack.layers) for module in layer.modules()}
 
@@ -116,17 +120,36 @@ class StackRunner:
                 return output
         if rejection is None:
             bucket = pick_bucket(self.sizes, call.num_tokens)
-            graph = self._graph(call.kind, bucket)
-            if graph is None:
-                rejection = Rejection(Reject.CAPTURE_FAILED if self.disabled_reason is None else Reject.NOT_READY)
-            else:
-                replay = self._replay_beside_eager if self.debug == "numerics" else self._replay
-                output = replay(graph, call, bucket)
-                if not isinstance(output, Rejection):
-                    return output
-                rejection = output
+            self._mixers_inline(call, bucket)
+            try:
+                graph = self._graph(call.kind, bucket)
+                if graph is None:
+                    rejection = Rejection(Reject.CAPTURE_FAILED if self.disabled_reason is None else Reject.NOT_READY)
+                else:
+                    replay = self._replay_beside_eager if self.debug == "numerics" else self._replay
+                    output = replay(graph, call, bucket)
+                    if not isinstance(output, Rejection):
+                        return output
+                    rejection = output
+            finally:
+                self._decode_cache = None  # the runner must not keep a caller's cache alive
         self._count_reject(rejection)
         return self.original_forward(*args, **kwargs)
+
+    def _mixers_inline(self, call: Call, bucket: int) -> None:
+        """A hybrid model's decode step whose mixers update their states in place: bind the cache's states to bcg's
+        tensors, so the graph of this call's kind runs the mixers inside it (unless capturing that graph failed:
+        then their breaks)."""
+        if self.mixer_states is None or not _is_decode_step(call):
+            return
+        states = self.mixer_states.settled(call.cache)
+        if states is None:
+            return
+        call.mixer_states = self.mixer_states.bind(call.cache, states)
+        if (call.kind, bucket) in self.failed:
+            call.mixer_states = ""
+        else:
+            self._decode_cache = (call.cache, call.tokens.shape[0])
 
     def _count_reject(self, rejection: Rejection) -> None:
         self.stats.count_reject(rejection.reason.value)
@@ -181,7 +204,8 @@ class StackRunner:
                 if kind.startswith("embeds") and self.static_embeds is None:
                     shape = (1, self.sizes[-1], self.config.hidden_size)
                     self.static_embeds = torch.zeros(shape, dtype=self.dtype, device=self.device)
-                graph = self.backend.capture(partial(self._run_stack, kind, bucket))
+                with self._mixer_states_kept(kind):
+                    graph = self.backend.capture(partial(self._run_stack, kind, bucket))
         except StructureError as error:
             self._disable(str(error))
             return None
@@ -201,6 +225,11 @@ class StackRunner:
             self._address_book = self._current_address_book()
         return graph
 
+    def _mixer_states_kept(self, kind: str) -> Any:
+        """A decode graph with inline mixers: its warm-up and capture runs must leave their states as they were."""
+        tag = _mixer_states_tag(kind)
+        return self.mixer_states.kept(tag) if tag else nullcontext()
+
     def _fused(self, kind: str) -> Any:
         """The fused kernels in place for one run of the stack for a graph of ``kind`` (a capture, or an eager-backend
         replay): only fast decode graphs, breakable or full, hold them."""
@@ -218,6 +247,10 @@ class StackRunner:
         slots = self.slots.setdefault(kind, [])
         run = StackRun(slots, self.bridges, self.original_implementation, self.layer_types, self.break_fn,
                        self.layer_of)
+        expected_breaks = self.expected_breaks
+        if _mixer_states_tag(kind):  # the mixers run inside the graph, on the cache bound to bcg's state tensors
+            run.mixer_cache, run.decode_batch = self._decode_cache
+            expected_breaks -= len(self.mixers)
         if kind.startswith("ids"):
             inputs = {"input_ids": self.static_ids[:, :bucket]}
         else:
@@ -227,7 +260,7 @@ class StackRunner:
                 **inputs, position_ids=self.static_positions[:, :bucket],
                 attention_mask=None, use_cache=False, **{self.cache_argument: None},
             )
-        if run.breaks != self.expected_breaks:
+        if run.breaks != expected_breaks:
             attention = self.expected_breaks - len(self.mixers)
             raise StructureError(
                 f"{run.breaks} attention / mixer calls went through bcg's breaks where its layer types promise "
@@ -263,6 +296,8 @@ class StackRunner:
         caller then holds only the stats)."""
         self.free_graphs()
         self.decoder.storages.clear()
+        if self.mixer_states is not None:
+            self.mixer_states.clear()
         self.bridges.buffers.clear()
         self.slots.clear()
         self.static_embeds = None
@@ -364,6 +399,8 @@ class StackRunner:
         live = self._live_context(call, bucket)
         if isinstance(live, Rejection):
             return live
+        if call.mixer_states and (padded := self._mixers_padded(live)):
+            return Rejection(Reject.UNSUPPORTED_MASK, f"a padding mask for the {padded} mixers of a decode step")
         self._fill_static(call.inputs, call.tokens, live, bucket)
         token = LIVE.set(live)
         try:
@@ -374,6 +411,11 @@ class StackRunner:
         self.stats.count_replay()
         # The static output is overwritten by the next replay: the caller gets its own copy.
         return hf.output_with_cache(self.output_cls, live.unpack(hidden[0, :live.num_tokens]), live.cache)
+
+    def _mixers_padded(self, live: LiveContext) -> list[str]:
+        """Mixer layer types that a decode step would hand a padding mask (inline mixers are captured without)."""
+        types = {hf.mixer_mask_key(self.layer_types[m.layer_idx]) for m in self.mixers} if self.layer_types else set()
+        return sorted(t for t in types if isinstance(mask := live.mask_for(t), torch.Tensor) and mask.ndim == 2)
 
     def _replay_full_graph(self, call: Call) -> Any | None:
         """A decode step on a full static cache as one graph; None: the breakable graphs take it."""
@@ -425,6 +467,11 @@ def _is_decode_step(call: Call) -> bool:
     """One token per sequence on top of a cache: a generation step (a one-token prompt is not one)."""
     tokens = call.tokens
     return call.cache is not None and isinstance(tokens, torch.Tensor) and tokens.ndim >= 2 and tokens.shape[1] == 1
+
+
+def _mixer_states_tag(kind: str) -> str:
+    """The mixer-state storage a graph kind's inline mixers read ("" when its mixers are breaks)."""
+    return next((part for part in kind.split("/") if part.startswith("mixers")), "")
 
 
 def _positional_parameters(forward: Any) -> list[str]:

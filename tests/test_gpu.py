@@ -433,8 +433,9 @@ def test_two_live_static_caches_on_real_graphs():
 
 @pytest.mark.parametrize("arch", ["qwen3_5_text", "falcon_h1", "lfm2"])
 def test_hybrid_steps_and_mixer_state_equal_eager_on_real_graphs(arch):
-    """fp32: prefill, a 2-token continuation and decode steps replay with the mixers as breaks; every step's logits
-    and every cache tensor (keys/values, convolution and recurrent states) match eager's."""
+    """fp32: prefill and a 2-token continuation replay with the mixers as breaks, decode steps with the mixers inside
+    the graph; every step's logits and every cache tensor (keys/values, convolution and recurrent states) match
+    eager's."""
     from test_hybrid import STEPS, _cache_tensors, _steps
 
     reference = tiny_model(arch, device="cuda")
@@ -450,3 +451,13 @@ def test_hybrid_steps_and_mixer_state_equal_eager_on_real_graphs(arch):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     for got, want in zip(_cache_tensors(cache, final_mask), _cache_tensors(expected_cache, final_mask), strict=True):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert any("/mixers" in graph for graph in stats["captured_graphs"]), stats["captured_graphs"]
+
+
+@pytest.mark.parametrize("arch", ["qwen3_5_text", "bamba", "lfm2"])
+def test_two_caches_decoding_in_turn_on_real_graphs(arch):
+    """fp32: a decode graph reads the mixer states at bcg's addresses; two caches decoding in turn each get their own
+    states bound in and given back, equal to eager's."""
+    from test_hybrid import check_two_caches_decoding_in_turn
+
+    check_two_caches_decoding_in_turn(arch, device="cuda")

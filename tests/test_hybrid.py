@@ -69,6 +69,63 @@ def test_each_step_and_the_state_left_in_the_cache_equal_eagers(arch):
     assert any(any(t is state for state in mixer_states) for t in got_tensors)  # the mixers' states are among them
     for got, want in zip(got_tensors, want_tensors):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    # Decode steps ran their mixers inside the graph (MiniMax's own cache class keeps them as breaks).
+    inline = [g for g in handle.stats()["captured_graphs"] if "/mixers" in g]
+    assert bool(inline) == (arch != "minimax"), handle.stats()["captured_graphs"]
+
+
+def _decode(model, cache, tokens, mask):
+    with torch.no_grad():
+        out = model(input_ids=tokens, attention_mask=mask, **{_cache_name(model): cache}, use_cache=True)
+    return out.logits[:, -1]
+
+
+@pytest.mark.parametrize("arch", ["qwen3_5_text", "bamba", "lfm2"])
+def test_two_caches_decoding_in_turn_keep_their_own_mixer_states(arch):
+    """Decode steps bind a cache's mixer states to bcg's tensors: a second cache taking them must leave the first
+    with its own contents (copies), so each continues as eager's would."""
+    check_two_caches_decoding_in_turn(arch, backend="eager")
+
+
+def check_two_caches_decoding_in_turn(arch: str, device: str = "cpu", **options: Any) -> None:
+    """Two caches prefilled, then decoding in turn (A, B, A, B), eager vs wrapped: logits and caches equal."""
+    reference, model = tiny_model(arch, device=device), tiny_model(arch, device=device)
+    handle = bcg.wrap_model(model, **options)
+    ids, mask = left_padded_batch(device=device)
+    results = []
+    for m in (reference, model):
+        caches = [hf.new_cache(hf.stack_cache_class(m.get_decoder().forward), m.config) for _ in range(2)]
+        logits = []
+        with torch.no_grad():
+            for cache, prompt in zip(caches, (ids, ids.flip(1))):
+                m(input_ids=prompt, attention_mask=mask, **{_cache_name(m): cache}, use_cache=True)
+        masks, token = [mask, mask], ids[:, -1:]
+        for i in (0, 1, 0, 1):  # A, B, A again, B again
+            masks[i] = torch.cat([masks[i], torch.ones_like(token)], dim=1)
+            logits.append(_decode(m, caches[i], token, masks[i]))
+        results.append((logits, caches))
+    (expected, expected_caches), (got, caches) = results
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
+    for cache, expected_cache, final_mask in zip(caches, expected_caches, masks):
+        got_tensors, want_tensors = _cache_tensors(cache, final_mask), _cache_tensors(expected_cache, final_mask)
+        assert len(got_tensors) == len(want_tensors) > 0
+        for g, e in zip(got_tensors, want_tensors):
+            torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
+    assert handle.stats()["rejects"] == {}
+    assert sum("/mixers" in g for g in handle.stats()["captured_graphs"]) == 1  # one shape, one graph, two caches
+
+
+@pytest.mark.parametrize("arch", ["qwen3_5_text", "falcon_h1"])
+def test_beam_search_reordering_mixer_states_equals_eager(arch):
+    """Beam search reorders every cache layer between steps (a new tensor per state): bcg copies it in again."""
+    reference, model = tiny_model(arch), tiny_model(arch)
+    ids, mask = left_padded_batch()
+    kwargs = dict(attention_mask=mask, max_new_tokens=4, num_beams=2, do_sample=False)
+    expected = reference.generate(ids, **kwargs)
+    handle = bcg.wrap_model(model, backend="eager")
+    assert torch.equal(model.generate(ids, **kwargs), expected)
+    assert handle.stats()["rejects"] == {} and any("/mixers" in g for g in handle.stats()["captured_graphs"])
 
 
 @pytest.mark.parametrize("arch, breaks", [("qwen3_5_text", 4), ("falcon_h1", 8), ("lfm2", 4), ("jamba", 4)])
