@@ -126,8 +126,9 @@ class StaticDecoder:
         if holder is cache:
             return
         if holder is not None:  # the other cache keeps its contents in tensors of its own
-            for layer in hf.full_static_layers(holder) or ():
-                hf.rebind_static_layer(layer, *(t.clone() for t in hf.static_layer_tensors(layer)))
+            with torch.inference_mode(False):  # it may be used outside inference mode again
+                for layer in hf.full_static_layers(holder) or ():
+                    hf.rebind_static_layer(layer, *(t.clone() for t in hf.static_layer_tensors(layer)))
         for i, layer in enumerate(layers):
             for own, theirs in zip((storage.keys[i], storage.values[i], storage.lengths[i]),
                                    hf.static_layer_tensors(layer)):

@@ -7,7 +7,8 @@ code). A graph reads fixed addresses, and every ``generate()`` call makes a new 
 tensors per state shape and *binds* each caller's cache to them (its layers then point at bcg's tensors, holding what
 they held), as ``decode.StaticDecoder`` does for static caches' keys and values. A cache still bound when another takes
 the tensors gets copies of its own back, so two live caches never share storage. A warm-up or capture run advances the
-states: they are put back afterwards.
+states: they are put back afterwards. Each batch size has its own states (as large as a cache's) and graphs: bcg keeps
+the ``MAX_STORAGES`` most recently used and frees the graphs of one it drops.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from . import hf
 
 States = dict[int, dict[tuple[str, Any], torch.Tensor]]  # mixer layer -> (kind, state index) -> tensor
+MAX_STORAGES = 4  # state shapes (batch sizes) kept at once
 
 
 @dataclass
@@ -37,9 +39,12 @@ class _Storage:
 class MixerStates:
     """The state tensors decode graphs with inline mixers read, and the binding of caches to them."""
 
-    def __init__(self, layers: list[int]) -> None:
+    def __init__(self, layers: list[int], max_storages: int = MAX_STORAGES) -> None:
         self.layers = layers  # the stateful mixers' layer indices
-        self.storages: dict[tuple, _Storage] = {}
+        self.max_storages = max_storages
+        self.storages: dict[tuple, _Storage] = {}  # least recently used first
+        self.dropped: list[str] = []  # tags of storages let go since the runner last freed their graphs
+        self._made = 0
 
     def settled(self, cache: Any) -> States | None:
         """Every mixer's states in ``cache`` when each one's decode step updates them in place, else None."""
@@ -54,12 +59,16 @@ class MixerStates:
     def bind(self, cache: Any, states: States) -> str:
         """Point ``cache``'s mixer states at bcg's tensors of their shapes (copying what they hold); the storage's tag."""
         key = tuple((layer, name, tuple(t.shape), t.dtype) for layer, named in states.items() for name, t in named.items())
-        storage = self.storages.get(key)
+        storage = self.storages.pop(key, None)
         if storage is None:
+            if len(self.storages) >= self.max_storages:
+                self._drop(next(iter(self.storages)))
             with torch.inference_mode(False):  # they outlive the call
                 tensors = {layer: {name: torch.zeros_like(t) for name, t in named.items()}
                            for layer, named in states.items()}
-            storage = self.storages[key] = _Storage(f"mixers{len(self.storages)}", tensors)
+            storage = _Storage(f"mixers{self._made}", tensors)
+            self._made += 1
+        self.storages[key] = storage  # now the most recently used
         holder = storage.holder()
         if holder is not None and holder is not cache:  # the other cache keeps its contents in tensors of its own
             self._unbind(holder, storage)
@@ -72,12 +81,19 @@ class MixerStates:
         storage.holder = weakref.ref(cache)
         return storage.tag
 
+    def _drop(self, key: tuple) -> None:
+        storage = self.storages.pop(key)
+        if (holder := storage.holder()) is not None:
+            self._unbind(holder, storage)
+        self.dropped.append(storage.tag)
+
     @staticmethod
     def _unbind(cache: Any, storage: _Storage) -> None:
-        for layer, named in storage.tensors.items():
-            for name, own in named.items():
-                if hf.mixer_state(cache, layer, name) is own:
-                    hf.rebind_mixer_state(cache, layer, name, own.clone())
+        with torch.inference_mode(False):  # the cache may be used outside inference mode again
+            for layer, named in storage.tensors.items():
+                for name, own in named.items():
+                    if hf.mixer_state(cache, layer, name) is own:
+                        hf.rebind_mixer_state(cache, layer, name, own.clone())
 
     @contextmanager
     def kept(self, tag: str) -> Iterator[None]:
@@ -92,4 +108,7 @@ class MixerStates:
                     tensor.copy_(saved[layer][name])
 
     def clear(self) -> None:
-        self.storages.clear()
+        """Let every storage go (unwrap, or graphs dropped): bound caches get their states back as copies."""
+        for key in list(self.storages):
+            self._drop(key)
+        self.dropped.clear()

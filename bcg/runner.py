@@ -146,6 +146,7 @@ class StackRunner:
         if states is None:
             return
         call.mixer_states = self.mixer_states.bind(call.cache, states)
+        self._free_dropped_mixer_graphs()
         if (call.kind, bucket) in self.failed:
             call.mixer_states = ""
         else:
@@ -225,6 +226,16 @@ class StackRunner:
             self._address_book = self._current_address_book()
         return graph
 
+    def _free_dropped_mixer_graphs(self) -> None:
+        """Graphs read their storage's addresses: a storage let go takes its graphs with it."""
+        for tag in self.mixer_states.dropped:
+            for key in [k for k in self.graphs if _mixer_states_tag(k[0]) == tag]:
+                self.graphs.pop(key).free()
+                self.stats.captured.pop(key, None)
+            for kind in [k for k in self.slots if _mixer_states_tag(k) == tag]:
+                del self.slots[kind]
+        self.mixer_states.dropped.clear()
+
     def _mixer_states_kept(self, kind: str) -> Any:
         """A decode graph with inline mixers: its warm-up and capture runs must leave their states as they were."""
         tag = _mixer_states_tag(kind)
@@ -249,6 +260,8 @@ class StackRunner:
                        self.layer_of)
         expected_breaks = self.expected_breaks
         if _mixer_states_tag(kind):  # the mixers run inside the graph, on the cache bound to bcg's state tensors
+            if self._decode_cache is None:
+                raise RuntimeError(f"bcg internal error: {kind} captured without a decode step's cache")
             run.mixer_cache, run.decode_batch = self._decode_cache
             expected_breaks -= len(self.mixers)
         if kind.startswith("ids"):
@@ -360,8 +373,10 @@ class StackRunner:
                           stacklevel=7)
             self.stats.invalidations += 1
             self.free_graphs()
-        # Slots and bridges carry the old dtype, attention function and module references.
+        # Slots and bridges carry the old dtype, attention function and module references; mixer states the old dtype.
         self.slots.clear()
+        if self.mixer_states is not None:
+            self.mixer_states.clear()
         self.bridges.buffers.clear()
         self.failed.clear()
         self.static_embeds = None

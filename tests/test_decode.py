@@ -82,6 +82,24 @@ def test_two_live_static_caches_decoded_in_turn_never_share_storage():
     assert handle.stats()["full_graph_replays"] == 6
 
 
+def test_a_static_cache_given_its_tensors_back_under_inference_mode_keeps_working_outside_it():
+    """Cache A decodes bound to bcg's tensors; cache B then decodes under inference mode (A gets copies back); A's
+    next call under no_grad must not meet inference tensors it cannot update."""
+    model = tiny_model("qwen3")
+    handle = bcg.wrap_model(model, backend="eager")
+    (ids, mask), name = left_padded_batch(), hf.cache_argument(type(model).forward.__get__(model))
+    caches = [StaticCache(config=model.config, max_cache_len=32) for _ in range(2)]
+    step_mask = torch.cat([mask, torch.ones_like(ids[:, :1])], dim=1)
+    for cache, context in zip(caches, (torch.no_grad, torch.inference_mode)):
+        with context():
+            model(ids, attention_mask=mask, use_cache=True, **{name: cache})
+            model(ids[:, -1:], attention_mask=step_mask, use_cache=True, **{name: cache})
+    with torch.no_grad():  # a 2-token continuation: the breaks update A's keys/values in place
+        step_mask = torch.cat([step_mask, torch.ones_like(ids[:, :2])], dim=1)
+        model(ids[:, -2:], attention_mask=step_mask, use_cache=True, **{name: caches[0]})
+    assert handle.stats()["full_graph_replays"] == 2 and handle.stats()["rejects"] == {}
+
+
 def test_sliding_window_static_caches_keep_the_breaks():
     reference, model = tiny_model("gemma2"), tiny_model("gemma2")
     handle = bcg.wrap_model(model, backend="eager")

@@ -333,3 +333,50 @@ def test_hybrid_sliding_layers_stay_eager_naming_the_layer_type():
     with pytest.warns(bcg.BcgFallbackWarning, match="hybrid_sliding"):
         handle = bcg.wrap_model(AutoModelForCausalLM.from_config(config).eval(), backend="eager")
     assert not handle.stats()["ready"]
+
+
+def test_a_cache_given_its_states_back_under_inference_mode_keeps_working_outside_it():
+    """Cache A bound, then cache B decodes under inference mode (A gets copies back): A's next call under no_grad
+    must not meet inference tensors it cannot update."""
+    reference, model = tiny_model("qwen3_5_text"), tiny_model("qwen3_5_text")
+    bcg.wrap_model(model, backend="eager")
+    ids, mask = left_padded_batch()
+    step_mask = torch.cat([mask, torch.ones_like(ids[:, :1])], dim=1)
+    results = []
+    for m in (reference, model):
+        name = _cache_name(m)
+        with torch.no_grad():
+            a = m(input_ids=ids, attention_mask=mask, use_cache=True)[name]
+            _decode(m, a, ids[:, -1:], step_mask)
+        with torch.inference_mode():
+            b = m(input_ids=ids, attention_mask=mask, use_cache=True)[name]
+            _decode(m, b, ids[:, -1:], step_mask)
+        with torch.no_grad():  # a 2-token continuation: the mixers run eagerly on A's states
+            two = torch.cat([step_mask, torch.ones_like(ids[:, :2])], dim=1)
+            results.append(m(input_ids=ids[:, -2:], attention_mask=two, use_cache=True, **{name: a}).logits)
+    torch.testing.assert_close(results[1], results[0], atol=1e-4, rtol=1e-4)
+
+
+def test_mixer_states_kept_for_a_few_batch_sizes_and_a_dropped_ones_graphs_freed():
+    """Each batch size has its own mixer states and decode graph: beyond ``max_storages`` the least recently used
+    goes, its graphs with it, and a cache bound to it keeps its contents."""
+    reference, model = tiny_model("qwen3_5_text"), tiny_model("qwen3_5_text")
+    handle = bcg.wrap_model(model, backend="eager")
+    handle.runner.mixer_states.max_storages = 2
+    ids, mask = left_padded_batch()
+    results = []
+    for m in (reference, model):
+        name, logits, caches = _cache_name(m), [], {}
+        for batch in (3, 2, 1, 3):  # the storage of 3 is dropped when 1 arrives, then made again
+            with torch.no_grad():
+                cache = caches.get(batch) or m(input_ids=ids[:batch], attention_mask=mask[:batch], use_cache=True)[name]
+            caches[batch] = cache
+            length = cache.get_seq_length()
+            step_mask = torch.cat([mask[:batch], torch.ones(batch, length - mask.shape[1] + 1, dtype=mask.dtype)], 1)
+            logits.append(_decode(m, cache, ids[:batch, -1:], step_mask))
+        results.append(logits)
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    inline = [g for g in handle.stats()["captured_graphs"] if "/mixers" in g]
+    assert len(inline) == 2 and len(handle.runner.mixer_states.storages) == 2, inline
+    assert handle.stats()["rejects"] == {}
