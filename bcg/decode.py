@@ -4,7 +4,9 @@ A StaticCache (full-attention layers) keeps its keys, values and length counters
 needs no break. bcg owns one set of cache tensors per cache shape and *binds* a caller's StaticCache to them (its
 layers then point at bcg's tensors, holding what they held): every generate() call makes a new StaticCache, and
 each one replays the same graphs. A cache still bound when another takes the tensors first gets copies of its own
-back, so two live caches never share storage. Graphs are keyed by the call's kind (inputs, autocast, fast), batch,
+back, so two live caches never share storage. Each cache shape (batch x length: generate() grows the length to the
+longest call yet) holds a full set of keys and values: bcg keeps the ``MAX_STORAGES`` most recently used and frees the
+graphs of one it drops. Graphs are keyed by the call's kind (inputs, autocast, fast), batch,
 tokens per sequence, the masks' layout and the cache shape; anything else (a dynamic or sliding cache, a prefill)
 takes the breakable path.
 """
@@ -29,6 +31,7 @@ from .live import LiveContext
 logger = logging.getLogger("bcg")
 
 MAX_TOKENS_PER_SEQUENCE = 1  # a decode step; prefills and multi-token steps use the breakable graphs
+MAX_STORAGES = 2  # cache shapes whose tensors bcg keeps at once (each as large as the cache itself)
 
 
 @dataclass
@@ -73,6 +76,13 @@ def _clone_masks(masks: torch.Tensor | dict) -> torch.Tensor | dict:
     return masks.clone() if isinstance(masks, torch.Tensor) else {k: v.clone() for k, v in masks.items()}
 
 
+def _unbind(cache: Any) -> None:
+    """A cache bound to bcg's tensors keeps its contents in tensors of its own."""
+    with torch.inference_mode(False):  # it may be used outside inference mode again
+        for layer in hf.full_static_layers(cache) or ():
+            hf.rebind_static_layer(layer, *(t.clone() for t in hf.static_layer_tensors(layer)))
+
+
 class StaticDecoder:
     """Owns the full decode graphs of one wrapped stack and the cache tensors they read."""
 
@@ -82,7 +92,8 @@ class StaticDecoder:
         self.cache_argument = cache_argument
         self.graphs: dict[tuple, _Entry] = {}
         self.failed: dict[tuple, str] = {}
-        self.storages: dict[tuple, _Storage] = {}
+        self.storages: dict[tuple, _Storage] = {}  # least recently used first
+        self.max_storages = MAX_STORAGES
 
     def takes(self, call: Call) -> bool:
         """Whether this call is a decode step on a full static cache (checked before the masks are built)."""
@@ -116,19 +127,19 @@ class StaticDecoder:
 
     # ----- binding caches to bcg's tensors -----
     def _bind(self, cache: Any, layers: list, storage_key: tuple) -> None:
-        storage = self.storages.get(storage_key)
+        storage = self.storages.pop(storage_key, None)
         if storage is None:
+            if len(self.storages) >= self.max_storages:
+                self._drop(next(iter(self.storages)))
             with torch.inference_mode(False):  # they outlive the call
                 tensors = [tuple(torch.zeros_like(t) for t in hf.static_layer_tensors(layer)) for layer in layers]
             storage = _Storage(*map(list, zip(*tensors)))
-            self.storages[storage_key] = storage
+        self.storages[storage_key] = storage  # now the most recently used
         holder = storage.holder()
         if holder is cache:
             return
         if holder is not None:  # the other cache keeps its contents in tensors of its own
-            with torch.inference_mode(False):  # it may be used outside inference mode again
-                for layer in hf.full_static_layers(holder) or ():
-                    hf.rebind_static_layer(layer, *(t.clone() for t in hf.static_layer_tensors(layer)))
+            _unbind(holder)
         for i, layer in enumerate(layers):
             for own, theirs in zip((storage.keys[i], storage.values[i], storage.lengths[i]),
                                    hf.static_layer_tensors(layer)):
@@ -162,6 +173,13 @@ class StaticDecoder:
                 length.copy_(value)
         self.graphs[key] = entry
         return entry
+
+    def _drop(self, storage_key: tuple) -> None:
+        """Let a cache shape's tensors go, with the graphs that read them (a cache bound to them keeps them: no one
+        else writes them any more)."""
+        del self.storages[storage_key]
+        for key in [k for k in self.graphs if k[-1] == storage_key]:
+            self.graphs.pop(key).graph.free()
 
     def free_graphs(self) -> None:
         for entry in self.graphs.values():

@@ -82,10 +82,8 @@ class MixerStates:
         return storage.tag
 
     def _drop(self, key: tuple) -> None:
-        storage = self.storages.pop(key)
-        if (holder := storage.holder()) is not None:
-            self._unbind(holder, storage)
-        self.dropped.append(storage.tag)
+        """Let a storage go (a cache bound to it keeps its tensors: no one else writes them any more)."""
+        self.dropped.append(self.storages.pop(key).tag)
 
     @staticmethod
     def _unbind(cache: Any, storage: _Storage) -> None:
@@ -108,7 +106,7 @@ class MixerStates:
                     tensor.copy_(saved[layer][name])
 
     def clear(self) -> None:
-        """Let every storage go (unwrap, or graphs dropped): bound caches get their states back as copies."""
+        """Let every storage go (unwrap, or graphs dropped)."""
         for key in list(self.storages):
             self._drop(key)
         self.dropped.clear()

@@ -100,6 +100,30 @@ def test_a_static_cache_given_its_tensors_back_under_inference_mode_keeps_workin
     assert handle.stats()["full_graph_replays"] == 2 and handle.stats()["rejects"] == {}
 
 
+def test_cache_shapes_beyond_the_kept_few_drop_the_least_recent_with_its_graphs():
+    """Three static caches of three lengths decode in turn (A, B, C, A): with room for two shapes, C's arrival drops
+    A's tensors and graph (A keeps copies) and A's return drops B's; every step equals eager's."""
+    reference, model = tiny_model("qwen3"), tiny_model("qwen3")
+    handle = bcg.wrap_model(model, backend="eager")
+    (ids, mask), name = left_padded_batch(), hf.cache_argument(type(model).forward.__get__(model))
+    results = []
+    for m in (reference, model):
+        caches = [StaticCache(config=m.config, max_cache_len=n) for n in (32, 40, 48)]
+        masks, logits = [mask] * 3, []
+        with torch.no_grad():
+            for cache in caches:
+                m(ids, attention_mask=mask, use_cache=True, **{name: cache})
+            for i in (0, 1, 2, 0):
+                masks[i] = torch.cat([masks[i], torch.ones_like(ids[:, :1])], dim=1)
+                logits.append(m(ids[:, -1:], attention_mask=masks[i], use_cache=True, **{name: caches[i]}).logits)
+        results.append(logits)
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    decoder = handle.runner.decoder
+    assert handle.stats()["full_graph_replays"] == 4
+    assert len(decoder.storages) == len(decoder.graphs) == decoder.max_storages == 2
+
+
 def test_sliding_window_static_caches_keep_the_breaks():
     reference, model = tiny_model("gemma2"), tiny_model("gemma2")
     handle = bcg.wrap_model(model, backend="eager")
