@@ -68,6 +68,14 @@ PRESETS: dict[str, Preset] = {
         bos_token_id=248044, eos_token_id=248044,
     ), source="transformers' Qwen3_5TextConfig defaults, scaled (random init)",
         notes="hybrid: 18 Gated DeltaNet + 6 attention layers"),
+    # The issue's shape: transformers' Qwen3_5TextConfig defaults as they are (8.95 B parameters, ~18 GB in bf16).
+    "qwen3.5-like-9b": Preset("qwen3_5_text", dict(
+        vocab_size=248320, hidden_size=4096, intermediate_size=12288, num_hidden_layers=32, num_attention_heads=16,
+        num_key_value_heads=4, head_dim=256, linear_num_key_heads=16, linear_num_value_heads=32,
+        linear_key_head_dim=128, linear_value_head_dim=128, linear_conv_kernel_dim=4, tie_word_embeddings=False,
+        bos_token_id=248044, eos_token_id=248044,
+    ), source="transformers' Qwen3_5TextConfig defaults (random init)",
+        notes="hybrid: 24 Gated DeltaNet + 8 attention layers"),
 }
 
 
