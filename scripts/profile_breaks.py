@@ -4,6 +4,7 @@
     python scripts/profile_breaks.py --model qwen3-0.6b --requests 8 --length 128 --spread 0   # equal lengths
     python scripts/profile_breaks.py --model qwen3-0.6b --decode                      # generate(), bs 1
     python scripts/profile_breaks.py --model qwen3.5-like-2b --decode   # a hybrid: host µs per break by mixer type
+    python scripts/profile_breaks.py --decode --decode-batch 32 --mode exact   # 32 left-padded prompts, eager's kernels
 
 A break body's host time is what a small model's step is made of: this script times every break and every CUDA graph
 segment of one replay on the host, then lists the GPU kernels of eager and bcg side by side (torch.profiler)
@@ -114,7 +115,11 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=8)
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--spread", type=float, default=0.5, help="as bench_prefill's --spread")
-    parser.add_argument("--decode", action="store_true", help="profile generate(): bs 1, 256-token prompt, 32 new")
+    parser.add_argument("--decode", action="store_true",
+                        help="profile generate(): --decode-batch prompts of ~256 tokens (--spread), 32 new tokens")
+    parser.add_argument("--decode-batch", type=int, default=1,
+                        help="prompts per generate() call with --decode (default %(default)s; above 1 the prompts are "
+                             "left-padded to seeded lengths as --spread says)")
     parser.add_argument("--mode", choices=("fast", "exact"), default="fast", help="bcg's mode (default %(default)s)")
     args = parser.parse_args()
 
@@ -122,7 +127,7 @@ def main() -> None:
     vocab = model.config.vocab_size
     calls = {}
     if args.decode:
-        prompt = batch(1, 256, 0.0, vocab)
+        prompt = batch(args.decode_batch, 256, args.spread if args.decode_batch > 1 else 0.0, vocab)
         del prompt["position_ids"]
         steps = 32
         # 31 decode steps and one prefill each: the breaks' medians are decode breaks
