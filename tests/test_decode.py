@@ -102,10 +102,14 @@ def test_a_static_cache_given_its_tensors_back_under_inference_mode_keeps_workin
 
 def test_cache_shapes_beyond_the_kept_few_drop_the_least_recent_with_its_graphs():
     """Three static caches of three lengths decode in turn (A, B, C, A): with room for two shapes, C's arrival drops
-    A's tensors and graph (A keeps copies) and A's return drops B's; every step equals eager's."""
-    reference, model = tiny_model("qwen3"), tiny_model("qwen3")
-    handle = bcg.wrap_model(model, backend="eager")
-    (ids, mask), name = left_padded_batch(), hf.cache_argument(type(model).forward.__get__(model))
+    A's tensors and graph (A keeps those tensors) and A's return drops B's; every step equals eager's."""
+    check_static_storages_bounded(backend="eager")
+
+
+def check_static_storages_bounded(device: str = "cpu", **options) -> None:
+    reference, model = tiny_model("qwen3", device=device), tiny_model("qwen3", device=device)
+    handle = bcg.wrap_model(model, **options)
+    (ids, mask), name = left_padded_batch(device=device), hf.cache_argument(type(model).forward.__get__(model))
     results = []
     for m in (reference, model):
         caches = [StaticCache(config=m.config, max_cache_len=n) for n in (32, 40, 48)]

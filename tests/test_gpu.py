@@ -454,6 +454,16 @@ def test_hybrid_steps_and_mixer_state_equal_eager_on_real_graphs(arch):
     assert any("/mixers" in graph for graph in stats["captured_graphs"]), stats["captured_graphs"]
 
 
+def test_kept_storages_are_bounded_and_dropped_graphs_freed_on_real_graphs():
+    """fp32: mixer states for batch sizes 3, 2, 1, 3 with room for two, and static caches of three lengths with room
+    for two: the least recently used storage goes with its graphs, every step equal to eager's."""
+    from test_decode import check_static_storages_bounded
+    from test_hybrid import check_mixer_storages_bounded
+
+    check_mixer_storages_bounded(device="cuda")
+    check_static_storages_bounded(device="cuda", mode="exact")
+
+
 @pytest.mark.parametrize("arch", ["qwen3_5_text", "bamba", "lfm2"])
 def test_two_caches_decoding_in_turn_on_real_graphs(arch):
     """fp32: a decode graph reads the mixer states at bcg's addresses; two caches decoding in turn each get their own

@@ -360,10 +360,15 @@ def test_a_cache_given_its_states_back_under_inference_mode_keeps_working_outsid
 def test_mixer_states_kept_for_a_few_batch_sizes_and_a_dropped_ones_graphs_freed():
     """Each batch size has its own mixer states and decode graph: beyond ``max_storages`` the least recently used
     goes, its graphs with it, and a cache bound to it keeps its contents."""
-    reference, model = tiny_model("qwen3_5_text"), tiny_model("qwen3_5_text")
-    handle = bcg.wrap_model(model, backend="eager")
+    check_mixer_storages_bounded(backend="eager")
+
+
+def check_mixer_storages_bounded(device: str = "cpu", **options: Any) -> None:
+    """Batch sizes 3, 2, 1, 3 decode in turn with room for two storages, eager vs wrapped: equal logits."""
+    reference, model = tiny_model("qwen3_5_text", device=device), tiny_model("qwen3_5_text", device=device)
+    handle = bcg.wrap_model(model, **options)
     handle.runner.mixer_states.max_storages = 2
-    ids, mask = left_padded_batch()
+    ids, mask = left_padded_batch(device=device)
     results = []
     for m in (reference, model):
         name, logits, caches = _cache_name(m), [], {}
@@ -371,9 +376,8 @@ def test_mixer_states_kept_for_a_few_batch_sizes_and_a_dropped_ones_graphs_freed
             with torch.no_grad():
                 cache = caches.get(batch) or m(input_ids=ids[:batch], attention_mask=mask[:batch], use_cache=True)[name]
             caches[batch] = cache
-            length = cache.get_seq_length()
-            step_mask = torch.cat([mask[:batch], torch.ones(batch, length - mask.shape[1] + 1, dtype=mask.dtype)], 1)
-            logits.append(_decode(m, cache, ids[:batch, -1:], step_mask))
+            grown = torch.ones_like(mask[:batch, :1]).expand(batch, cache.get_seq_length() - mask.shape[1] + 1)
+            logits.append(_decode(m, cache, ids[:batch, -1:], torch.cat([mask[:batch], grown], dim=1)))
         results.append(logits)
     for got, want in zip(results[1], results[0]):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
