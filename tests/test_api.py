@@ -202,6 +202,23 @@ def test_offloaded_or_split_models_stay_eager(device_map, match):
     assert handle.stats()["ready"] is False and handle.stats()["replays"] == 0
 
 
+def test_accelerate_device_hooks_on_one_device_replay_and_match_eager():
+    """A model dispatched by accelerate onto one device carries its hooks (each layer's inputs sent to the layer's
+    device): bcg replays through them with eager's tokens."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    reference, model = tiny_model("llama"), tiny_model("llama")
+    for layer in model.model.layers:
+        add_hook_to_module(layer, AlignDevicesHook(execution_device="cpu"))
+    add_hook_to_module(model, AlignDevicesHook(execution_device="cpu", io_same_device=True))
+    ids, mask = left_padded_batch()
+    kwargs = dict(attention_mask=mask, max_new_tokens=5, do_sample=False)
+    expected = reference.generate(ids, **kwargs)
+    handle = bcg.wrap_model(model, backend="eager")
+    assert torch.equal(model.generate(ids, **kwargs), expected)
+    assert handle.stats()["replays"] == 5 and handle.stats()["rejects"] == {}
+
+
 def test_meta_weights_stay_eager():
     config = tiny_model("llama").config
     with torch.device("meta"):
