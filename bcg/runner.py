@@ -107,7 +107,8 @@ class StackRunner:
 
     def _forward_locked(self, call: Call, args: tuple, kwargs: dict) -> Any:
         """1. state as captured (else invalidate)  2. eligible?  3. a decode step on a static cache: one full graph
-        4. else the bucket's breakable graph  5. else eager, the reason counted."""
+        4. else the bucket's breakable graph (a hybrid's decode step: its kind holds the mixers inside)  5. else eager,
+        the reason counted."""
         if self.disabled_reason is None:
             self._check_state()
         if self.disabled_reason:
