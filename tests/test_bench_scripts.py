@@ -159,3 +159,16 @@ def test_sweep_architectures_classifies_types_and_fails_on_a_mismatch(tmp_path, 
     assert sweep_architectures.main(["--types", "llama", "--out-dir", str(tmp_path), "--out-name", "bad"]) == 1
     (row,) = _rows(tmp_path / "bad.json")
     assert row["outcome"] == "MISMATCH"
+
+
+def test_bench_varlen_attention_methods_agree_and_a_wrong_one_fails(tmp_path, monkeypatch):
+    import bench_varlen_attention as varlen
+
+    args = ["--device", "cpu", "--requests", "3", "--lengths", "12", "--repeats", "1", "--warmup", "0",
+            "--out-dir", str(tmp_path)]
+    assert varlen.main(args) == 0
+    rows = {r["method"]: r for r in _rows(tmp_path / "varlen_attention.json")}
+    for method in ("per-request", "padded", "flex"):  # what runs on any CPU; nested and flash-varlen need CUDA
+        assert rows[method]["max_abs_diff"] <= 1e-4 and rows[method]["ms"] > 0, rows[method]
+    monkeypatch.setitem(varlen.METHODS, "padded", lambda p: varlen.padded(p) + 1)
+    assert varlen.main([*args, "--out-name", "wrong"]) == 1
