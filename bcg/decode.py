@@ -186,3 +186,104 @@ class StaticDecoder:
             entry.graph.free()
         self.graphs.clear()
         self.failed.clear()
+
+
+# ----- dynamic caches decoded through a static stand-in (static_cache=True) -----
+MIN_SHADOW_POSITIONS = 256
+
+
+def shadow_positions(length: int) -> int:
+    """Positions a stand-in holds for a dynamic cache of ``length`` tokens taking one more: the next power of two above
+    ``length``, at least 256 (a few captures per generation; attention over at most twice the tokens)."""
+    return max(MIN_SHADOW_POSITIONS, 1 << length.bit_length())
+
+
+@dataclass
+class _Shadow:
+    """A StaticCache bcg owns for one shape, and the dynamic cache whose layers are views of it (weakly)."""
+
+    cache: Any
+    views: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # what the holder's layers hold
+    holder: Callable[[], Any] = field(default=lambda: None)
+
+
+class ShadowCaches:
+    """StaticCaches that stand in for DynamicCaches in decode steps, so a step is one full graph (static_cache=True).
+
+    Before a step the dynamic cache's keys/values are copied into the stand-in of its shape (batch, layers, positions
+    rounded up by ``shadow_positions``) unless its layers already are views of it; the step replays the stand-in's full
+    decode graph; then the dynamic cache's layers become views of the stand-in's first ``length + 1`` positions, so the
+    next step copies nothing. The caller keeps a DynamicCache throughout; its prompts and every multi-token call run on
+    it as they would unwrapped. A dynamic cache whose stand-in another cache takes, or that bcg lets go, gets copies.
+    """
+
+    def __init__(self, config: Any, max_shadows: int = MAX_STORAGES) -> None:
+        self.config = config
+        self.max_shadows = max_shadows
+        self.shadows: dict[tuple, _Shadow] = {}  # least recently used first
+
+    def takes(self, call: Call) -> bool:
+        """A decode step on a cache of plain dynamic layers (no sliding windows, no mixer states)."""
+        return call.tokens.shape[1] <= MAX_TOKENS_PER_SEQUENCE and hf.full_dynamic_layers(call.cache) is not None
+
+    def bind(self, cache: Any) -> _Shadow | None:
+        """The stand-in holding ``cache``'s keys and values and its length; None when no static cache can stand in."""
+        layers = hf.full_dynamic_layers(cache)
+        length = layers[0].keys.shape[-2]
+        positions = shadow_positions(length)
+        key = (positions, tuple((tuple(layer.keys.shape[:2]), layer.keys.shape[-1], layer.values.shape[-1],
+                                 layer.keys.dtype, layer.keys.device) for layer in layers))
+        shadow = self.shadows.pop(key, None)
+        if shadow is None:
+            if len(self.shadows) >= self.max_shadows:
+                self._drop(next(iter(self.shadows)))
+            with torch.inference_mode(False):  # they outlive the call
+                stand_in = hf.static_cache_like(self.config, layers, positions)
+            if stand_in is None:
+                return None
+            shadow = _Shadow(stand_in)
+        self.shadows[key] = shadow  # now the most recently used
+        holder = shadow.holder()
+        if holder is not None and holder is not cache:
+            _give_copies(holder, shadow)
+        for i, (layer, static) in enumerate(zip(layers, shadow.cache.layers)):
+            keys, values = hf.dynamic_layer_tensors(layer)
+            bound = holder is cache and i < len(shadow.views) and keys is shadow.views[i][0] and values is shadow.views[i][1]
+            if not bound:  # a new cache, or one whose layers were reassigned (beam reordering, crop, an eager step)
+                static_keys, static_values, counter = hf.static_layer_tensors(static)
+                static_keys[:, :, :length].copy_(keys)
+                static_values[:, :, :length].copy_(values)
+                counter.fill_(length)
+        shadow.holder = weakref.ref(cache)
+        return shadow
+
+    @staticmethod
+    def settle(cache: Any, shadow: _Shadow) -> None:
+        """After a step: the dynamic cache's layers become views of the stand-in's positions up to its new length."""
+        layers = hf.full_dynamic_layers(cache)
+        length = layers[0].keys.shape[-2] + 1
+        shadow.views = []
+        for layer, static in zip(layers, shadow.cache.layers):
+            keys, values, _ = hf.static_layer_tensors(static)
+            view = (keys[:, :, :length], values[:, :, :length])
+            hf.rebind_dynamic_layer(layer, *view)
+            shadow.views.append(view)
+
+    def _drop(self, key: tuple) -> None:
+        shadow = self.shadows.pop(key)
+        if (holder := shadow.holder()) is not None:  # its views would see whatever the stand-in's storage holds next
+            _give_copies(holder, shadow)
+
+    def clear(self) -> None:
+        for key in list(self.shadows):
+            self._drop(key)
+
+
+def _give_copies(cache: Any, shadow: _Shadow) -> None:
+    """A dynamic cache whose layers still are views of ``shadow`` gets tensors of its own."""
+    layers = getattr(cache, "layers", ())
+    with torch.inference_mode(False):  # it may be used outside inference mode again
+        for layer, (keys, values) in zip(layers, shadow.views):
+            if getattr(layer, "keys", None) is keys and getattr(layer, "values", None) is values:
+                hf.rebind_dynamic_layer(layer, keys.clone(), values.clone())
+    shadow.views = []

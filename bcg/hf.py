@@ -261,6 +261,37 @@ def rebind_static_layer(layer: Any, keys: torch.Tensor, values: torch.Tensor, le
     layer.keys, layer.values, layer.cumulative_length = keys, values, length
 
 
+def full_dynamic_layers(cache: Any) -> list | None:
+    """The layers of a cache whose every layer is a plain (not sliding) dynamic layer holding keys and values of the
+    same length; None for any other cache."""
+    layers = list(getattr(cache, "layers", None) or ())
+    if not layers or getattr(cache, "offloading", False) or any(type(layer) is not DynamicLayer for layer in layers):
+        return None
+    keys = [getattr(layer, "keys", None) for layer in layers]
+    if not all(isinstance(k, torch.Tensor) and k.ndim == 4 for k in keys) or len({k.shape[-2] for k in keys}) != 1:
+        return None
+    return layers
+
+
+def dynamic_layer_tensors(layer: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    return layer.keys, layer.values
+
+
+def rebind_dynamic_layer(layer: Any, keys: torch.Tensor, values: torch.Tensor) -> None:
+    layer.keys, layer.values = keys, values
+
+
+def static_cache_like(config: Any, layers: list, max_cache_len: int) -> Any:
+    """A StaticCache of ``max_cache_len`` positions, allocated for the batch, heads and dtypes of ``layers`` (a
+    dynamic cache's), or None when the config does not make every layer a full static one."""
+    cache = StaticCache(config=config, max_cache_len=max_cache_len)
+    if len(cache.layers) != len(layers) or any(type(layer) is not StaticLayer for layer in cache.layers):
+        return None
+    for static, dynamic in zip(cache.layers, layers):
+        static.lazy_initialization(dynamic.keys, dynamic.values)
+    return cache
+
+
 _LINEAR_LAYER = getattr(cache_utils, "LinearAttentionCacheLayerMixin", None)
 _MIXER_STATE_KINDS = ("conv_states", "recurrent_states")
 
@@ -403,27 +434,6 @@ def prevent_auto_compile(model: PreTrainedModel) -> bool:
 def allow_auto_compile(model: PreTrainedModel) -> None:
     if patching.is_patched(model, _AUTO_COMPILE_CHECK):
         delattr(model, _AUTO_COMPILE_CHECK)
-
-
-def default_to_static_cache(model: PreTrainedModel) -> None:
-    """``generate()`` calls that pass no cache (nor a cache implementation) get ``cache_implementation="static"``;
-    shadowed on the instance, so ``generation_config`` and what ``save_pretrained`` writes stay the user's."""
-    generate = type(model).generate.__get__(model)
-
-    def generate_with_static_cache(*args: Any, **kwargs: Any) -> Any:
-        config = kwargs.get("generation_config")
-        chosen = any(kwargs.get(name) is not None for name in (*CACHE_ARGUMENTS, "cache_implementation")) or (
-            getattr(config or model.generation_config, "cache_implementation", None) is not None)
-        if not chosen and kwargs.get("use_cache", True):
-            kwargs["cache_implementation"] = "static"
-        return generate(*args, **kwargs)
-
-    patching.patch(model, "generate", generate_with_static_cache)
-
-
-def restore_default_cache(model: PreTrainedModel) -> None:
-    if patching.is_patched(model, "generate"):
-        delattr(model, "generate")
 
 
 def use_capturable_experts(model: PreTrainedModel) -> str | None:

@@ -19,7 +19,7 @@ from . import hf
 from .attention import Bridges, Slot, StackRun, StructureError, run_break, run_stack_under_bcg
 from .backends import Backend, Graph
 from .buckets import pick_bucket
-from .decode import StaticDecoder
+from .decode import ShadowCaches, StaticDecoder
 from .eligibility import KNOWN_ARGUMENTS, REPEATING, Call, Reject, Rejection, Target, reject_reason
 from .errors import BcgCaptureWarning, BcgFallbackWarning, BcgInvalidatedWarning
 from .fusion import Fusions
@@ -39,7 +39,7 @@ class StackRunner:
 
     def __init__(self, model: torch.nn.Module, stack: Stack, backend: Backend, sizes: list[int],
                  debug: bool | str = False, fusions: Fusions | None = None, fast_decode: bool = False,
-                 mixers: list[torch.nn.Module] | None = None) -> None:
+                 mixers: list[torch.nn.Module] | None = None, static_cache: bool = False) -> None:
         self.model = model
         self.stack = stack
         self.config = stack.config
@@ -82,6 +82,9 @@ class StackRunner:
         self.disabled_reason: str | None = None
         self.stats = Stats(backend.name, fused=fusions.describe() if fusions else {})
         self.decoder = StaticDecoder(backend, self._run_plain, self.cache_argument)
+        # static_cache=True: dynamic caches' decode steps run on static stand-ins, with full graphs of their own
+        self.shadows = ShadowCaches(self.config) if static_cache else None
+        self.shadow_decoder = StaticDecoder(backend, self._run_plain, self.cache_argument) if static_cache else None
         self._lock = threading.Lock()
         self._local = threading.local()
         self._watch = addresses.AddressWatch(stack.module)
@@ -106,17 +109,21 @@ class StackRunner:
                 self._local.active = False
 
     def _forward_locked(self, call: Call, args: tuple, kwargs: dict) -> Any:
-        """1. state as captured (else invalidate)  2. eligible?  3. a decode step on a static cache: one full graph
-        4. else the bucket's breakable graph (a hybrid's decode step: its kind holds the mixers inside)  5. else eager,
-        the reason counted."""
+        """1. state as captured (else invalidate)  2. eligible?  3. a decode step on a static cache (or, with
+        static_cache=True, on a dynamic one through its static stand-in): one full graph  4. else the bucket's breakable
+        graph (a hybrid's decode step: its kind holds the mixers inside)  5. else eager, the reason counted."""
         if self.disabled_reason is None:
             self._check_state()
         if self.disabled_reason:
             rejection = Rejection(Reject.NOT_READY)
         else:
             rejection = reject_reason(call, self.target, self.failed)
-        if rejection is None and self.debug != "numerics" and self.decoder.takes(call):
-            output = self._replay_full_graph(call)
+        if rejection is None and self.debug != "numerics":
+            output = None
+            if self.decoder.takes(call):
+                output = self._replay_full_graph(call)
+            elif self.shadows is not None and self.shadows.takes(call):
+                output = self._replay_on_stand_in(call)
             if output is not None:
                 return output
         if rejection is None:
@@ -309,7 +316,10 @@ class StackRunner:
         """Free the graphs and everything made for them, and stop watching the model (unwrap; a handle kept by the
         caller then holds only the stats)."""
         self.free_graphs()
-        self.decoder.storages.clear()
+        for decoder in self._decoders():
+            decoder.storages.clear()
+        if self.shadows is not None:
+            self.shadows.clear()
         if self.mixer_states is not None:
             self.mixer_states.clear()
         self.bridges.buffers.clear()
@@ -318,7 +328,8 @@ class StackRunner:
         self._watch.close()
 
     def free_graphs(self) -> None:
-        self.decoder.free_graphs()
+        for decoder in self._decoders():
+            decoder.free_graphs()
         self.stats.full_graphs = 0
         for graph in self.graphs.values():
             graph.free()
@@ -369,7 +380,7 @@ class StackRunner:
 
     def _invalidate(self, why: str) -> None:
         """Drop every graph and what was built for them; the next calls capture again under the new state."""
-        if self.graphs or self.decoder.graphs:
+        if self.graphs or any(decoder.graphs for decoder in self._decoders()):
             warnings.warn(f"bcg: {why}; dropping all graphs, they are captured again on use", BcgInvalidatedWarning,
                           stacklevel=7)
             self.stats.invalidations += 1
@@ -384,10 +395,11 @@ class StackRunner:
         self._address_book = None
 
     # ----- replay -----
-    def _live_context(self, call: Call, bucket: int) -> LiveContext | Rejection:
-        """The call's cache, positions and masks, made before anything touches the cache (so eager can still answer)."""
+    def _live_context(self, call: Call, bucket: int, cache: Any = None) -> LiveContext | Rejection:
+        """The call's cache (or ``cache`` standing in for it), positions and masks, made before anything touches the
+        cache (so eager can still answer)."""
         batch, seq = call.tokens.shape[:2]
-        cache = call.cache
+        cache = cache if cache is not None else call.cache
         use_cache = call.get("use_cache")
         if use_cache is None:
             use_cache = getattr(self.config, "use_cache", True)
@@ -438,15 +450,37 @@ class StackRunner:
         live = self._live_context(call, bucket=call.num_tokens)
         if isinstance(live, Rejection):
             return None
-        captured = len(self.decoder.graphs)
-        hidden = self.decoder.replay(call, live)
+        hidden = self._full_graph_step(self.decoder, call, live)
+        return None if hidden is None else hf.output_with_cache(self.output_cls, hidden, live.cache)
+
+    def _replay_on_stand_in(self, call: Call) -> Any | None:
+        """A decode step on a dynamic cache as one graph of its static stand-in; the caller's cache then holds views of
+        the stand-in's tensors. None: the breakable graphs take it (the caller's cache untouched)."""
+        shadow = self.shadows.bind(call.cache)
+        if shadow is None:
+            return None
+        live = self._live_context(call, bucket=call.num_tokens, cache=shadow.cache)
+        if isinstance(live, Rejection):
+            return None
+        hidden = self._full_graph_step(self.shadow_decoder, call, live)
         if hidden is None:
             return None
-        if len(self.decoder.graphs) != captured:
-            self.stats.full_graphs = len(self.decoder.graphs)
+        self.shadows.settle(call.cache, shadow)
+        return hf.output_with_cache(self.output_cls, hidden, call.cache)
+
+    def _full_graph_step(self, decoder: StaticDecoder, call: Call, live: LiveContext) -> torch.Tensor | None:
+        captured = len(decoder.graphs)
+        hidden = decoder.replay(call, live)
+        if hidden is None:
+            return None
+        if len(decoder.graphs) != captured:
+            self.stats.full_graphs = sum(len(d.graphs) for d in self._decoders())
             self.stats.graph_bytes = self.backend.graph_bytes()
         self.stats.count_replay(full_graph=True)
-        return hf.output_with_cache(self.output_cls, hidden, live.cache)
+        return hidden
+
+    def _decoders(self) -> list[StaticDecoder]:
+        return [self.decoder] + ([self.shadow_decoder] if self.shadow_decoder is not None else [])
 
     def _replay_beside_eager(self, graph: Graph, call: Call, bucket: int) -> Any | Rejection:
         """debug="numerics": replay, then run eager on a copy of the cache and record the largest difference."""

@@ -189,9 +189,12 @@ def wrap_model(
             eager's by rounding (README: MGSM). ``"exact"``: eager's kernels everywhere (MGSM on a real model:
             identical text and log-likelihoods; bf16 near-ties may still flip where a bucket's flat token run
             changes a matmul's shape).
-        static_cache: make ``generate()`` calls that choose no cache use a static cache sized per call, so every
-            decode step replays as one graph, attention and cache update included (no breaks). Any call given a
-            full-attention ``StaticCache`` gets that anyway; sliding-window static caches keep the breaks.
+        static_cache: decode steps on a dynamic cache (``generate()``'s default) replay as one graph, attention and
+            cache update included (no breaks), on a static cache bcg keeps for the shape (positions rounded up to a
+            power of two, at least 256) whose tensors the caller's cache then views; prompts run on the caller's cache
+            as without it. Attention then spans the rounded positions (masked), so bf16 rounding differs from the
+            dynamic cache's. Any call given a full-attention ``StaticCache`` gets one graph per step anyway;
+            sliding-window and hybrid caches keep their breaks.
         attention_kernels: override ``mode``'s attention choice alone: ``"fast"`` (no cuDNN in the breaks) or
             ``"eager"`` (SDPA's own choice); None: from ``mode``.
         fused_kernels: override ``mode``'s fusion alone: True (CUDA and triton required: error otherwise), False,
@@ -238,13 +241,13 @@ def wrap_model(
 
 def _patch_stack(model: Any, stack: Stack, mixers: list[torch.nn.Module], restore: _Restore, backend: Backend,
                  sizes: list[int], debug: bool | str, choices: SpeedChoices, static_cache: bool) -> StackRunner:
-    """Build the runner and patch the stack's forward (and generate()'s cache and compile choices) to it; what is
-    changed goes into ``restore``."""
+    """Build the runner and patch the stack's forward to it (and keep generate() from compiling it); what is changed
+    goes into ``restore``."""
     if backend.name == "cuda":
         _use_capturable_experts(model, restore)
     fusions = _fusions(stack.module, choices.fused_asked) if choices.fused_kernels else None
     runner = StackRunner(model, stack, backend, sizes, debug=debug, fusions=fusions, fast_decode=choices.fast_decode,
-                         mixers=mixers)
+                         mixers=mixers, static_cache=static_cache)
     restore.stack = stack.module
     restore.instance_forward = stack.module.__dict__.get("forward")
     patching.patch(stack.module, "forward", runner.forward)
@@ -253,8 +256,6 @@ def _patch_stack(model: Any, stack: Stack, mixers: list[torch.nn.Module], restor
         warnings.warn("bcg: this transformers has no hook to keep generate() from compiling the forward; a static "
                       "cache may make generate() trace the model with torch.compile instead of replaying",
                       BcgWarning, stacklevel=3)
-    if static_cache:
-        hf.default_to_static_cache(model)
     return runner
 
 
@@ -272,7 +273,6 @@ def unwrap_model(model: Any) -> Any:
         else:
             restore.stack.forward = restore.instance_forward
         hf.allow_auto_compile(model)
-        hf.restore_default_cache(model)
     if restore.experts_implementation is not None:
         hf.set_experts_implementation(model, restore.experts_implementation)
     if handle.runner is not None:

@@ -312,8 +312,8 @@ eager: HF's default DynamicCache. hf-compile: a StaticCache (max_cache_len = con
 reset in place between calls) passed as the cache argument, with which generate() auto-compiles its decode forward
 (CompileConfig(mode="reduce-overhead", fullgraph=False), HF's default; the prefill is not compiled); run on the
 unwrapped model before bcg. bcg: `bcg.wrap_model` (defaults: mode="fast", lazy capture) with the default DynamicCache;
-bcg-static (`--static`): wrapped again with `static_cache=True` (generate() makes a static cache per call and every
-decode step replays as one graph, no breaks); bcg-exact (`--exact`): wrapped again with `mode="exact"`.
+bcg-static (`--static`): wrapped again with `static_cache=True` (every decode step replays as one graph on bcg's
+static stand-in for generate()'s dynamic cache, no breaks); bcg-exact (`--exact`): wrapped again with `mode="exact"`.
 ms_per_token = (median t(generate N) - median t(generate 1)) / (N - 1); tok_s = batch / ms_per_token.
 floor_w_ms: decode weight bytes (untied input embeddings excluded; every MoE expert counted) / HBM bandwidth;
 floor_wkv_ms adds the KV cache at its mean length; of_floor = floor_wkv_ms / ms_per_token.

@@ -279,8 +279,9 @@ def test_unwrap_frees_what_was_made_for_the_graphs_and_keeps_the_stats():
     handle = bcg.wrap_model(model, backend="eager", static_cache=True)
     model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
     runner = handle.runner
-    assert runner.decoder.storages and runner.bridges.buffers and runner.slots
+    assert runner.shadow_decoder.storages and runner.shadows.shadows and runner.bridges.buffers and runner.slots
     replays = handle.stats()["replays"]
     bcg.unwrap_model(model)
-    assert not (runner.decoder.storages or runner.bridges.buffers or runner.slots or runner.graphs)
+    assert not (runner.shadow_decoder.storages or runner.shadows.shadows or runner.bridges.buffers or runner.slots
+                or runner.graphs or runner.shadow_decoder.graphs)
     assert handle.stats()["replays"] == replays

@@ -16,6 +16,15 @@ def _cache_of(output):
     return getattr(output, "cache", None) or output.past_key_values
 
 
+def _assert_same_real_cache(got, expected, mask):
+    """Equal at the real positions: a packed prefill of a dynamic cache leaves zeros where eager keeps pad tokens'."""
+    for a, b in zip(got.layers, expected.layers, strict=True):
+        assert a.keys.shape == b.keys.shape
+        real = torch.cat([mask, torch.ones_like(mask[:, :1]).expand(-1, a.keys.shape[-2] - mask.shape[1])], 1).bool()
+        for x, y in ((a.keys, b.keys), (a.values, b.values)):
+            torch.testing.assert_close(x.transpose(1, 2)[real], y.transpose(1, 2)[real], atol=1e-5, rtol=1e-5)
+
+
 def _assert_same_cache(got, expected):
     """Equal up to fp32 rounding: the prefill ran on the breakable graphs, whose flat [1, N] matmuls can round apart."""
     assert len(got.layers) == len(expected.layers)
@@ -137,19 +146,59 @@ def test_sliding_window_static_caches_keep_the_breaks():
     assert handle.stats()["full_graph_replays"] == 0 and handle.stats()["replays"] == 1 + STEPS
 
 
-def test_static_cache_option_makes_plain_generate_use_full_graphs(tmp_path):
-    reference, model = tiny_model("llama"), tiny_model("llama")
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gpt2", "opt"])
+def test_static_cache_option_decodes_dynamic_caches_as_full_graphs(arch):
+    """static_cache=True: generate()'s own DynamicCache decodes through bcg's static stand-in, one graph per step; the
+    tokens and the cache left behind (a DynamicCache, its layers views of the stand-in) are eager's; a second
+    generate() (a new cache of the same shape) replays the same graph and leaves the first cache intact."""
+    reference, model = tiny_model(arch), tiny_model(arch)
     handle = bcg.wrap_model(model, backend="eager", static_cache=True)
     ids, mask = left_padded_batch()
-    expected = reference.generate(ids, attention_mask=mask, **GENERATE)  # the default (dynamic) cache
-    got = model.generate(ids, attention_mask=mask, **GENERATE)
-    assert torch.equal(got.sequences, expected.sequences)
-    assert handle.stats()["full_graph_replays"] == STEPS
-    model.generate(ids, attention_mask=mask, cache_implementation="dynamic", **GENERATE)  # the caller's choice wins
-    assert handle.stats()["full_graph_replays"] == STEPS
+    expected = reference.generate(ids, attention_mask=mask, **GENERATE)
+    first = model.generate(ids, attention_mask=mask, **GENERATE)
+    assert torch.equal(first.sequences, expected.sequences)
+    assert type(_cache_of(first)) is type(_cache_of(expected))
+    _assert_same_real_cache(_cache_of(first), _cache_of(expected), mask)
+    stats = handle.stats()
+    assert stats["full_graph_replays"] == STEPS and stats["full_graphs"] == 1 and stats["rejects"] == {}
+    second = model.generate(ids.flip(0), attention_mask=mask.flip(0), **GENERATE)
+    assert torch.equal(second.sequences, reference.generate(ids.flip(0), attention_mask=mask.flip(0), **GENERATE).sequences)
+    assert handle.stats()["full_graphs"] == 1 and handle.stats()["full_graph_replays"] == 2 * STEPS
+    _assert_same_real_cache(_cache_of(first), _cache_of(expected), mask)  # the first cache kept its contents
     assert model.generation_config.cache_implementation is None
-    bcg.unwrap_model(model)
-    assert "generate" not in model.__dict__
+
+
+def test_a_dynamic_cache_outgrowing_its_stand_in_moves_to_a_larger_one():
+    """Past the stand-in's positions (256 here) the cache is copied into the next size's stand-in: steps on either
+    side equal eager's."""
+    reference, model = tiny_model("llama"), tiny_model("llama")
+    handle = bcg.wrap_model(model, backend="eager", static_cache=True)
+    ids = torch.randint(3, 100, (2, 250), generator=torch.Generator().manual_seed(0))
+    kwargs = dict(max_new_tokens=10, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    expected, got = reference.generate(ids, **kwargs), model.generate(ids, **kwargs)
+    assert torch.equal(got.sequences, expected.sequences)
+    _assert_same_cache(_cache_of(got), _cache_of(expected))
+    assert handle.stats()["full_graphs"] == 2 and handle.stats()["full_graph_replays"] == 9
+
+
+def test_a_cache_bound_to_a_stand_in_survives_another_cache_and_an_eager_step():
+    """Two dynamic caches decode in turn through one stand-in (each handed copies when the other takes it), then a
+    2-token step runs on the breaks: every step equals eager's."""
+    reference, model = tiny_model("qwen3"), tiny_model("qwen3")
+    bcg.wrap_model(model, backend="eager", static_cache=True)
+    (ids, mask), name = left_padded_batch(), hf.cache_argument(type(model).forward.__get__(model))
+    results = []
+    for m in (reference, model):
+        caches, masks, logits = [], [mask, mask], []
+        with torch.no_grad():
+            for prompt in (ids, ids.flip(1)):
+                caches.append(m(prompt, attention_mask=mask, use_cache=True)[name])
+            for i, width in ((0, 1), (1, 1), (0, 1), (1, 2), (0, 1)):
+                masks[i] = torch.cat([masks[i], torch.ones_like(ids[:, :width])], dim=1)
+                logits.append(m(ids[:, -width:], attention_mask=masks[i], use_cache=True, **{name: caches[i]}).logits)
+        results.append(logits)
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_bad_static_cache_value_is_refused():
