@@ -151,9 +151,13 @@ def test_static_cache_option_decodes_dynamic_caches_as_full_graphs(arch):
     """static_cache=True: generate()'s own DynamicCache decodes through bcg's static stand-in, one graph per step; the
     tokens and the cache left behind (a DynamicCache, its layers views of the stand-in) are eager's; a second
     generate() (a new cache of the same shape) replays the same graph and leaves the first cache intact."""
-    reference, model = tiny_model(arch), tiny_model(arch)
-    handle = bcg.wrap_model(model, backend="eager", static_cache=True)
-    ids, mask = left_padded_batch()
+    check_stand_in_decode(arch, backend="eager")
+
+
+def check_stand_in_decode(arch: str, device: str = "cpu", **options) -> None:
+    reference, model = tiny_model(arch, device=device), tiny_model(arch, device=device)
+    handle = bcg.wrap_model(model, static_cache=True, **options)
+    ids, mask = left_padded_batch(device=device)
     expected = reference.generate(ids, attention_mask=mask, **GENERATE)
     first = model.generate(ids, attention_mask=mask, **GENERATE)
     assert torch.equal(first.sequences, expected.sequences)

@@ -456,6 +456,15 @@ def test_hybrid_steps_and_mixer_state_equal_eager_on_real_graphs(arch):
     assert any("/mixers" in graph for graph in stats["captured_graphs"]), stats["captured_graphs"]
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gpt2"])
+def test_static_cache_option_decodes_dynamic_caches_on_real_graphs(arch):
+    """fp32, static_cache=True: generate()'s DynamicCache decodes through bcg's static stand-in, one graph per step;
+    tokens and the cache left behind equal eager's; a second generate() replays the same graph."""
+    from test_decode import check_stand_in_decode
+
+    check_stand_in_decode(arch, device="cuda")
+
+
 def test_kept_storages_are_bounded_and_dropped_graphs_freed_on_real_graphs():
     """fp32: mixer states for batch sizes 3, 2, 1, 3 with room for two, and static caches of three lengths with room
     for two: the least recently used storage goes with its graphs, every step equal to eager's."""
