@@ -221,10 +221,12 @@ class ShadowCaches:
         self.config = config
         self.max_shadows = max_shadows
         self.shadows: dict[tuple, _Shadow] = {}  # least recently used first
+        self.possible = hf.makes_full_static_caches(config)  # else (sliding windows, mixers) no stand-in can serve
 
     def takes(self, call: Call) -> bool:
         """A decode step on a cache of plain dynamic layers (no sliding windows, no mixer states)."""
-        return call.tokens.shape[1] <= MAX_TOKENS_PER_SEQUENCE and hf.full_dynamic_layers(call.cache) is not None
+        return (self.possible and call.tokens.shape[1] <= MAX_TOKENS_PER_SEQUENCE
+                and hf.full_dynamic_layers(call.cache) is not None)
 
     def bind(self, cache: Any) -> _Shadow | None:
         """The stand-in holding ``cache``'s keys and values and its length; None when no static cache can stand in."""
@@ -235,12 +237,12 @@ class ShadowCaches:
                                  layer.keys.dtype, layer.keys.device) for layer in layers))
         shadow = self.shadows.pop(key, None)
         if shadow is None:
-            if len(self.shadows) >= self.max_shadows:
-                self._drop(next(iter(self.shadows)))
             with torch.inference_mode(False):  # they outlive the call
                 stand_in = hf.static_cache_like(self.config, layers, positions)
             if stand_in is None:
                 return None
+            if len(self.shadows) >= self.max_shadows:
+                self._drop(next(iter(self.shadows)))
             shadow = _Shadow(stand_in)
         self.shadows[key] = shadow  # now the most recently used
         holder = shadow.holder()
@@ -280,10 +282,15 @@ class ShadowCaches:
 
 
 def _give_copies(cache: Any, shadow: _Shadow) -> None:
-    """A dynamic cache whose layers still are views of ``shadow`` gets tensors of its own."""
-    layers = getattr(cache, "layers", ())
+    """A dynamic cache whose layers still hold (slices of: a crop) ``shadow``'s tensors gets tensors of its own."""
     with torch.inference_mode(False):  # it may be used outside inference mode again
-        for layer, (keys, values) in zip(layers, shadow.views):
-            if getattr(layer, "keys", None) is keys and getattr(layer, "values", None) is values:
+        for layer, static in zip(getattr(cache, "layers", ()), shadow.cache.layers):
+            keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+            static_keys, static_values, _ = hf.static_layer_tensors(static)
+            if _shares_storage(keys, static_keys) or _shares_storage(values, static_values):
                 hf.rebind_dynamic_layer(layer, keys.clone(), values.clone())
     shadow.views = []
+
+
+def _shares_storage(tensor: Any, other: torch.Tensor) -> bool:
+    return isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() == other.untyped_storage().data_ptr()

@@ -281,6 +281,15 @@ def rebind_dynamic_layer(layer: Any, keys: torch.Tensor, values: torch.Tensor) -
     layer.keys, layer.values = keys, values
 
 
+def makes_full_static_caches(config: Any) -> bool:
+    """Whether a StaticCache made from ``config`` has full static layers only (no sliding window, no mixer state)."""
+    try:
+        layers = StaticCache(config=config, max_cache_len=1).layers
+    except Exception:  # a config transformers cannot build a static cache from: no stand-ins, the breaks serve
+        return False
+    return bool(layers) and all(type(layer) is StaticLayer for layer in layers)
+
+
 def static_cache_like(config: Any, layers: list, max_cache_len: int) -> Any:
     """A StaticCache of ``max_cache_len`` positions, allocated for the batch, heads and dtypes of ``layers`` (a
     dynamic cache's), or None when the config does not make every layer a full static one."""

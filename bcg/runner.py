@@ -122,7 +122,7 @@ class StackRunner:
             output = None
             if self.decoder.takes(call):
                 output = self._replay_full_graph(call)
-            elif self.shadows is not None and self.shadows.takes(call):
+            elif self.shadows is not None and self.shadows.takes(call) and not self._stand_in_failed(call):
                 output = self._replay_on_stand_in(call)
             if output is not None:
                 return output
@@ -467,6 +467,11 @@ class StackRunner:
             return None
         self.shadows.settle(call.cache, shadow)
         return hf.output_with_cache(self.output_cls, hidden, call.cache)
+
+    def _stand_in_failed(self, call: Call) -> bool:
+        """A stand-in's full graph failed to capture for this kind and batch: its steps take the breaks, uncopied."""
+        batch = call.tokens.shape[0]
+        return any(key[0] == call.kind and key[1] == batch for key in self.shadow_decoder.failed)
 
     def _full_graph_step(self, decoder: StaticDecoder, call: Call, live: LiveContext) -> torch.Tensor | None:
         captured = len(decoder.graphs)

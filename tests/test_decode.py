@@ -205,6 +205,24 @@ def test_a_cache_bound_to_a_stand_in_survives_another_cache_and_an_eager_step():
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_a_cropped_cache_still_holding_the_stand_ins_tensors_gets_copies_when_another_takes_it():
+    """A crop leaves slices of the stand-in's tensors in the cache; when another cache takes the stand-in, the cropped
+    one must get copies, not see the other's keys (then continue as eager's)."""
+    reference, model = tiny_model("llama"), tiny_model("llama")
+    bcg.wrap_model(model, backend="eager", static_cache=True)
+    (ids, mask), name = left_padded_batch(), hf.cache_argument(type(model).forward.__get__(model))
+    step = torch.cat([mask, torch.ones_like(ids[:, :1])], dim=1)
+    results = []
+    for m in (reference, model):
+        with torch.no_grad():
+            a, b = (m(prompt, attention_mask=mask, use_cache=True)[name] for prompt in (ids, ids.flip(1)))
+            m(ids[:, -1:], attention_mask=step, use_cache=True, **{name: a})
+            a.crop(-1)  # back to the prompt: slices of the stand-in
+            m(ids[:, -1:], attention_mask=step, use_cache=True, **{name: b})
+            results.append(m(ids[:, -1:], attention_mask=step, use_cache=True, **{name: a}).logits)
+    torch.testing.assert_close(results[1], results[0], atol=1e-5, rtol=1e-5)
+
+
 def test_bad_static_cache_value_is_refused():
     with pytest.raises(ValueError, match="static_cache"):
         bcg.wrap_model(tiny_model("llama"), backend="eager", static_cache="yes")
