@@ -321,10 +321,11 @@ def _is_score(metric: str, value: Any) -> bool:
 
 def default_acceptance(model_args: dict[str, Any]) -> str:
     """The acceptance ``model_args``' choices should pass: ``exact`` when they leave every kernel eager's (mode=exact
-    without overrides, or both overrides off), else ``score``."""
+    without overrides, or both overrides off) and decode on the caller's own cache, else ``score`` (``static_cache``:
+    attention over a static stand-in's rounded positions rounds differently)."""
     choices = speed_choices(model_args.get("mode", "fast"), model_args.get("attention_kernels"),
                             model_args.get("fused_kernels"), device=None)
-    return "score" if choices.fast_decode else "exact"
+    return "score" if choices.fast_decode or model_args.get("static_cache") is True else "exact"
 
 
 def acceptances(model_args: dict[str, Any], modes: Sequence[str], accept: str | None = None) -> dict[str, str]:
