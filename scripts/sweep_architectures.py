@@ -14,6 +14,7 @@ and the script exits 1 when any type is MISMATCH or CRASH. Each type runs in a f
 
     python scripts/sweep_architectures.py                          # all types (~15 min on 2 cores)
     python scripts/sweep_architectures.py --types moshi ctrl zamba2 --out-dir /tmp/sweep
+    python scripts/sweep_architectures.py --wrap '{"static_cache": true}' --out-name sweep_architectures_static_cache
 """
 
 from __future__ import annotations
@@ -105,8 +106,8 @@ def left_padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-def run_type(model_type: str) -> dict[str, Any]:
-    """One type's outcome (see the module docstring), with bcg's stats and warnings."""
+def run_type(model_type: str, wrap: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One type's outcome (see the module docstring), with bcg's stats and warnings; ``wrap``: more wrap options."""
     try:
         config = small_config(model_type)
         torch.manual_seed(0)
@@ -126,7 +127,7 @@ def run_type(model_type: str) -> dict[str, Any]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            handle = bcg.wrap_model(model, backend="eager")
+            handle = bcg.wrap_model(model, backend="eager", **(wrap or {}))
             with torch.no_grad():
                 logits = model(input_ids=ids, attention_mask=mask).logits
             tokens = model.generate(ids, attention_mask=mask, **generate)
@@ -139,14 +140,14 @@ def run_type(model_type: str) -> dict[str, Any]:
     stats = handle.stats()
     outcome = "MISMATCH" if not equal else "replays" if stats["ready"] and stats["replays"] else "fallback"
     return {"outcome": outcome, "detail": "; ".join(said), "max_abs_diff": diff, "replays": stats["replays"],
-            "rejects": stats["rejects"]}
+            "full_graph_replays": stats["full_graph_replays"], "rejects": stats["rejects"]}
 
 
 def _short(error: BaseException) -> str:
     return f"{type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}"
 
 
-def run_isolated(model_type: str, timeout: int) -> dict[str, Any]:
+def run_isolated(model_type: str, timeout: int, wrap: dict[str, Any] | None = None) -> dict[str, Any]:
     """``run_type`` in a forked child: a hang or a hard crash costs one row, not the sweep."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
         path = handle.name
@@ -154,7 +155,7 @@ def run_isolated(model_type: str, timeout: int) -> dict[str, Any]:
     if pid == 0:  # child
         signal.alarm(timeout)
         try:
-            result = run_type(model_type)
+            result = run_type(model_type, wrap)
         except BaseException as error:  # noqa: BLE001 - anything is a row
             result = {"outcome": "CRASH", "detail": _short(error)}
         Path(path).write_text(json.dumps(result, default=str))
@@ -172,11 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=int, default=60, help="seconds per type (default %(default)s)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--out-name", default="sweep_architectures")
+    parser.add_argument("--wrap", type=json.loads, default={},
+                        help='more bcg.wrap_model options as JSON, e.g. \'{"static_cache": true}\'')
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     rows = []
     for model_type in args.types or sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
-        row = {"model_type": model_type, **run_isolated(model_type, args.timeout)}
+        row = {"model_type": model_type, **run_isolated(model_type, args.timeout, args.wrap)}
         print(f"{model_type:32s} {row['outcome']:12s} {row.get('detail', '')[:100]}", flush=True)
         rows.append(row)
     counts = {outcome: sum(r["outcome"] == outcome for r in rows) for outcome in dict.fromkeys(r["outcome"]
