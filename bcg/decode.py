@@ -205,6 +205,7 @@ class _Shadow:
     cache: Any
     views: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # what the holder's layers hold
     holder: Callable[[], Any] = field(default=lambda: None)
+    length: int = 0  # tokens the holder held when it was last bound
 
 
 class ShadowCaches:
@@ -229,8 +230,9 @@ class ShadowCaches:
                 and hf.full_dynamic_layers(call.cache) is not None)
 
     def bind(self, cache: Any) -> _Shadow | None:
-        """The stand-in holding ``cache``'s keys and values and its length; None when no static cache can stand in."""
-        layers = hf.full_dynamic_layers(cache)
+        """The stand-in holding the keys, values and length of ``cache`` (one ``takes`` accepted); None when no static
+        cache can stand in."""
+        layers = list(cache.layers)
         length = layers[0].keys.shape[-2]
         positions = shadow_positions(length)
         key = (positions, tuple((tuple(layer.keys.shape[:2]), layer.keys.shape[-1], layer.values.shape[-1],
@@ -250,22 +252,23 @@ class ShadowCaches:
             _give_copies(holder, shadow)
         for i, (layer, static) in enumerate(zip(layers, shadow.cache.layers)):
             keys, values = hf.dynamic_layer_tensors(layer)
-            bound = holder is cache and i < len(shadow.views) and keys is shadow.views[i][0] and values is shadow.views[i][1]
+            bound = (holder is cache and i < len(shadow.views)
+                     and keys is shadow.views[i][0] and values is shadow.views[i][1])
             if not bound:  # a new cache, or one whose layers were reassigned (beam reordering, crop, an eager step)
                 static_keys, static_values, counter = hf.static_layer_tensors(static)
                 static_keys[:, :, :length].copy_(keys)
                 static_values[:, :, :length].copy_(values)
                 counter.fill_(length)
-        shadow.holder = weakref.ref(cache)
+        shadow.holder, shadow.length = weakref.ref(cache), length
         return shadow
 
     @staticmethod
     def settle(cache: Any, shadow: _Shadow) -> None:
-        """After a step: the dynamic cache's layers become views of the stand-in's positions up to its new length."""
-        layers = hf.full_dynamic_layers(cache)
-        length = layers[0].keys.shape[-2] + 1
+        """After the step ``bind`` prepared: the dynamic cache's layers become views of the stand-in's positions up to
+        its new length."""
+        length = shadow.length + 1
         shadow.views = []
-        for layer, static in zip(layers, shadow.cache.layers):
+        for layer, static in zip(cache.layers, shadow.cache.layers):
             keys, values, _ = hf.static_layer_tensors(static)
             view = (keys[:, :, :length], values[:, :, :length])
             hf.rebind_dynamic_layer(layer, *view)
@@ -293,4 +296,5 @@ def _give_copies(cache: Any, shadow: _Shadow) -> None:
 
 
 def _shares_storage(tensor: Any, other: torch.Tensor) -> bool:
-    return isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() == other.untyped_storage().data_ptr()
+    return (isinstance(tensor, torch.Tensor)
+            and tensor.untyped_storage().data_ptr() == other.untyped_storage().data_ptr())

@@ -319,7 +319,8 @@ def settled_mixer_states(cache: Any, layer_idx: int) -> dict[tuple[str, Any], to
     if not all(layer.has_previous_state[i] for i in indices):
         return None
     states = {}
-    for kind, flags in zip(_MIXER_STATE_KINDS, (layer.is_conv_states_initialized, layer.is_recurrent_states_initialized)):
+    initialized = (layer.is_conv_states_initialized, layer.is_recurrent_states_initialized)
+    for kind, flags in zip(_MIXER_STATE_KINDS, initialized):
         states.update({(kind, i): getattr(layer, kind)[i] for i in indices if flags[i]})
     return states or None
 

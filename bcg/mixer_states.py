@@ -57,8 +57,10 @@ class MixerStates:
         return found
 
     def bind(self, cache: Any, states: States) -> str:
-        """Point ``cache``'s mixer states at bcg's tensors of their shapes (copying what they hold); the storage's tag."""
-        key = tuple((layer, name, tuple(t.shape), t.dtype) for layer, named in states.items() for name, t in named.items())
+        """Point ``cache``'s mixer states at bcg's tensors of their shapes (copying what they hold); the storage's
+        tag."""
+        key = tuple((layer, name, tuple(t.shape), t.dtype)
+                    for layer, named in states.items() for name, t in named.items())
         storage = self.storages.pop(key, None)
         if storage is None:
             if len(self.storages) >= self.max_storages:

@@ -64,6 +64,8 @@ class StackRunner:
         self.mixers = mixers or []  # stateful token mixers (hybrid models): breaks like attention
         # ... except in decode steps, where they run inside the graph on state tensors bcg owns
         self.mixer_states = MixerStates([m.layer_idx for m in self.mixers]) if self.mixers else None
+        self._mixer_mask_keys = sorted({hf.mixer_mask_key(self.layer_types[m.layer_idx]) for m in self.mixers}
+                                       if self.layer_types else set())
         self._decode_cache: tuple[Any, int] | None = None  # (cache, sequences) of the decode step being replayed
         self.expected_breaks = hf.attention_layers(self.config, len(stack.layers)) + len(self.mixers)
         self.layer_of = {id(module): i for i, layer in enumerate(stack.layers) for module in layer.modules()}
@@ -320,12 +322,17 @@ class StackRunner:
             decoder.storages.clear()
         if self.shadows is not None:
             self.shadows.clear()
+        self._forget_what_graphs_were_built_with()
+        self._watch.close()
+
+    def _forget_what_graphs_were_built_with(self) -> None:
+        """Slots and bridges carry the dtype, attention function and module references of the graphs they served;
+        mixer states their dtype."""
+        self.slots.clear()
         if self.mixer_states is not None:
             self.mixer_states.clear()
         self.bridges.buffers.clear()
-        self.slots.clear()
         self.static_embeds = None
-        self._watch.close()
 
     def free_graphs(self) -> None:
         for decoder in self._decoders():
@@ -385,13 +392,8 @@ class StackRunner:
                           stacklevel=7)
             self.stats.invalidations += 1
             self.free_graphs()
-        # Slots and bridges carry the old dtype, attention function and module references; mixer states the old dtype.
-        self.slots.clear()
-        if self.mixer_states is not None:
-            self.mixer_states.clear()
-        self.bridges.buffers.clear()
+        self._forget_what_graphs_were_built_with()
         self.failed.clear()
-        self.static_embeds = None
         self._address_book = None
 
     # ----- replay -----
@@ -442,8 +444,8 @@ class StackRunner:
 
     def _mixers_padded(self, live: LiveContext) -> list[str]:
         """Mixer layer types that a decode step would hand a padding mask (inline mixers are captured without)."""
-        types = {hf.mixer_mask_key(self.layer_types[m.layer_idx]) for m in self.mixers} if self.layer_types else set()
-        return sorted(t for t in types if isinstance(mask := live.mask_for(t), torch.Tensor) and mask.ndim == 2)
+        return [key for key in self._mixer_mask_keys
+                if isinstance(mask := live.mask_for(key), torch.Tensor) and mask.ndim == 2]
 
     def _replay_full_graph(self, call: Call) -> Any | None:
         """A decode step on a full static cache as one graph; None: the breakable graphs take it."""

@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     notes = ("Each method on the same packed q/k/v (heads {} / {}, dim {}, {}); `max_abs_diff` against per-request "
              "causal SDPA; `ms` the median of the timed calls after the warm-up; `error`: the method is not available "
              "here.".format(*args.heads, args.dim, str(dtype).removeprefix("torch.")))
-    caveat = None if device.type == "cuda" else f"NOT speed figures: on {device.type} this checks that the methods agree"
+    caveat = None if device.type == "cuda" else f"NOT speed figures: on {device.type} this checks the methods agree"
     write_results(args.out_name, "Attention of a packed prefill, by method", rows, notes=notes, out_dir=args.out_dir,
                   caveat=caveat)
     for failure in failed:

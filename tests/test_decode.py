@@ -166,7 +166,8 @@ def check_stand_in_decode(arch: str, device: str = "cpu", **options) -> None:
     stats = handle.stats()
     assert stats["full_graph_replays"] == STEPS and stats["full_graphs"] == 1 and stats["rejects"] == {}
     second = model.generate(ids.flip(0), attention_mask=mask.flip(0), **GENERATE)
-    assert torch.equal(second.sequences, reference.generate(ids.flip(0), attention_mask=mask.flip(0), **GENERATE).sequences)
+    flipped = reference.generate(ids.flip(0), attention_mask=mask.flip(0), **GENERATE)
+    assert torch.equal(second.sequences, flipped.sequences)
     assert handle.stats()["full_graphs"] == 1 and handle.stats()["full_graph_replays"] == 2 * STEPS
     _assert_same_real_cache(_cache_of(first), _cache_of(expected), mask)  # the first cache kept its contents
     assert model.generation_config.cache_implementation is None
