@@ -20,6 +20,10 @@ _QWEN3 = dict(vocab_size=151936, head_dim=128, max_position_embeddings=40960, rm
               rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0}, attention_bias=False,
               hidden_act="silu", bos_token_id=151643, eos_token_id=151645)
 
+# transformers' Qwen3_5TextConfig values the Qwen3.5-like shapes share
+_QWEN3_5 = dict(vocab_size=248320, head_dim=256, linear_num_key_heads=16, linear_key_head_dim=128,
+                linear_value_head_dim=128, linear_conv_kernel_dim=4, bos_token_id=248044, eos_token_id=248044)
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -62,18 +66,14 @@ PRESETS: dict[str, Preset] = {
     # Qwen3.5's layout (three Gated DeltaNet layers, then one full-attention layer; transformers'
     # Qwen3_5TextConfig defaults, an 8.95 B model) scaled to 2048 x 24 layers: fits any benchmark GPU with room.
     "qwen3.5-like-2b": Preset("qwen3_5_text", dict(
-        vocab_size=248320, hidden_size=2048, intermediate_size=6144, num_hidden_layers=24, num_attention_heads=8,
-        num_key_value_heads=2, head_dim=256, linear_num_key_heads=16, linear_num_value_heads=16,
-        linear_key_head_dim=128, linear_value_head_dim=128, linear_conv_kernel_dim=4, tie_word_embeddings=True,
-        bos_token_id=248044, eos_token_id=248044,
+        _QWEN3_5, hidden_size=2048, intermediate_size=6144, num_hidden_layers=24, num_attention_heads=8,
+        num_key_value_heads=2, linear_num_value_heads=16, tie_word_embeddings=True,
     ), source="transformers' Qwen3_5TextConfig defaults, scaled (random init)",
         notes="hybrid: 18 Gated DeltaNet + 6 attention layers"),
     # The issue's shape: transformers' Qwen3_5TextConfig defaults as they are (8.95 B parameters, ~18 GB in bf16).
     "qwen3.5-like-9b": Preset("qwen3_5_text", dict(
-        vocab_size=248320, hidden_size=4096, intermediate_size=12288, num_hidden_layers=32, num_attention_heads=16,
-        num_key_value_heads=4, head_dim=256, linear_num_key_heads=16, linear_num_value_heads=32,
-        linear_key_head_dim=128, linear_value_head_dim=128, linear_conv_kernel_dim=4, tie_word_embeddings=False,
-        bos_token_id=248044, eos_token_id=248044,
+        _QWEN3_5, hidden_size=4096, intermediate_size=12288, num_hidden_layers=32, num_attention_heads=16,
+        num_key_value_heads=4, linear_num_value_heads=32, tie_word_embeddings=False,
     ), source="transformers' Qwen3_5TextConfig defaults (random init)",
         notes="hybrid: 24 Gated DeltaNet + 8 attention layers"),
 }
