@@ -11,6 +11,8 @@ bridges' layout), and checks each against per-request causal SDPA on the real to
   CPU: "Nested tensors for query / key are not supported when is_causal=True"; kept to see what CUDA says)
 - ``flex``: FlexAttention over the packed run with a block mask of "same request and causal" (compiled on CUDA;
   the block mask is built per call, as lengths change per call, and timed with it)
+- ``torch-varlen``: ``torch.nn.attention.varlen.varlen_attn``, torch's own flash kernel over cumulative offsets
+  (CUDA only; no install beyond torch)
 - ``flash-varlen``: ``flash_attn_varlen_func`` when flash-attn is installed
 
     python scripts/bench_varlen_attention.py                                     # Qwen3-0.6B heads, 8 and 32 x 128
@@ -134,8 +136,26 @@ def flash_varlen(p: Packed) -> torch.Tensor:
     return flash_attn_varlen_func(p.q, p.k, p.v, cu, cu, longest, longest, causal=True)
 
 
+def torch_varlen(p: Packed) -> torch.Tensor:
+    import inspect
+
+    from torch.nn.attention.varlen import varlen_attn
+
+    cu = p.offsets.to(torch.int32)
+    longest = max(p.lengths)
+    options = inspect.signature(varlen_attn).parameters
+    causal = {"window_size": (-1, 0)} if "window_size" in options else {"is_causal": True}  # the newer torch's name
+    k, v = p.k, p.v
+    if "enable_gqa" in options:
+        causal["enable_gqa"] = True
+    else:
+        k, v = (t.repeat_interleave(p.q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    return varlen_attn(p.q, k, v, cu, cu, longest, longest, **causal)
+
+
 METHODS: dict[str, Callable[[Packed], torch.Tensor]] = {
-    "per-request": per_request, "padded": padded, "nested": nested, "flex": flex, "flash-varlen": flash_varlen,
+    "per-request": per_request, "padded": padded, "nested": nested, "flex": flex, "torch-varlen": torch_varlen,
+    "flash-varlen": flash_varlen,
 }
 
 
