@@ -23,10 +23,14 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from . import hf
-from .live import LIVE
+from . import hf, varlen
+from .live import LIVE, LiveContext
 
 ATTENTION_NAME = "bcg"
+# Implementations whose attention is fully described by the layer's kwargs and the causal/padding/window mask: a
+# packed prompt's break may run them per request (varlen.py) instead.
+_VARLEN_IMPLEMENTATIONS = frozenset({"sdpa", "flash_attention_2", "flash_attention_3"})
+_VARLEN_LAYER_TYPES = frozenset({"full_attention", "sliding_attention"})
 
 # Attention kwargs that change from call to call: the break takes them from the live context, never from capture.
 _PER_CALL_KWARGS = frozenset(
@@ -102,6 +106,7 @@ class BreakSlot:
     out: torch.Tensor
     reuses_kv: bool = False  # reads the keys/values a storing layer of its type left (Gemma 3n / 4 KV sharing)
     stores_kv: bool = False
+    varlen: bool = False  # packed prompts may attend per request (varlen.py) instead of through the padded layout
 
     @property
     def mask_key(self) -> str:
@@ -114,6 +119,9 @@ class BreakSlot:
         flash, or the modeling file's eager one), so the break computes exactly what the eager model computes.
         """
         live = LIVE.get()
+        if self.varlen and live.requests is not None:
+            self._run_per_request(live)
+            return
         q, k, v = (live.attention_input(bridge) for bridge in (self.q, self.k, self.v))
         if live.cache is not None:
             # Without a cache the bridges already hold the shared keys/values: the graph copied them in like any other.
@@ -127,6 +135,17 @@ class BreakSlot:
         result, _ = self.attention_fn(self.module, q, k, v, live.mask_for(self.mask_key),
                                       position_ids=live.position_ids, **self.kwargs)
         live.write_output(self.out, result)
+
+
+    def _run_per_request(self, live: LiveContext) -> None:
+        """A packed prompt on an empty cache: the cache gets the padded layout later steps read (as above), attention
+        runs on the bridges' real tokens per request, and no padded query, mask or output is ever built."""
+        if live.cache is not None:
+            hf.update_cache(live.cache, live.attention_input(self.k), live.attention_input(self.v), self.layer_idx)
+        n = live.num_tokens
+        result = varlen.attention(self.q[:n], self.k[:n], self.v[:n], live.requests, self.kwargs.get("scaling"),
+                                  self.kwargs.get("sliding_window"))
+        self.out[:n].copy_(result)
 
 
 def _owned(states: torch.Tensor, given: torch.Tensor) -> torch.Tensor:
@@ -220,6 +239,9 @@ class StackRun:
                                  "function per call, which bcg's break cannot supply")
         constant_kwargs = {k: v for k, v in kwargs.items() if k not in _PER_CALL_KWARGS}
         reuses_kv, stores_kv = hf.kv_sharing(module)
+        per_request = (self.original_implementation in _VARLEN_IMPLEMENTATIONS and layer_type in _VARLEN_LAYER_TYPES
+                       and varlen.honours(module, constant_kwargs) and not (reuses_kv or stores_kv)
+                       and (layer_type != "sliding_attention" or constant_kwargs.get("sliding_window") is not None))
         return BreakSlot(
             module=module,
             layer_idx=layer_idx,
@@ -232,6 +254,7 @@ class StackRun:
             out=self.bridges.get("out", (heads, v_dim), query.dtype),
             reuses_kv=reuses_kv,
             stores_kv=stores_kv,
+            varlen=per_request,
         )
 
 

@@ -10,9 +10,10 @@ from collections.abc import Iterable
 # 5.9k-6.1k tokens ran at 0.85-0.95x eager): such calls run eagerly by default.
 DEFAULT_MAX_NUM_TOKENS = 4096
 
-# Dense where decode and small prefills live, then ~1.25-1.5x steps so padding stays under 50%.
+# Dense where decode and small prefills live, then ~1.25-1.5x steps so padding stays under 50%; above 2k (GPU-bound
+# prefills, where every padded row costs its full share) steps of 1.14-1.25x.
 _LADDER = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 512, 640, 768, 1024,
-           1280, 1536, 2048, 2560, 3072, 4096, 5120, 6144, 8192, 10240, 12288, 16384)
+           1280, 1536, 2048, 2560, 3072, 3584, 4096, 4608, 5120, 6144, 7168, 8192, 10240, 12288, 16384)
 
 
 def default_capture_sizes(max_num_tokens: int) -> list[int]:

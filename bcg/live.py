@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from . import hf
+from .varlen import Requests
 
 # Model types whose stacks derive default positions from the 2D attention mask instead of counting from the cache.
 _MASK_DERIVED_POSITIONS = frozenset({"opt"})
@@ -26,7 +27,8 @@ class LiveContext:
 
     ``rows`` (a padded call, packed): the flat ``batch * seq`` indices of its real tokens, which alone run through the
     graph segments; each break scatters them back into the ``[B, S]`` layout for the cache update and the attention
-    (pad rows zero, masked out), and gathers the real rows of the output.
+    (pad rows zero, masked out), and gathers the real rows of the output. ``requests`` (a packed prompt on an empty
+    cache, mode "fast"): the eligible attention breaks attend per request on the real tokens instead (varlen.py).
     """
 
     batch: int
@@ -37,6 +39,7 @@ class LiveContext:
     masks: torch.Tensor | dict | None = None
     position_ids: torch.Tensor | None = None
     rows: torch.Tensor | None = None
+    requests: Requests | None = None
     shared_kv: dict = field(default_factory=dict, repr=False)  # layer type -> keys/values a storing layer left
     _views: dict = field(default_factory=dict, repr=False)
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from . import debug as addresses
-from . import hf
+from . import hf, varlen
 from .attention import Bridges, Slot, StackRun, StructureError, run_break, run_stack_under_bcg
 from .backends import Backend, Graph
 from .buckets import pick_bucket
@@ -39,7 +39,8 @@ class StackRunner:
 
     def __init__(self, model: torch.nn.Module, stack: Stack, backend: Backend, sizes: list[int],
                  debug: bool | str = False, fusions: Fusions | None = None, fast_decode: bool = False,
-                 mixers: list[torch.nn.Module] | None = None, static_cache: bool = False) -> None:
+                 mixers: list[torch.nn.Module] | None = None, static_cache: bool = False,
+                 varlen_prompts: bool = False) -> None:
         self.model = model
         self.stack = stack
         self.config = stack.config
@@ -49,6 +50,7 @@ class StackRunner:
         self.strict_addresses = debug in (True, "addresses")
         self.fusions = fusions
         self.fast_decode = fast_decode  # decode steps get their own graphs, with the fusions and fast attention
+        self.varlen_prompts = varlen_prompts  # packed prompts attend per request (varlen.py), not through padding
         self.original_forward = stack.module.forward
         self._parameter_names = _positional_parameters(self.original_forward)
         self.cache_argument = hf.cache_argument(self.original_forward)
@@ -423,7 +425,10 @@ class StackRunner:
             return Rejection(Reject.UNSUPPORTED_MASK, f"no mask for layer types {sorted(missing)}")
         if isinstance(masks, torch.Tensor) and masks.ndim == 2:
             return Rejection(Reject.UNSUPPORTED_MASK, "a mask layout transformers leaves to the model")
-        return LiveContext(batch, seq, call.num_tokens, bucket, cache, masks, positions, call.rows)
+        requests = None
+        if call.rows is not None and self.varlen_prompts and hf.past_length(cache) == 0:
+            requests = varlen.requests_of(mask, seq)
+        return LiveContext(batch, seq, call.num_tokens, bucket, cache, masks, positions, call.rows, requests)
 
     def _replay(self, graph: Graph, call: Call, bucket: int) -> Any | Rejection:
         live = self._live_context(call, bucket)

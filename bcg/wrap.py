@@ -51,6 +51,11 @@ class SpeedChoices:
         """Decode steps replay graphs of their own with the fast choices; prompts and log-likelihoods stay eager's."""
         return self.attention_kernels == "fast" or self.fused_kernels
 
+    @property
+    def varlen_prompts(self) -> bool:
+        """Padded prompts attend per request on their real tokens (varlen.py) rather than through the padded layout."""
+        return self.attention_kernels == "fast"
+
 
 class BcgHandle:
     """What ``wrap_model`` returns: ``stats()`` reports replays, rejects by reason, captures and memory."""
@@ -247,7 +252,7 @@ def _patch_stack(model: Any, stack: Stack, mixers: list[torch.nn.Module], restor
         _use_capturable_experts(model, restore)
     fusions = _fusions(stack.module, choices.fused_asked) if choices.fused_kernels else None
     runner = StackRunner(model, stack, backend, sizes, debug=debug, fusions=fusions, fast_decode=choices.fast_decode,
-                         mixers=mixers, static_cache=static_cache)
+                         mixers=mixers, static_cache=static_cache, varlen_prompts=choices.varlen_prompts)
     restore.stack = stack.module
     restore.instance_forward = stack.module.__dict__.get("forward")
     patching.patch(stack.module, "forward", runner.forward)

@@ -144,6 +144,15 @@ def run_contender(contender: Contender, handle: bcg.BcgHandle | None, model: tor
     return results
 
 
+ROUNDING = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 5e-2}
+
+
+def _matches(logits: torch.Tensor, eager: torch.Tensor, exactly: bool) -> bool:
+    if exactly:
+        return torch.equal(logits, eager)
+    return torch.allclose(logits.float(), eager.float(), rtol=0, atol=ROUNDING.get(logits.dtype, 1e-4))
+
+
 def compare(eager: torch.Tensor, other: torch.Tensor) -> tuple[float, float]:
     """Max abs difference and argmax agreement of two [R, vocab] logit blocks."""
     diff = (eager.float() - other.float()).abs().max().item()
@@ -155,7 +164,9 @@ def make_row(batch: Batch, eager: Measurement, graphs: Measurement, args: argpar
              exact: Measurement | None = None) -> dict[str, Any]:
     calls = max(args.warmup - 1, 0) + args.repeats
     expected = expected_stats(batch.real_tokens, calls, args.max_num_tokens)
-    checks = [check(m.timed, expected, torch.equal(m.logits, eager.logits), device)
+    # the default mode attends a padded batch's requests on their real tokens (bcg/varlen.py): rounding-level only
+    packed_fast = batch.real_tokens < batch.tokens
+    checks = [check(m.timed, expected, _matches(m.logits, eager.logits, exactly=m is exact or not packed_fast), device)
               for m in (graphs, exact) if m is not None]
     diff, agree = compare(eager.logits, graphs.logits)
     bucket = pick_bucket(default_capture_sizes(args.max_num_tokens), batch.real_tokens)

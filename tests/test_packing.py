@@ -73,3 +73,68 @@ def test_a_heavily_padded_batch_replays_instead_of_wasting_a_bucket():
     with torch.no_grad():
         model(ids, attention_mask=mask)
     assert handle.stats()["captured_graphs"] == ["ids:8"] and handle.stats()["replays"] == 1
+
+
+def _count_per_request_attention(monkeypatch) -> list:
+    """Record the sliding window of every per-request attention call (bcg/varlen.py) a break makes."""
+    from bcg import varlen
+    calls, attention = [], varlen.attention
+    monkeypatch.setattr(varlen, "attention", lambda *a, **k: calls.append(a[5]) or attention(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "gemma3_text"])  # full, all sliding, mixed layer types
+def test_default_mode_attends_packed_prompts_per_request_and_exact_mode_does_not(arch, monkeypatch):
+    calls = _count_per_request_attention(monkeypatch)
+    reference, model = tiny_model(arch), tiny_model(arch)
+    ids, mask = left_padded_batch(batch=4, seq=12, pads=(9, 0, 4, 2))  # 12 tokens > the tiny windows of 6
+    live = mask.bool()
+    with torch.no_grad():
+        expected = reference(input_ids=ids, attention_mask=mask).logits
+    for mode, per_request in (("fast", True), ("exact", False)):
+        bcg.wrap_model(model, backend="eager", mode=mode)
+        calls.clear()
+        with torch.no_grad():
+            got = model(input_ids=ids, attention_mask=mask).logits
+        torch.testing.assert_close(got[live], expected[live], atol=1e-5, rtol=1e-5)
+        layers = model.config.num_hidden_layers
+        windows = [getattr(model.config, "sliding_window", None) if t == "sliding_attention" else None
+                   for t in (getattr(model.config, "layer_types", None) or ["full_attention"] * layers)]
+        if arch == "mistral":  # no layer types: every layer passes the config's window
+            windows = [model.config.sliding_window] * layers
+        assert calls == (windows if per_request else [])
+        bcg.unwrap_model(model)
+
+
+def test_masks_with_holes_and_prompts_after_a_past_keep_the_padded_attention(monkeypatch):
+    calls = _count_per_request_attention(monkeypatch)
+    reference, model = tiny_model("qwen3"), tiny_model("qwen3")
+    bcg.wrap_model(model, backend="eager")
+    ids, mask = left_padded_batch(batch=3, seq=9, pads=(3, 0, 5))
+    holes = mask.clone()
+    holes[1, 4] = 0  # a real token masked out mid-row: the packed run would not be eager's positions
+    first, second = ids[:, :5], ids[:, 5:]
+    later_mask = mask.clone()
+    later_mask[0, -2:] = 0  # right padding in the second chunk: packed, but on a cache with a past
+    caches = [DynamicCache(config=m.config) for m in (reference, model)]
+    outputs = []
+    for m, cache in zip((reference, model), caches):
+        name = hf.cache_argument(type(m).forward.__get__(m))
+        with torch.no_grad():
+            m(first, attention_mask=mask[:, :5], use_cache=True, **{name: cache})  # packed on an empty cache
+            later = m(second, attention_mask=later_mask, use_cache=True, **{name: cache}).logits
+            outputs.append((later, m(input_ids=ids, attention_mask=holes).logits))
+    assert len(calls) == model.config.num_hidden_layers  # the first prompt only
+    for got, expected, live in zip(outputs[1], outputs[0], (later_mask[:, 5:].bool(), holes.bool())):
+        torch.testing.assert_close(got[live], expected[live], atol=1e-5, rtol=1e-5)
+
+
+def test_requests_of_a_mask():
+    from bcg.varlen import requests_of
+    _, left = left_padded_batch(batch=3, seq=9, pads=(3, 0, 5))
+    requests = requests_of(left, 9)
+    assert requests.lengths == (6, 9, 4) and requests.offsets.tolist() == [0, 6, 15, 19] and requests.longest == 9
+    _, right = _right_padded(pads=(3, 0, 9))
+    assert requests_of(right, 9).lengths == (6, 9)  # an empty row adds no request
+    assert requests_of(torch.tensor([[1, 0, 1]]), 3) is None  # a hole
+    assert requests_of(torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]]), 2).lengths == (2, 2)  # the last seq columns
