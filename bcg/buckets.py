@@ -6,14 +6,16 @@ import bisect
 import numbers
 from collections.abc import Iterable
 
-# Past ~4k tokens a prefill is GPU-bound and replaying gains nothing (results/prefill_qwen3-0.6b_grid.md:
-# 5.9k-6.1k tokens ran at 0.85-0.95x eager): such calls run eagerly by default.
-DEFAULT_MAX_NUM_TOKENS = 4096
+# Packed prompts (real tokens only) replay faster than eager up to 8k tokens, and an unpadded 6k-token call is no
+# slower (H200: results/prefill_qwen3-0.6b_varlen.md, 4424 real tokens 1.19x; ..._6144_unpadded.md, 1.02x): larger
+# calls run eagerly by default.
+DEFAULT_MAX_NUM_TOKENS = 8192
 
-# Dense where decode and small prefills live, then ~1.25-1.5x steps so padding stays under 50%; above 2k (GPU-bound
-# prefills, where every padded row costs its full share) steps of 1.14-1.25x.
-_LADDER = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 512, 640, 768, 1024,
-           1280, 1536, 2048, 2560, 3072, 3584, 4096, 4608, 5120, 6144, 7168, 8192, 10240, 12288, 16384)
+# Dense where decode and small prefills live; from 1024 tokens eight sizes per doubling (at most 12.5% padding), as a
+# prefill there is GPU-bound and every padded row costs its full share (Qwen3-8B shape, 1134 tokens: time follows
+# the bucket's rows, results/prefill_qwen3-8b_varlen.md).
+_SMALL = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 512, 640, 768, 896)
+_LADDER = _SMALL + tuple(octave + step * octave // 8 for octave in (1024, 2048, 4096, 8192) for step in range(8))
 
 
 def default_capture_sizes(max_num_tokens: int) -> list[int]:
