@@ -180,7 +180,7 @@ def wrap_model(
 
     Args:
         capture_sizes: token counts (batch x sequence) to capture; default: a ladder up to ``max_num_tokens``.
-        max_num_tokens: calls with more tokens run eagerly.
+        max_num_tokens: calls with more tokens (a padded call: real tokens) run eagerly.
         backend: ``"cuda"`` (real graphs), ``"eager"`` (same runner, no graphs: CPU and debugging);
             default ``"cuda"`` when the model is on a GPU.
         lazy: capture each size on first use (default) or all of them now, largest first.
@@ -189,9 +189,10 @@ def wrap_model(
         mode: ``"fast"`` (default): decode steps (one token per sequence) replay graphs of their own whose breaks
             keep SDPA off cuDNN (whose planning costs 1-2 ms of host time per layer when the KV length changes
             every step) and, where triton is installed, hold fused Triton kernels for Llama-style RMSNorm and
-            rotary code (one launch instead of 8-10). Prompts and every multi-token call (log-likelihoods) run
-            eager's kernels as in ``"exact"``: their outputs are exact mode's; generated bf16 text can fork from
-            eager's by rounding (README: MGSM). ``"exact"``: eager's kernels everywhere (MGSM on a real model:
+            rotary code (one launch instead of 8-10). A padded prompt attends each request on its real tokens with
+            a variable-length kernel (varlen.py: rounding-level differences); unpadded prompts and calls without a
+            padding mask (log-likelihoods) run eager's kernels as in ``"exact"``: their outputs are exact mode's;
+            generated bf16 text can fork from eager's by rounding (README: MGSM). ``"exact"``: eager's kernels everywhere (MGSM on a real model:
             identical text and log-likelihoods; bf16 near-ties may still flip where a bucket's flat token run
             changes a matmul's shape).
         static_cache: decode steps on a dynamic cache (``generate()``'s default) replay as one graph, attention and
@@ -200,8 +201,8 @@ def wrap_model(
             as without it. Attention then spans the rounded positions (masked), so bf16 rounding differs from the
             dynamic cache's. Any call given a full-attention ``StaticCache`` gets one graph per step anyway;
             sliding-window and hybrid caches keep their breaks.
-        attention_kernels: override ``mode``'s attention choice alone: ``"fast"`` (no cuDNN in the breaks) or
-            ``"eager"`` (SDPA's own choice); None: from ``mode``.
+        attention_kernels: override ``mode``'s attention choice alone: ``"fast"`` (no cuDNN in decode breaks, varlen
+            attention for padded prompts) or ``"eager"`` (SDPA's own choice, padded prompts' mask); None: from ``mode``.
         fused_kernels: override ``mode``'s fusion alone: True (CUDA and triton required: error otherwise), False,
             or None (from ``mode``: on in ``"fast"`` where it can run).
     """
