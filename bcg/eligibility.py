@@ -76,7 +76,7 @@ class Call:
     extra: dict[str, Any] = field(default_factory=dict)
     autocast: str = ""  # the autocast state the call runs under ("" when off): graphs are captured per state
     rows: torch.Tensor | None = None  # a padded multi-token call: its real tokens' flat indices (see live.real_rows)
-    fast: bool = False  # a decode step under mode="fast": its graphs hold the fast kernels (see wrap.SpeedChoices)
+    fast: bool = False  # a decode step or padded prompt under mode="fast": its graphs hold the fast kernels
     mixer_states: str = ""  # a hybrid model's decode step with its mixers inside the graph: their storage's tag
 
     def get(self, name: str) -> Any:

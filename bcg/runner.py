@@ -122,6 +122,8 @@ class StackRunner:
             rejection = Rejection(Reject.NOT_READY)
         else:
             rejection = reject_reason(call, self.target, self.failed)
+        if rejection is None and call.rows is not None and self.varlen_prompts:
+            call.fast = self.fast_decode  # a padded prompt (varlen attention: not eager's anyway) takes the fast graphs
         if rejection is None and self.debug != "numerics":
             output = None
             if self.decoder.takes(call):

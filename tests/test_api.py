@@ -250,18 +250,26 @@ def test_fast_mode_without_triton_or_cuda_fuses_nothing_and_says_so_in_stats():
     assert (exact["mode"], exact["attention_kernels"]) == ("exact", "eager")
 
 
-@pytest.mark.parametrize("mode, decode_kind", [("fast", "ids/fast"), ("exact", "ids")])
-def test_fast_mode_gives_decode_steps_graphs_of_their_own_and_prompts_eagers_kernels(mode, decode_kind):
-    """Prompts and log-likelihood calls replay the plain graphs in either mode (their outputs stay eager's); under
-    mode="fast" decode steps replay graphs of their own, where the fast kernels live."""
+@pytest.mark.parametrize("mode, fast_kind", [("fast", "ids/fast"), ("exact", "ids")])
+def test_fast_mode_gives_decode_steps_and_padded_prompts_graphs_of_their_own(mode, fast_kind):
+    """Log-likelihood calls (no padding mask) replay the plain graphs in either mode (their outputs stay eager's);
+    under mode="fast" decode steps and padded prompts (whose attention runs per request anyway) replay graphs of their
+    own, where the fast kernels live."""
+    from bcg.buckets import pick_bucket
     model = tiny_model("llama")
     ids, mask = left_padded_batch()
     expected = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
     handle = bcg.wrap_model(model, backend="eager", mode=mode)
     tokens = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
-    graphs = handle.stats()["captured_graphs"]
+    with torch.no_grad():
+        model(ids)
+    sizes = handle.runner.sizes
     assert torch.equal(tokens, expected)
-    assert sorted(graph.split(":")[0] for graph in graphs) == sorted(["ids", decode_kind]), graphs
+    assert sorted(handle.stats()["captured_graphs"]) == sorted([
+        f"{fast_kind}:{pick_bucket(sizes, int(mask.sum()))}",  # the padded prompt, packed
+        f"{fast_kind}:{pick_bucket(sizes, ids.shape[0])}",  # decode steps
+        f"ids:{pick_bucket(sizes, ids.numel())}",  # the mask-free call
+    ])
 
 
 def test_a_one_token_prompt_is_not_a_decode_step():

@@ -137,7 +137,7 @@ def test_every_mixer_and_attention_is_its_own_break(arch, breaks):
     ids, mask = left_padded_batch()
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask)
-    kinds = [type(slot).__name__ for slot in handle.runner.slots["ids"]]
+    kinds = [type(slot).__name__ for slot in handle.runner.slots["ids/fast"]]
     assert len(kinds) == breaks and "MixerSlot" in kinds and "BreakSlot" in kinds
 
 
@@ -172,7 +172,7 @@ def test_minimax_runs_its_own_cache_class_and_tuple_returning_mixers():
     cache = out[hf.cache_argument(model.forward)] if hasattr(out, "keys") else None
     assert type(cache).__name__ == "MiniMaxCache"
     assert any(isinstance(slot.module, torch.nn.Module) and slot.returns_tuple
-               for slot in handle.runner.slots["ids"] if type(slot).__name__ == "MixerSlot")
+               for slot in handle.runner.slots["ids/fast"] if type(slot).__name__ == "MixerSlot")
     assert handle.stats()["rejects"] == {}
 
 
@@ -278,7 +278,7 @@ def test_inputs_embeds_and_bf16_autocast_equal_eagers(arch):
 
     assert torch.equal(tokens_embeds, expected_embeds) and torch.equal(tokens_autocast, expected_autocast)
     kinds = {graph.split(":")[0] for graph in handle.stats()["captured_graphs"]}
-    assert {"embeds", "ids@autocast-bfloat16"} <= kinds and handle.stats()["rejects"] == {}
+    assert {"embeds/fast", "ids@autocast-bfloat16/fast"} <= kinds and handle.stats()["rejects"] == {}
 
 
 def test_a_cache_of_another_class_than_minimaxs_own_is_refused_before_any_break():

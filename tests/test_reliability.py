@@ -192,7 +192,7 @@ def test_out_of_memory_during_capture_leaves_the_eager_answer(monkeypatch):
     again = _logits(model, ids, mask)  # the failed bucket is not retried: no second warning, still eager
     assert torch.equal(got, _logits(reference, ids, mask)) and torch.equal(again, got)
     stats = handle.stats()
-    assert stats["rejects"] == {"capture_failed": 2} and "out of memory" in stats["capture_failures"]["ids:24"]
+    assert stats["rejects"] == {"capture_failed": 2} and "out of memory" in stats["capture_failures"]["ids/fast:24"]
     assert stats["captured"] == [] and stats["ready"] is True
 
 

@@ -60,7 +60,7 @@ def test_autocast_then_plain_calls_replay_their_own_graphs(twins):
     assert torch.equal(plain, expected)
     stats = handle.stats()
     assert stats["replays"] == 3 and stats["rejects"] == {}
-    assert stats["captured_graphs"] == ["ids:24", "ids@autocast-bfloat16:24"]  # 19 real tokens, packed
+    assert stats["captured_graphs"] == ["ids/fast:24", "ids@autocast-bfloat16/fast:24"]  # 19 real tokens, packed
 
 
 @pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
