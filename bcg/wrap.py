@@ -189,8 +189,8 @@ def wrap_model(
         mode: ``"fast"`` (default): decode steps (one token per sequence) replay graphs of their own whose breaks
             keep SDPA off cuDNN (whose planning costs 1-2 ms of host time per layer when the KV length changes
             every step) and, where triton is installed, hold fused Triton kernels for Llama-style RMSNorm and
-            rotary code (one launch instead of 8-10). A padded prompt attends each request on its real tokens with
-            a variable-length kernel (varlen.py: rounding-level differences); unpadded prompts and calls without a
+            rotary code (one launch instead of 8-10). A padded prompt replays those graphs too and attends each
+            request on its real tokens with a variable-length kernel (varlen.py); unpadded prompts and calls without a
             padding mask (log-likelihoods) run eager's kernels as in ``"exact"``: their outputs are exact mode's;
             generated bf16 text can fork from eager's by rounding (README: MGSM). ``"exact"``: eager's kernels everywhere (MGSM on a real model:
             identical text and log-likelihoods; bf16 near-ties may still flip where a bucket's flat token run
