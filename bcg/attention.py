@@ -27,10 +27,10 @@ from . import hf, varlen
 from .live import LIVE, LiveContext
 
 ATTENTION_NAME = "bcg"
-# Implementations whose attention is fully described by the layer's kwargs and the causal/padding/window mask: a
-# packed prompt's break may run them per request (varlen.py) instead.
-_VARLEN_IMPLEMENTATIONS = frozenset({"sdpa", "flash_attention_2", "flash_attention_3"})
-_VARLEN_LAYER_TYPES = frozenset({"full_attention", "sliding_attention"})
+# Implementations a packed prompt's break may replace by attention per request (varlen.py): SDPA applies the mask
+# transformers built (causal, padding, a window), the flash implementations the layer's ``sliding_window`` kwarg.
+_MASKED_IMPLEMENTATIONS = frozenset({"sdpa"})
+_FLASH_IMPLEMENTATIONS = frozenset({"flash_attention_2", "flash_attention_3"})
 
 # Attention kwargs that change from call to call: the break takes them from the live context, never from capture.
 _PER_CALL_KWARGS = frozenset(
@@ -107,6 +107,7 @@ class BreakSlot:
     reuses_kv: bool = False  # reads the keys/values a storing layer of its type left (Gemma 3n / 4 KV sharing)
     stores_kv: bool = False
     varlen: bool = False  # packed prompts may attend per request (varlen.py) instead of through the padded layout
+    window: int | None = None  # ... within this sliding window (what the layer's eager attention applies)
 
     @property
     def mask_key(self) -> str:
@@ -144,7 +145,7 @@ class BreakSlot:
             hf.update_cache(live.cache, live.attention_input(self.k), live.attention_input(self.v), self.layer_idx)
         n = live.num_tokens
         result = varlen.attention(self.q[:n], self.k[:n], self.v[:n], live.requests, self.kwargs.get("scaling"),
-                                  self.kwargs.get("sliding_window"))
+                                  self.window)
         self.out[:n].copy_(result)
 
 
@@ -171,6 +172,7 @@ class StackRun:
     original_implementation: str | None
     layer_types: list[str] | None
     break_fn: Callable[[Slot], None]
+    mask_windows: dict[str, int | None]  # hf.mask_windows: which masks varlen.py can reproduce, and their windows
     layer_of: dict[int, int] = field(default_factory=dict)  # id(module) -> index of the stack layer holding it
     # A hybrid model's decode step with its mixers inside the graph (mixer_states.py): the cache bound to bcg's state
     # tensors, and the number of sequences (the flat run's first rows).
@@ -239,9 +241,8 @@ class StackRun:
                                  "function per call, which bcg's break cannot supply")
         constant_kwargs = {k: v for k, v in kwargs.items() if k not in _PER_CALL_KWARGS}
         reuses_kv, stores_kv = hf.kv_sharing(module)
-        per_request = (self.original_implementation in _VARLEN_IMPLEMENTATIONS and layer_type in _VARLEN_LAYER_TYPES
-                       and varlen.honours(module, constant_kwargs) and not (reuses_kv or stores_kv)
-                       and (layer_type != "sliding_attention" or constant_kwargs.get("sliding_window") is not None))
+        reproducible, window = self._per_request_window(layer_type, constant_kwargs)
+        per_request = reproducible and varlen.honours(module, constant_kwargs) and not (reuses_kv or stores_kv)
         return BreakSlot(
             module=module,
             layer_idx=layer_idx,
@@ -255,7 +256,18 @@ class StackRun:
             reuses_kv=reuses_kv,
             stores_kv=stores_kv,
             varlen=per_request,
+            window=window,
         )
+
+    def _per_request_window(self, layer_type: str, kwargs: dict) -> tuple[bool, int | None]:
+        """Whether varlen.py can reproduce a layer's eager attention, and the sliding window that attention applies."""
+        mask_key = hf.attention_mask_key(layer_type)
+        if mask_key in self.mask_windows:
+            if self.original_implementation in _MASKED_IMPLEMENTATIONS:
+                return True, self.mask_windows[mask_key]
+            if self.original_implementation in _FLASH_IMPLEMENTATIONS:
+                return True, kwargs.get("sliding_window")
+        return False, None
 
 
 ACTIVE_RUN: ContextVar[StackRun | None] = ContextVar("bcg_active_run", default=None)

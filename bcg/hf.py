@@ -357,6 +357,21 @@ def builds_full_masks_only(config: Any, stack_forward: Callable) -> bool:
     return "create_causal_mask" in names and "create_sliding_window_causal_mask" not in names
 
 
+def mask_windows(config: Any, full_only: bool = False) -> dict[str, int | None]:
+    """The sliding window (None: plain causal) of the mask ``create_masks`` builds under each attention mask key; a
+    key whose mask is something else (chunked, bidirectional, a mixer's) is left out."""
+    text = config.get_text_config()
+    window = getattr(text, "sliding_window", None)
+    if full_only:
+        return {"full_attention": None}
+    layer_types = getattr(text, "layer_types", None)
+    if not layer_types:  # one mask for every layer: sliding when the config names a window (create_masks_for_generate)
+        chunked = window is None and getattr(text, "attention_chunk_size", None) is not None
+        return {} if chunked else {"full_attention": window}
+    keys = {attention_mask_key(t) for t in layer_types}
+    return {key: w for key, w in (("full_attention", None), ("sliding_attention", window)) if key in keys}
+
+
 def create_masks(config: Any, attention_mask: Any, cache: Any, position_ids: torch.Tensor, batch: int, seq: int,
                  dtype: torch.dtype, device: torch.device, full_only: bool = False) -> torch.Tensor | dict | None:
     """transformers' own per-layer-type masks for a call, as the model would build them (``config`` carries the

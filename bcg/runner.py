@@ -55,6 +55,7 @@ class StackRunner:
         self._parameter_names = _positional_parameters(self.original_forward)
         self.cache_argument = hf.cache_argument(self.original_forward)
         self.full_masks_only = hf.builds_full_masks_only(self.config, self.original_forward)
+        self.mask_windows = hf.mask_windows(self.config, self.full_masks_only)
         self.original_implementation = hf.attention_implementation_of(self.config)
         self.configs = hf.attention_configs(stack.module)
         self.layer_types = getattr(self.config, "layer_types", None)
@@ -123,7 +124,7 @@ class StackRunner:
         else:
             rejection = reject_reason(call, self.target, self.failed)
         if rejection is None and call.rows is not None and self.varlen_prompts:
-            call.fast = self.fast_decode  # a padded prompt (varlen attention: not eager's anyway) takes the fast graphs
+            call.fast = self.fast_decode  # a padded call takes the fast choices: fused graphs, attention per request
         if rejection is None and self.debug != "numerics":
             output = None
             if self.decoder.takes(call):
@@ -271,7 +272,7 @@ class StackRunner:
         """One run of the original stack forward on the static inputs, attention routed through the breaks."""
         slots = self.slots.setdefault(kind, [])
         run = StackRun(slots, self.bridges, self.original_implementation, self.layer_types, self.break_fn,
-                       self.layer_of)
+                       self.mask_windows, self.layer_of)
         expected_breaks = self.expected_breaks
         if _mixer_states_tag(kind):  # the mixers run inside the graph, on the cache bound to bcg's state tensors
             if self._decode_cache is None:

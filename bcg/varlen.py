@@ -46,7 +46,9 @@ class Requests:
 def requests_of(attention_mask: torch.Tensor, seq: int) -> Requests | None:
     """The packed requests of a 2D-masked call, or None when some row's real tokens are not one contiguous run (a
     mask with holes: positions and windows of the packed run would not be eager's)."""
-    real = attention_mask[:, -seq:].cpu() != 0  # one host read per prompt, beside the packing's own
+    if attention_mask.shape[-1] != seq:  # wider than the call on an empty cache: eager reads its first columns
+        return None
+    real = attention_mask.cpu() != 0  # one host read per prompt, beside the packing's own
     counts = real.sum(1)
     first = real.int().argmax(1)
     index = torch.arange(seq)
@@ -73,15 +75,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, requests: Reque
     meaning: a key at most ``sliding_window - 1`` tokens back): ``[T, heads, dim]`` in, ``[T, heads, dim]`` out."""
     window = sliding_window if sliding_window is not None and sliding_window < requests.longest else None
     kernel = _flash_varlen()
-    if kernel is not None and q.is_cuda and q.dtype in _FLASH_DTYPES and q.shape[-1] <= _FLASH_MAX_HEAD_DIM \
-            and (window is None or kernel.windows):
+    if kernel is not None and q.is_cuda and q.dtype in _FLASH_DTYPES and q.shape[-1] <= _FLASH_MAX_HEAD_DIM:
         return kernel(q, k, v, requests, scaling, window)
     return _per_request(q, k, v, requests, scaling, window)
 
 
 def _per_request(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, requests: Requests, scaling: float | None,
                  window: int | None) -> torch.Tensor:
-    out = torch.empty_like(q)
+    out = q.new_empty(*q.shape[:2], v.shape[-1])
     start = 0
     for n in requests.lengths:
         rows = slice(start, start + n)
@@ -100,21 +101,15 @@ def _per_request(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, requests: Re
 
 
 class _FlashVarlen:
-    """``torch.nn.attention.varlen.varlen_attn`` across the torch versions that name its options differently."""
+    """``torch.nn.attention.varlen.varlen_attn`` (torch 2.10+: ``scale`` and ``window_size``; 2.12+: ``enable_gqa``)."""
 
     def __init__(self, function: Any) -> None:
         self.function = function
-        options = inspect.signature(function).parameters
-        self.windows = "window_size" in options  # older torch: is_causal only, no windows
-        self.gqa = "enable_gqa" in options
+        self.gqa = "enable_gqa" in inspect.signature(function).parameters
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, requests: Requests, scaling: float | None,
                  window: int | None) -> torch.Tensor:
-        kwargs: dict[str, Any] = {"scale": scaling}
-        if self.windows:
-            kwargs["window_size"] = (-1 if window is None else window - 1, 0)
-        else:
-            kwargs["is_causal"] = True
+        kwargs: dict[str, Any] = {"scale": scaling, "window_size": (-1 if window is None else window - 1, 0)}
         if self.gqa:
             kwargs["enable_gqa"] = q.shape[1] != k.shape[1]
         elif q.shape[1] != k.shape[1]:
@@ -128,5 +123,8 @@ def _flash_varlen() -> _FlashVarlen | None:
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:  # torch before 2.9
+        return None
+    options = inspect.signature(varlen_attn).parameters
+    if not {"scale", "window_size"} <= set(options):  # torch 2.9: causal only, no scale
         return None
     return _FlashVarlen(varlen_attn)

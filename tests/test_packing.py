@@ -107,6 +107,31 @@ def test_default_mode_attends_packed_prompts_per_request_and_exact_mode_does_not
         bcg.unwrap_model(model)
 
 
+@pytest.mark.parametrize("arch, extra, window", [
+    ("phimoe", dict(num_local_experts=4, num_experts_per_tok=2), 6),  # a sliding mask, no sliding_window kwarg
+    ("olmoe", dict(num_experts=4, num_experts_per_tok=2), None),  # a sliding_window kwarg, a full causal mask
+])
+def test_per_request_attention_applies_the_window_of_the_mask_eager_applies(arch, extra, window, monkeypatch):
+    """SDPA applies the mask the stack built, whatever window the layer's kwargs name: so must the varlen path."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from tiny_models import _COMMON
+
+    def build():
+        torch.manual_seed(0)
+        config = AutoConfig.for_model(arch, **{**_COMMON, **extra, "sliding_window": 6})
+        return AutoModelForCausalLM.from_config(config).eval()
+
+    calls = _count_per_request_attention(monkeypatch)
+    reference, model = build(), build()
+    bcg.wrap_model(model, backend="eager")
+    ids, mask = left_padded_batch(batch=4, seq=16, pads=(13, 0, 4, 15))  # 16 tokens > the window of 6
+    with torch.no_grad():
+        expected = reference(input_ids=ids, attention_mask=mask).logits
+        got = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got[mask.bool()], expected[mask.bool()], atol=1e-5, rtol=1e-5)
+    assert calls == [window] * model.config.num_hidden_layers
+
+
 def test_masks_with_holes_and_prompts_after_a_past_keep_the_padded_attention(monkeypatch):
     calls = _count_per_request_attention(monkeypatch)
     reference, model = tiny_model("qwen3"), tiny_model("qwen3")
@@ -138,4 +163,5 @@ def test_requests_of_a_mask():
     _, right = _right_padded(pads=(3, 0, 9))
     assert requests_of(right, 9).lengths == (6, 9)  # an empty row adds no request
     assert requests_of(torch.tensor([[1, 0, 1]]), 3) is None  # a hole
-    assert requests_of(torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]]), 2).lengths == (2, 2)  # the last seq columns
+    assert requests_of(torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]]), 2) is None  # wider than the call: eager reads
+    # its first columns (a malformed call on an empty cache): the padded path does the same
