@@ -247,7 +247,9 @@ NOTES = """\
 Each call: `model(input_ids, attention_mask, position_ids, use_cache=True, logits_to_keep=1)`, a left-padded
 batch with positions from the mask and a fresh DynamicCache, as `generate()` runs its prefill (last-token logits
 only). Eager runs first on the unwrapped model, then `bcg.wrap_model` and the same inputs (with `--exact`,
-then unwrapped and wrapped again with `mode="exact"` for the `exact_*` columns). Times: median of the
+then unwrapped and wrapped again with `mode="exact"` for the `exact_*` columns). A padded batch runs packed (real
+tokens only): in the default mode on the fused graphs with attention per request (torch's varlen kernel), in
+`mode="exact"` on the plain graphs with eager's padded SDPA. Times: median of the
 timed calls after the warm-up calls (the first of which captures bcg's bucket, largest batches first), wall clock
 between device synchronisations. tok/s counts real (non-pad) tokens. `replays`/`rejects`: bcg's counters over the
 warm-up + timed calls after the capturing one. `graph_mib`: graph-pool memory the point's capture
