@@ -137,7 +137,6 @@ class BreakSlot:
                                       position_ids=live.position_ids, **self.kwargs)
         live.write_output(self.out, result)
 
-
     def _run_per_request(self, live: LiveContext) -> None:
         """A packed prompt on an empty cache: the cache gets the padded layout later steps read (as above), attention
         runs on the bridges' real tokens per request, and no padded query, mask or output is ever built."""

@@ -44,8 +44,9 @@ class Requests:
 
 
 def requests_of(attention_mask: torch.Tensor, seq: int) -> Requests | None:
-    """The packed requests of a 2D-masked call, or None when some row's real tokens are not one contiguous run (a
-    mask with holes: positions and windows of the packed run would not be eager's)."""
+    """The packed requests of a 2D-masked call on an empty cache, or None where per-request attention would not be
+    eager's: some row's real tokens are not one contiguous run (a mask with holes: the packed run's windows would
+    differ), or the mask is wider than the call."""
     if attention_mask.shape[-1] != seq:  # wider than the call on an empty cache: eager reads its first columns
         return None
     real = attention_mask.cpu() != 0  # one host read per prompt, beside the packing's own
