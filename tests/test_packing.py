@@ -165,3 +165,17 @@ def test_requests_of_a_mask():
     assert requests_of(torch.tensor([[1, 0, 1]]), 3) is None  # a hole
     assert requests_of(torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]]), 2) is None  # wider than the call: eager reads
     # its first columns (a malformed call on an empty cache): the padded path does the same
+
+
+def test_mask_windows_name_the_window_of_each_mask_transformers_builds():
+    from tiny_models import tiny_config
+    mixed = tiny_config("gemma3_text")  # sliding and full layer types, window 6
+    assert hf.mask_windows(mixed) == {"sliding_attention": 6, "full_attention": None}
+    assert hf.mask_windows(tiny_config("mistral")) == {"full_attention": 6}  # no layer types: one sliding mask
+    assert hf.mask_windows(tiny_config("llama")) == {"full_attention": None}
+    assert hf.mask_windows(tiny_config("moshi"), full_only=True) == {"full_attention": None}  # names a window it never
+    # applies (builds_full_masks_only)
+    assert hf.mask_windows(tiny_config("llama4_text")) == {"full_attention": None}  # its chunked layers: padded path
+    chunked = tiny_config("llama")
+    chunked.attention_chunk_size = 8  # no layer types, no window: transformers builds a chunked mask for every layer
+    assert hf.mask_windows(chunked) == {}
