@@ -76,7 +76,9 @@ class Call:
     extra: dict[str, Any] = field(default_factory=dict)
     autocast: str = ""  # the autocast state the call runs under ("" when off): graphs are captured per state
     rows: torch.Tensor | None = None  # a padded multi-token call: its real tokens' flat indices (see live.real_rows)
-    fast: bool = False  # a decode step or padded prompt under mode="fast": its graphs hold the fast kernels
+    # The runner's speed choices (see wrap.SpeedChoices): decode steps, and padded calls, replay the fast graphs.
+    fast_decode: bool = False
+    fast_padded: bool = False
     mixer_states: str = ""  # a hybrid model's decode step with its mixers inside the graph: their storage's tag
 
     def get(self, name: str) -> Any:
@@ -95,6 +97,17 @@ class Call:
     @property
     def inputs(self) -> str:
         return "ids" if self.get("input_ids") is not None else "embeds"
+
+    @property
+    def is_decode_step(self) -> bool:
+        """One token per sequence on top of a cache: a generation step (a one-token prompt is not one)."""
+        tokens = self.tokens
+        return self.cache is not None and isinstance(tokens, torch.Tensor) and tokens.ndim >= 2 and tokens.shape[1] == 1
+
+    @property
+    def fast(self) -> bool:
+        """Its graphs hold the fast kernels: a decode step, or a padded call once packed (its attention per request)."""
+        return (self.fast_decode and self.is_decode_step) or (self.fast_padded and self.rows is not None)
 
     @property
     def kind(self) -> str:

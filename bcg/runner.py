@@ -123,8 +123,6 @@ class StackRunner:
             rejection = Rejection(Reject.NOT_READY)
         else:
             rejection = reject_reason(call, self.target, self.failed)
-        if rejection is None and call.rows is not None and self.varlen_prompts:
-            call.fast = self.fast_decode  # a padded call takes the fast choices: fused graphs, attention per request
         if rejection is None and self.debug != "numerics":
             output = None
             if self.decoder.takes(call):
@@ -155,7 +153,7 @@ class StackRunner:
         """A hybrid model's decode step whose mixers update their states in place: bind the cache's states to bcg's
         tensors, so the graph of this call's kind runs the mixers inside it (unless capturing that graph failed:
         then their breaks)."""
-        if self.mixer_states is None or not _is_decode_step(call):
+        if self.mixer_states is None or not call.is_decode_step:
             return
         states = self.mixer_states.settled(call.cache)
         if states is None:
@@ -184,7 +182,8 @@ class StackRunner:
         arguments.update(kwargs)
         extra = {k: v for k, v in arguments.items() if k not in KNOWN_ARGUMENTS and v is not None and v is not False}
         call = Call(arguments, extra, _autocast_state(self.device))
-        call.fast = self.fast_decode and _is_decode_step(call)
+        call.fast_decode = self.fast_decode
+        call.fast_padded = self.fast_decode and self.varlen_prompts
         return call
 
     @property
@@ -526,12 +525,6 @@ class StackRunner:
             flat[0, n:bucket].zero_()
             self.static_positions[0, n:bucket].zero_()
             self.bridges.zero_output_tails(n, bucket)
-
-
-def _is_decode_step(call: Call) -> bool:
-    """One token per sequence on top of a cache: a generation step (a one-token prompt is not one)."""
-    tokens = call.tokens
-    return call.cache is not None and isinstance(tokens, torch.Tensor) and tokens.ndim >= 2 and tokens.shape[1] == 1
 
 
 def _mixer_states_tag(kind: str) -> str:

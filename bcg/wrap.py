@@ -48,7 +48,8 @@ class SpeedChoices:
 
     @property
     def fast_decode(self) -> bool:
-        """Decode steps replay graphs of their own with the fast choices; prompts and log-likelihoods stay eager's."""
+        """Decode steps replay graphs of their own with the fast choices; unpadded prompts and log-likelihoods stay
+        eager's."""
         return self.attention_kernels == "fast" or self.fused_kernels
 
     @property
@@ -190,11 +191,11 @@ def wrap_model(
             keep SDPA off cuDNN (whose planning costs 1-2 ms of host time per layer when the KV length changes
             every step) and, where triton is installed, hold fused Triton kernels for Llama-style RMSNorm and
             rotary code (one launch instead of 8-10). A padded prompt replays those graphs too and attends each
-            request on its real tokens with a variable-length kernel (varlen.py); unpadded prompts and calls without a
-            padding mask (log-likelihoods) run eager's kernels as in ``"exact"``: their outputs are exact mode's;
-            generated bf16 text can fork from eager's by rounding (README: MGSM). ``"exact"``: eager's kernels everywhere (MGSM on a real model:
-            identical text and log-likelihoods; bf16 near-ties may still flip where a bucket's flat token run
-            changes a matmul's shape).
+            request on its real tokens with a variable-length kernel (varlen.py); unpadded prompts and calls without
+            a padding mask (log-likelihoods) run eager's kernels as in ``"exact"``: their outputs are exact mode's;
+            generated bf16 text can fork from eager's by rounding (README: MGSM). ``"exact"``: eager's kernels
+            everywhere (MGSM on a real model: identical text and log-likelihoods; bf16 near-ties may still flip
+            where a bucket's flat token run changes a matmul's shape).
         static_cache: decode steps on a dynamic cache (``generate()``'s default) replay as one graph, attention and
             cache update included (no breaks), on a static cache bcg keeps for the shape (positions rounded up to a
             power of two, at least 256) whose tensors the caller's cache then views; prompts run on the caller's cache
