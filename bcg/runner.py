@@ -49,7 +49,7 @@ class StackRunner:
         self.debug = debug
         self.strict_addresses = debug in (True, "addresses")
         self.fusions = fusions
-        self.fast_decode = fast_decode  # decode steps get their own graphs, with the fusions and fast attention
+        self.fast_decode = fast_decode  # decode steps (and padded prompts) get their own graphs, with the fusions
         self.varlen_prompts = varlen_prompts  # packed prompts attend per request (varlen.py), not through padding
         self.original_forward = stack.module.forward
         self._parameter_names = _positional_parameters(self.original_forward)
@@ -257,7 +257,7 @@ class StackRunner:
 
     def _fused(self, kind: str) -> Any:
         """The fused kernels in place for one run of the stack for a graph of ``kind`` (a capture, or an eager-backend
-        replay): only fast decode graphs, breakable or full, hold them."""
+        replay): only fast graphs (decode steps', breakable or full, and padded prompts') hold them."""
         return self.fusions.installed() if self.fusions and kind.endswith("/fast") else nullcontext()
 
     def _run_plain(self, kind: str, **inputs: Any) -> torch.Tensor:
