@@ -5,11 +5,14 @@
     python scripts/profile_breaks.py --model qwen3-0.6b --decode                      # generate(), bs 1
     python scripts/profile_breaks.py --model qwen3.5-like-2b --decode   # a hybrid: host µs per break by mixer type
     python scripts/profile_breaks.py --decode --decode-batch 32 --mode exact   # 32 left-padded prompts, eager's kernels
+    python scripts/profile_breaks.py --decode --static --compile   # full-graph decode beside HF's compiled decode
 
 A break body's host time is what a small model's step is made of: this script times every break and every CUDA graph
 segment of one replay on the host, then lists the GPU kernels of eager and bcg side by side (torch.profiler)
 with the GPU busy time per call. ``--decode`` also times a plain forward loop (no generate()) to separate
-generate()'s own per-step host time from the model's.
+generate()'s own per-step host time from the model's, and reports the host time of each patched stack call (with
+real graphs a replay returns before the GPU is done: what a call costs the host). ``--compile`` adds HF's static cache
++ torch.compile (bench_decode's hf-compile) as a contender for ``generate``.
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ from transformers import DynamicCache
 
 import bcg
 from bcg.hf import cache_argument
+from bench_decode import make_generate, make_shape, release_compiled
 from bench_prefill import make_batch
+from benchutil import COMPILED
 from presets import build_model
 
 _host_times: dict[str, list[float]] = defaultdict(list)
@@ -47,6 +52,21 @@ class _Timed:
 
     def reset(self) -> None:
         self.segment.reset()
+
+
+def time_stack_calls(handle: bcg.BcgHandle) -> None:
+    """Record the host time of every patched stack call (eligibility, masks, copies, replay launch, output)."""
+    runner = handle.runner
+    forward_locked = runner._forward_locked
+
+    def timed(*args: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return forward_locked(*args)
+        finally:
+            _host_times["stack call"].append(time.perf_counter() - start)
+
+    runner._forward_locked = timed
 
 
 def instrument(handle: bcg.BcgHandle) -> None:
@@ -121,6 +141,10 @@ def main() -> None:
                         help="prompts per generate() call with --decode (default %(default)s; above 1 the prompts are "
                              "left-padded to seeded lengths as --spread says)")
     parser.add_argument("--mode", choices=("fast", "exact"), default="fast", help="bcg's mode (default %(default)s)")
+    parser.add_argument("--static", action="store_true", help="wrap with static_cache=True (full-graph decode steps)")
+    parser.add_argument("--compile", action="store_true",
+                        help="with --decode: also profile HF's static cache + torch.compile generate() (a compile "
+                             "of ~40 s first)")
     args = parser.parse_args()
 
     model = build_model(args.model, torch.device("cuda"))
@@ -142,13 +166,28 @@ def main() -> None:
     rows = []
     with torch.no_grad():
         eager = {name: (median_ms(call), top_kernels(call, f"eager {name}")) for name, call in calls.items()}
-        handle = bcg.wrap_model(model, mode=args.mode)
+        if args.decode and args.compile:
+            shape = make_shape(args.decode_batch, 256, vocab, 0, args.spread if args.decode_batch > 1 else 0.0, 0,
+                               model.device)
+            compiled = partial(make_generate(COMPILED, model, shape, steps), steps)
+            compiled()  # the compile
+            eager["hf-compile"] = (median_ms(compiled), top_kernels(compiled, "hf-compile generate"))
+            print(f"\nhf-compile generate: {eager['hf-compile'][0]:.2f} ms per call, GPU busy "
+                  f"{eager['hf-compile'][1]:.2f} ms (/{steps} steps)")
+            release_compiled(model, model.device)
+        handle = bcg.wrap_model(model, mode=args.mode, static_cache=args.static)
         for call in calls.values():
             call()
         instrument(handle)
+        time_stack_calls(handle)
         _host_times.clear()
         for name, call in calls.items():
-            bcg_ms, bcg_gpu = median_ms(call), top_kernels(call, f"bcg {name}")
+            bcg_ms = median_ms(call)
+            timed_calls = {label: list(times) for label, times in _host_times.items()}  # the profiler slows the host
+            timed_calls[f"stack call ({name})"] = timed_calls.pop("stack call")
+            bcg_gpu = top_kernels(call, f"bcg {name}")
+            _host_times.clear()
+            _host_times.update(timed_calls)
             rows.append((name, *eager[name], bcg_ms, bcg_gpu))
     print(f"\nbcg rejects {handle.stats()['rejects']}, replays {handle.stats()['replays']}")
     header = f"{'call':<14}{'eager ms':>10}{'eager GPU ms':>14}{'bcg ms':>10}{'bcg GPU ms':>12}"
