@@ -8,15 +8,18 @@ back, so two live caches never share storage. Each cache shape (batch x length: 
 longest call yet) holds a full set of keys and values: bcg keeps the ``MAX_STORAGES`` most recently used and frees the
 graphs of one it drops. Graphs are keyed by the call's kind (inputs, autocast, fast), batch,
 tokens per sequence, the masks' layout and the cache shape; anything else (a dynamic or sliding cache, a prefill)
-takes the breakable path.
+takes the breakable path. A step's 2D padding mask (or none) goes into the graph as it is and transformers' own mask
+functions run inside it (``PaddingMask``): building the masks on the host cost ~0.5 ms a step on an H200's host, more
+than the rest of the step's host work together.
 """
 
 from __future__ import annotations
 
 import logging
+import operator
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,18 +48,42 @@ class _Storage:
 
 
 @dataclass
+class PaddingMask:
+    """A decode step's 2D padding mask (``[B, past + 1]``, or None: no padding) for the full graph to build the
+    attention masks from, instead of masks built on the host."""
+
+    mask: torch.Tensor | None
+
+
+BuildMasks = Callable[[torch.Tensor | None, Any, torch.Tensor, int, int], Any]  # (2D mask, cache, positions, B, S)
+
+
+@dataclass
 class _Entry:
-    """One captured decode graph and the static inputs it reads."""
+    """One captured decode graph and the static inputs it reads: prepared masks, or a padding mask as wide as the
+    cache (None: no padding) from which the graph builds them."""
 
     tokens: torch.Tensor
     positions: torch.Tensor
-    masks: torch.Tensor | dict
+    masks: torch.Tensor | dict | None
     graph: Graph | None = None
     cache: Any = None  # the bound cache, only while a run is under way (a CUDA graph reads bcg's tensors anyway)
 
 
-def _mask_layout(masks: Any) -> tuple | None:
-    """A hashable description of the masks, or None when some mask is absent (then no full graph)."""
+def _mask_layout(masks: Any, cache_length: int) -> tuple | None:
+    """A hashable description of the masks, or None when no full graph can take them (a mask is absent, or a padding
+    mask is wider than the cache)."""
+    if not isinstance(masks, PaddingMask):
+        return _prepared_layout(masks)
+    if masks.mask is None:
+        return ("padding", None)
+    if masks.mask.ndim != 2 or masks.mask.shape[1] > cache_length:
+        return None
+    return ("padding", masks.mask.dtype)
+
+
+def _prepared_layout(masks: Any) -> tuple | None:
+    """Shapes and dtypes of masks built already (a tensor, or one per layer type), None for anything else."""
     if isinstance(masks, torch.Tensor):
         return (tuple(masks.shape), masks.dtype)
     if isinstance(masks, dict) and masks and all(isinstance(m, torch.Tensor) for m in masks.values()):
@@ -64,15 +91,25 @@ def _mask_layout(masks: Any) -> tuple | None:
     return None
 
 
-def _copy_masks(target: torch.Tensor | dict, source: torch.Tensor | dict) -> None:
-    if isinstance(target, torch.Tensor):
+def _copy_masks(target: torch.Tensor | dict | None, source: Any) -> None:
+    if isinstance(source, PaddingMask):
+        if target is not None:  # the columns past the mask's are padding, as transformers pads a short mask
+            width = source.mask.shape[1]
+            target[:, :width].copy_(source.mask)
+            target[:, width:].zero_()
+    elif isinstance(target, torch.Tensor):
         target.copy_(source)
     else:
         for name, mask in target.items():
             mask.copy_(source[name])
 
 
-def _clone_masks(masks: torch.Tensor | dict) -> torch.Tensor | dict:
+def _static_masks(masks: Any, cache_length: int) -> torch.Tensor | dict | None:
+    """The entry's own tensors for ``masks`` (a padding mask's as wide as the cache)."""
+    if isinstance(masks, PaddingMask):
+        if masks.mask is None:
+            return None
+        return masks.mask.new_zeros(masks.mask.shape[0], cache_length)
     return masks.clone() if isinstance(masks, torch.Tensor) else {k: v.clone() for k, v in masks.items()}
 
 
@@ -83,13 +120,19 @@ def _unbind(cache: Any) -> None:
             hf.rebind_static_layer(layer, *(t.clone() for t in hf.static_layer_tensors(layer)))
 
 
+def _storage_key(layers: list) -> tuple:
+    return tuple((tuple(k.shape), tuple(v.shape), k.dtype) for k, v, _ in map(hf.static_layer_tensors, layers))
+
+
 class StaticDecoder:
     """Owns the full decode graphs of one wrapped stack and the cache tensors they read."""
 
-    def __init__(self, backend: Backend, run_stack: Callable[..., torch.Tensor], cache_argument: str) -> None:
+    def __init__(self, backend: Backend, run_stack: Callable[..., torch.Tensor], cache_argument: str,
+                 build_masks: BuildMasks) -> None:
         self.backend = backend
         self.run_stack = run_stack  # (kind, **inputs): the original stack forward under no_grad (and bcg's fusions)
         self.cache_argument = cache_argument
+        self.build_masks = build_masks  # transformers' masks for a padding mask, run inside the graph
         self.graphs: dict[tuple, _Entry] = {}
         self.failed: dict[tuple, str] = {}
         self.storages: dict[tuple, _Storage] = {}  # least recently used first
@@ -101,12 +144,11 @@ class StaticDecoder:
 
     def replay(self, call: Call, live: LiveContext) -> torch.Tensor | None:
         """The step's last hidden state ([B, S, hidden], the caller's own tensor), or None: take the breaks."""
-        layout = _mask_layout(live.masks)
+        layers = hf.full_static_layers(live.cache)
+        storage_key = self._bound_storage(live.cache, layers) or _storage_key(layers)
+        layout = _mask_layout(live.masks, cache_length=storage_key[0][0][2])
         if layout is None:
             return None
-        layers = hf.full_static_layers(live.cache)
-        tensors = map(hf.static_layer_tensors, layers)
-        storage_key = tuple((tuple(k.shape), tuple(v.shape), k.dtype) for k, v, _ in tensors)
         key = (call.kind, live.batch, live.seq, layout, storage_key)
         if key in self.failed:
             return None
@@ -126,13 +168,29 @@ class StaticDecoder:
             entry.cache = None
 
     # ----- binding caches to bcg's tensors -----
+    def _bound_storage(self, cache: Any, layers: list) -> tuple | None:
+        """The key of the most recently used storage when ``cache`` is bound to it still (every step after the first:
+        checked by identity, cheaper than the shapes of every layer)."""
+        if not self.storages:
+            return None
+        key, storage = next(reversed(self.storages.items()))
+        if storage.holder() is not cache or len(layers) != len(storage.keys):
+            return None
+        held = zip(*map(hf.static_layer_tensors, layers))
+        return key if all(map(_same_tensors, held, (storage.keys, storage.values, storage.lengths))) else None
+
     def _bind(self, cache: Any, layers: list, storage_key: tuple) -> None:
         storage = self.storages.pop(storage_key, None)
         if storage is None:
             if len(self.storages) >= self.max_storages:
                 self._drop(next(iter(self.storages)))
-            with torch.inference_mode(False):  # they outlive the call
-                tensors = [tuple(torch.zeros_like(t) for t in hf.static_layer_tensors(layer)) for layer in layers]
+            tensors = [hf.static_layer_tensors(layer) for layer in layers]
+            if any(t.is_inference() for layer_tensors in tensors for t in layer_tensors):
+                with torch.inference_mode(False):  # they outlive the call (and its inference mode)
+                    tensors = [tuple(torch.zeros_like(t) for t in layer_tensors) for layer_tensors in tensors]
+            else:  # the first cache of its shape lends its own tensors (a stand-in keeps its layout)
+                self.storages[storage_key] = _Storage(*map(list, zip(*tensors)), holder=weakref.ref(cache))
+                return
             storage = _Storage(*map(list, zip(*tensors)))
         self.storages[storage_key] = storage  # now the most recently used
         holder = storage.holder()
@@ -149,17 +207,27 @@ class StaticDecoder:
 
     # ----- capture -----
     def _capture(self, key: tuple, call: Call, live: LiveContext) -> _Entry | None:
+        keys = hf.static_layer_tensors(hf.full_static_layers(live.cache)[0])[0]
         with torch.inference_mode(False):
-            entry = _Entry(call.tokens.clone(), live.position_ids.clone(), _clone_masks(live.masks))
+            entry = _Entry(call.tokens.clone(), live.position_ids.clone(), _static_masks(live.masks, keys.shape[2]))
         inputs = {"input_ids" if call.inputs == "ids" else "inputs_embeds": entry.tokens}
+        build_masks = isinstance(live.masks, PaddingMask)
+
+        def run() -> torch.Tensor:
+            masks = entry.masks
+            if build_masks:
+                masks = self.build_masks(entry.masks, entry.cache, entry.positions, live.batch, live.seq)
+                if _prepared_layout(masks) is None:
+                    raise RuntimeError(f"transformers' masks for this step are {type(masks).__name__}, not tensors")
+            return self.run_stack(call.kind, **inputs, position_ids=entry.positions, attention_mask=masks,
+                                  use_cache=True, **{self.cache_argument: entry.cache})
+
         lengths = [hf.static_layer_tensors(layer)[2] for layer in hf.full_static_layers(live.cache)]
         saved = [length.clone() for length in lengths]
         entry.cache = live.cache
         try:
             with torch.inference_mode(False):
-                entry.graph = self.backend.capture(lambda: self.run_stack(
-                    call.kind, **inputs, position_ids=entry.positions, attention_mask=entry.masks, use_cache=True,
-                    **{self.cache_argument: entry.cache}))
+                entry.graph = self.backend.capture(run)
         except Exception as error:  # this shape takes the breaks instead
             self.failed[key] = f"{type(error).__name__}: {error}"
             logger.warning("bcg: full-graph decode capture for batch %d failed: %s", live.batch, self.failed[key])
@@ -203,9 +271,40 @@ class _Shadow:
     """A StaticCache bcg owns for one shape, and the dynamic cache whose layers are views of it (weakly)."""
 
     cache: Any
-    views: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # what the holder's layers hold
+    # the keys and the values its holder's layers hold
+    views: tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]] = ((), ())
     holder: Callable[[], Any] = field(default=lambda: None)
     length: int = 0  # tokens the holder held when it was last bound
+    stacked: tuple[torch.Tensor, torch.Tensor] | None = None  # every layer's keys / values in one tensor
+
+    def __post_init__(self) -> None:
+        self.stacked = _stack_layers(self.cache)
+
+    @property
+    def positions(self) -> int:
+        return hf.static_layer_tensors(self.cache.layers[0])[0].shape[2]
+
+    def views_of(self, length: int) -> tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]]:
+        """Every layer's keys and values up to ``length`` positions (one view per layer)."""
+        first_keys = hf.static_layer_tensors(self.cache.layers[0])[0]
+        if self.stacked is not None and first_keys._base is self.stacked[0]:
+            # Still the stacked tensors (only bcg rebinds a stand-in, all layers at once): two calls for all layers,
+            # settling is host time in every step
+            return tuple(stacked.narrow(3, 0, length).unbind(0) for stacked in self.stacked)
+        tensors = [hf.static_layer_tensors(layer) for layer in self.cache.layers]
+        return [k.narrow(2, 0, length) for k, _, _ in tensors], [v.narrow(2, 0, length) for _, v, _ in tensors]
+
+
+def _stack_layers(cache: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Rebind a stand-in's layers to slices of one keys and one values tensor when their shapes agree."""
+    tensors = [hf.static_layer_tensors(layer) for layer in cache.layers]
+    if len({(k.shape, v.shape, k.dtype, v.dtype) for k, v, _ in tensors}) != 1:
+        return None
+    keys, values, _ = tensors[0]
+    stacked = (keys.new_zeros(len(tensors), *keys.shape), values.new_zeros(len(tensors), *values.shape))
+    for i, (layer, (_, _, length)) in enumerate(zip(cache.layers, tensors)):
+        hf.rebind_static_layer(layer, stacked[0][i], stacked[1][i], length)
+    return stacked
 
 
 class ShadowCaches:
@@ -235,6 +334,12 @@ class ShadowCaches:
         layers = list(cache.layers)
         length = layers[0].keys.shape[-2]
         positions = shadow_positions(length)
+        if self.shadows:  # the common case, the step after a step: the cache holds the last stand-in's views
+            shadow = next(reversed(self.shadows.values()))
+            if (shadow.holder() is cache and shadow.positions == positions and shadow.length + 1 == length
+                    and _holds_views(layers, shadow.views)):
+                shadow.length = length
+                return shadow
         key = (positions, tuple((tuple(layer.keys.shape[:2]), layer.keys.shape[-1], layer.values.shape[-1],
                                  layer.keys.dtype, layer.keys.device) for layer in layers))
         shadow = self.shadows.pop(key, None)
@@ -250,29 +355,33 @@ class ShadowCaches:
         holder = shadow.holder()
         if holder is not None and holder is not cache:
             _give_copies(holder, shadow)
-        for i, (layer, static) in enumerate(zip(layers, shadow.cache.layers)):
-            keys, values = hf.dynamic_layer_tensors(layer)
-            bound = (holder is cache and i < len(shadow.views)
-                     and keys is shadow.views[i][0] and values is shadow.views[i][1])
-            if not bound:  # a new cache, or one whose layers were reassigned (beam reordering, crop, an eager step)
-                static_keys, static_values, counter = hf.static_layer_tensors(static)
-                static_keys[:, :, :length].copy_(keys)
-                static_values[:, :, :length].copy_(values)
-                counter.fill_(length)
+        if holder is not cache or not _holds_views(layers, shadow.views):
+            self._copy_in(layers, shadow, holder is cache, length)
         shadow.holder, shadow.length = weakref.ref(cache), length
         return shadow
+
+    @staticmethod
+    def _copy_in(layers: list, shadow: _Shadow, same_holder: bool, length: int) -> None:
+        """Copy a new cache's layers (or those reassigned since: beam reordering, crop, an eager step) into the
+        stand-in."""
+        for i, (layer, static) in enumerate(zip(layers, shadow.cache.layers)):
+            keys, values = hf.dynamic_layer_tensors(layer)
+            if same_holder and i < len(shadow.views[0]) and _holds_views(
+                    [layer], (shadow.views[0][i:i + 1], shadow.views[1][i:i + 1])):
+                continue
+            static_keys, static_values, counter = hf.static_layer_tensors(static)
+            static_keys[:, :, :length].copy_(keys)
+            static_values[:, :, :length].copy_(values)
+            counter.fill_(length)
 
     @staticmethod
     def settle(cache: Any, shadow: _Shadow) -> None:
         """After the step ``bind`` prepared: the dynamic cache's layers become views of the stand-in's positions up to
         its new length."""
-        length = shadow.length + 1
-        shadow.views = []
-        for layer, static in zip(cache.layers, shadow.cache.layers):
-            keys, values, _ = hf.static_layer_tensors(static)
-            view = (keys[:, :, :length], values[:, :, :length])
-            hf.rebind_dynamic_layer(layer, *view)
-            shadow.views.append(view)
+        keys, values = shadow.views_of(shadow.length + 1)
+        for layer, k, v in zip(cache.layers, keys, values):
+            hf.rebind_dynamic_layer(layer, k, v)
+        shadow.views = (keys, values)
 
     def _drop(self, key: tuple) -> None:
         shadow = self.shadows.pop(key)
@@ -284,6 +393,17 @@ class ShadowCaches:
             self._drop(key)
 
 
+def _same_tensors(these: Sequence[torch.Tensor], those: Sequence[torch.Tensor]) -> bool:
+    """The same tensor objects, pairwise (an identity check per tensor: every step runs one)."""
+    return len(these) == len(those) and all(map(operator.is_, these, those))
+
+
+def _holds_views(layers: list, views: tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]]) -> bool:
+    """Whether each layer still holds the views bcg gave it."""
+    keys, values = zip(*map(hf.dynamic_layer_tensors, layers)) if layers else ((), ())
+    return _same_tensors(keys, views[0]) and _same_tensors(values, views[1])
+
+
 def _give_copies(cache: Any, shadow: _Shadow) -> None:
     """A dynamic cache whose layers still hold (slices of: a crop) ``shadow``'s tensors gets tensors of its own."""
     with torch.inference_mode(False):  # it may be used outside inference mode again
@@ -292,7 +412,7 @@ def _give_copies(cache: Any, shadow: _Shadow) -> None:
             static_keys, static_values, _ = hf.static_layer_tensors(static)
             if _shares_storage(keys, static_keys) or _shares_storage(values, static_values):
                 hf.rebind_dynamic_layer(layer, keys.clone(), values.clone())
-    shadow.views = []
+    shadow.views = ((), ())
 
 
 def _shares_storage(tensor: Any, other: torch.Tensor) -> bool:

@@ -19,7 +19,7 @@ from . import hf, varlen
 from .attention import Bridges, Slot, StackRun, StructureError, run_break, run_stack_under_bcg
 from .backends import Backend, Graph
 from .buckets import pick_bucket
-from .decode import ShadowCaches, StaticDecoder
+from .decode import PaddingMask, ShadowCaches, StaticDecoder
 from .eligibility import KNOWN_ARGUMENTS, REPEATING, Call, Reject, Rejection, Target, reject_reason
 from .errors import BcgCaptureWarning, BcgFallbackWarning, BcgInvalidatedWarning
 from .fusion import Fusions
@@ -86,10 +86,11 @@ class StackRunner:
         self.output_cls: type | None = None
         self.disabled_reason: str | None = None
         self.stats = Stats(backend.name, fused=fusions.describe() if fusions else {})
-        self.decoder = StaticDecoder(backend, self._run_plain, self.cache_argument)
+        self.decoder = StaticDecoder(backend, self._run_plain, self.cache_argument, self._build_masks)
         # static_cache=True: dynamic caches' decode steps run on static stand-ins, with full graphs of their own
         self.shadows = ShadowCaches(self.config) if static_cache else None
-        self.shadow_decoder = StaticDecoder(backend, self._run_plain, self.cache_argument) if static_cache else None
+        self.shadow_decoder = (StaticDecoder(backend, self._run_plain, self.cache_argument, self._build_masks)
+                               if static_cache else None)
         self._lock = threading.Lock()
         self._local = threading.local()
         self._watch = addresses.AddressWatch(stack.module)
@@ -261,8 +262,10 @@ class StackRunner:
         return self.fusions.installed() if self.fusions and kind.endswith("/fast") else nullcontext()
 
     def _run_plain(self, kind: str, **inputs: Any) -> torch.Tensor:
-        """One run of the original stack forward, attention included (a full decode graph: no breaks)."""
-        with torch.no_grad(), self._fused(kind):
+        """One run of the original stack forward, attention included (a full decode graph: no breaks); a fast one's
+        masked SDPA takes grouped keys/values as they are."""
+        gqa = hf.masked_gqa_in_sdpa() if kind.endswith("/fast") else nullcontext()
+        with torch.no_grad(), self._fused(kind), gqa:
             output = self.original_forward(**inputs)
         self.output_cls = type(output)
         return output[0]
@@ -401,9 +404,16 @@ class StackRunner:
         self._address_book = None
 
     # ----- replay -----
-    def _live_context(self, call: Call, bucket: int, cache: Any = None) -> LiveContext | Rejection:
+    def _build_masks(self, mask: torch.Tensor | None, cache: Any, positions: torch.Tensor, batch: int,
+                     seq: int) -> torch.Tensor | dict | None:
+        return live_masks(self.config, mask, cache, positions, batch, seq, self.dtype, self.device,
+                          self.full_masks_only)
+
+    def _live_context(self, call: Call, bucket: int, cache: Any = None,
+                      full_graph: bool = False) -> LiveContext | Rejection:
         """The call's cache (or ``cache`` standing in for it), positions and masks, made before anything touches the
-        cache (so eager can still answer)."""
+        cache (so eager can still answer). ``full_graph``: a 2D padding mask (or none) is left for the graph to build
+        the masks from, where this attention implementation's mask code can run inside one."""
         batch, seq = call.tokens.shape[:2]
         cache = cache if cache is not None else call.cache
         use_cache = call.get("use_cache")
@@ -418,9 +428,11 @@ class StackRunner:
             if positions is None:
                 return Rejection(Reject.UNSUPPORTED_MASK, "a prepared mask, from which this model derives positions")
         positions = positions.expand(batch, seq)
+        padding = mask is None or (isinstance(mask, torch.Tensor) and mask.ndim == 2)
+        if full_graph and padding and hf.masks_build_in_graphs(self.config):
+            return LiveContext(batch, seq, call.num_tokens, bucket, cache, PaddingMask(mask), positions)
         try:
-            masks = live_masks(self.config, mask, cache, positions, batch, seq, self.dtype, self.device,
-                               self.full_masks_only)
+            masks = self._build_masks(mask, cache, positions, batch, seq)
         except Exception as error:
             return Rejection(Reject.MASK_FAILED, f"{type(error).__name__}: {error}")
         if isinstance(masks, dict) and (missing := {s.mask_key for s in self.slots.get(call.kind, ())} - set(masks)):
@@ -456,7 +468,7 @@ class StackRunner:
 
     def _replay_full_graph(self, call: Call) -> Any | None:
         """A decode step on a full static cache as one graph; None: the breakable graphs take it."""
-        live = self._live_context(call, bucket=call.num_tokens)
+        live = self._live_context(call, bucket=call.num_tokens, full_graph=True)
         if isinstance(live, Rejection):
             return None
         hidden = self._full_graph_step(self.decoder, call, live)
@@ -468,7 +480,7 @@ class StackRunner:
         shadow = self.shadows.bind(call.cache)
         if shadow is None:
             return None
-        live = self._live_context(call, bucket=call.num_tokens, cache=shadow.cache)
+        live = self._live_context(call, bucket=call.num_tokens, cache=shadow.cache, full_graph=True)
         if isinstance(live, Rejection):
             return None
         hidden = self._full_graph_step(self.shadow_decoder, call, live)

@@ -272,3 +272,63 @@ def test_a_cast_after_full_graph_decode_drops_those_graphs_too():
         got = model.generate(ids, **kwargs)
     assert torch.equal(got.sequences, reference.generate(ids, **kwargs).sequences)
     assert handle.stats()["invalidations"] == 1 and handle.stats()["full_graph_replays"] == 2 * STEPS
+
+
+@pytest.mark.parametrize("mode", ["fast", "exact"])
+def test_fast_full_graphs_hand_grouped_keys_to_sdpa_beside_the_mask_exact_ones_repeat_them(mode, monkeypatch):
+    """A padded decode step's full graph: the default mode's SDPA takes the mask and the grouped keys as they are
+    (enable_gqa), exact mode's repeats them per query head as eager does; both decode eager's tokens."""
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(query, key, value, attn_mask=None, *args, enable_gqa=False, **kwargs):
+        calls.append((key.shape[2], key.shape[1], attn_mask is not None, enable_gqa))
+        return sdpa(query, key, value, attn_mask, *args, enable_gqa=enable_gqa, **kwargs)
+
+    reference, model = tiny_model("qwen3"), tiny_model("qwen3")  # 4 query heads, 2 key/value heads
+    handle = bcg.wrap_model(model, backend="eager", static_cache=True, mode=mode)
+    ids, mask = left_padded_batch()
+    expected = reference.generate(ids, attention_mask=mask, **GENERATE)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    got = model.generate(ids, attention_mask=mask, **GENERATE)
+    assert torch.equal(got.sequences, expected.sequences)
+    assert handle.stats()["full_graph_replays"] == STEPS
+    steps = {call[1:] for call in calls if call[0] == 256}  # over the stand-in's 256 positions: the decode steps
+    if mode == "fast":
+        assert steps == {(2, True, True)}
+    else:  # eager's code: keys/values repeated per query head, or (transformers 5.24) query heads packed per group
+        assert steps in ({(4, True, False)}, {(2, True, False)})
+    from transformers.integrations import sdpa_attention
+    assert sdpa_attention.use_gqa_in_sdpa.__module__ == sdpa_attention.__name__  # put back after the capture
+
+
+def test_full_graph_steps_build_their_masks_from_the_padding_mask_inside_the_graph():
+    """A step's 2D mask goes into the graph as a buffer as wide as the cache (the masks are transformers' own, built
+    inside); masks generate() prepared itself (4D, static caches) are copied as they are. Both decode as eager."""
+    model = tiny_model("qwen3")
+    handle = bcg.wrap_model(model, backend="eager", static_cache=True)
+    ids, mask = left_padded_batch()
+    model.generate(ids, attention_mask=mask, **GENERATE)  # a dynamic cache: its stand-in of 256 positions
+    model.generate(ids, attention_mask=mask, cache_implementation="static", **GENERATE)
+    stand_in = [entry.masks for entry in handle.runner.shadow_decoder.graphs.values()]
+    assert [(m.shape, m.dtype) for m in stand_in] == [((3, 256), mask.dtype)]
+    prepared = [entry.masks for entry in handle.runner.decoder.graphs.values()]
+    assert len(prepared) == 1 and all(m.ndim == 4 for m in (prepared[0].values() if isinstance(prepared[0], dict)
+                                                           else [prepared[0]]))
+
+
+def test_a_stand_in_made_again_while_its_shape_keeps_the_old_tensors_still_decodes_as_eager():
+    """With room for one stand-in, two batch sizes in turn drop and make stand-ins again, while the full graphs keep
+    reading the first stand-in's tensors: the new one is bound to those, its layers no longer its own stacked tensors
+    (the per-layer views serve); every generate() equals eager's, the caches too."""
+    reference, model = tiny_model("llama"), tiny_model("llama")
+    handle = bcg.wrap_model(model, backend="eager", static_cache=True)
+    handle.runner.shadows.max_shadows = 1
+    for batch in (3, 2, 3):
+        ids, mask = left_padded_batch(batch=batch)
+        expected = reference.generate(ids, attention_mask=mask, **GENERATE)
+        got = model.generate(ids, attention_mask=mask, **GENERATE)
+        assert torch.equal(got.sequences, expected.sequences)
+        _assert_same_real_cache(_cache_of(got), _cache_of(expected), mask)
+    assert handle.stats()["full_graph_replays"] == 3 * STEPS and handle.stats()["full_graphs"] == 2
+
