@@ -120,6 +120,12 @@ def _unbind(cache: Any) -> None:
             hf.rebind_static_layer(layer, *(t.clone() for t in hf.static_layer_tensors(layer)))
 
 
+def _holds_storage(layers: list, storage: _Storage) -> bool:
+    """Whether every layer holds the storage's tensors (a graph reads only those)."""
+    held = list(zip(*map(hf.static_layer_tensors, layers))) or [(), (), ()]
+    return all(map(_same_tensors, held, (storage.keys, storage.values, storage.lengths)))
+
+
 def _storage_key(layers: list) -> tuple:
     return tuple((tuple(k.shape), tuple(v.shape), k.dtype) for k, v, _ in map(hf.static_layer_tensors, layers))
 
@@ -145,14 +151,16 @@ class StaticDecoder:
     def replay(self, call: Call, live: LiveContext) -> torch.Tensor | None:
         """The step's last hidden state ([B, S, hidden], the caller's own tensor), or None: take the breaks."""
         layers = hf.full_static_layers(live.cache)
-        storage_key = self._bound_storage(live.cache, layers) or _storage_key(layers)
+        bound_key = self._bound_storage(live.cache, layers)
+        storage_key = bound_key or _storage_key(layers)
         layout = _mask_layout(live.masks, cache_length=storage_key[0][0][2])
         if layout is None:
             return None
         key = (call.kind, live.batch, live.seq, layout, storage_key)
         if key in self.failed:
             return None
-        self._bind(live.cache, layers, storage_key)
+        if bound_key is None:
+            self._bind(live.cache, layers, storage_key)
         entry = self.graphs.get(key)
         if entry is None:
             entry = self._capture(key, call, live)
@@ -174,10 +182,7 @@ class StaticDecoder:
         if not self.storages:
             return None
         key, storage = next(reversed(self.storages.items()))
-        if storage.holder() is not cache or len(layers) != len(storage.keys):
-            return None
-        held = zip(*map(hf.static_layer_tensors, layers))
-        return key if all(map(_same_tensors, held, (storage.keys, storage.values, storage.lengths))) else None
+        return key if storage.holder() is cache and _holds_storage(layers, storage) else None
 
     def _bind(self, cache: Any, layers: list, storage_key: tuple) -> None:
         storage = self.storages.pop(storage_key, None)
@@ -194,10 +199,11 @@ class StaticDecoder:
             storage = _Storage(*map(list, zip(*tensors)))
         self.storages[storage_key] = storage  # now the most recently used
         holder = storage.holder()
-        if holder is cache:
+        if holder is cache and _holds_storage(layers, storage):
             return
-        if holder is not None:  # the other cache keeps its contents in tensors of its own
+        if holder is not None and holder is not cache:  # the other cache keeps its contents in tensors of its own
             _unbind(holder)
+        # a new cache, or this one with layers given other tensors since (beam search reorders by assignment)
         for i, layer in enumerate(layers):
             for own, theirs in zip((storage.keys[i], storage.values[i], storage.lengths[i]),
                                    hf.static_layer_tensors(layer)):

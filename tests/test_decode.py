@@ -332,3 +332,24 @@ def test_a_stand_in_made_again_while_its_shape_keeps_the_old_tensors_still_decod
         _assert_same_real_cache(_cache_of(got), _cache_of(expected), mask)
     assert handle.stats()["full_graph_replays"] == 3 * STEPS and handle.stats()["full_graphs"] == 2
 
+
+def test_beam_search_on_a_static_cache_binds_the_reordered_layers_again():
+    """Beam search reorders a StaticCache by giving its layers new tensors: the next step copies them into bcg's
+    tensors and binds the layers to those again (a CUDA graph reads nothing else), and decodes as eager."""
+    reference, model = tiny_model("qwen3"), tiny_model("qwen3")
+    handle = bcg.wrap_model(model, backend="eager")
+    decoder, bound = handle.runner.decoder, []
+    replay = decoder.replay
+
+    def checked_replay(call, live):
+        hidden = replay(call, live)
+        storage = next(reversed(decoder.storages.values()))
+        bound.append(all(hf.static_layer_tensors(layer)[0] is keys
+                         for layer, keys in zip(hf.full_static_layers(live.cache), storage.keys, strict=True)))
+        return hidden
+
+    decoder.replay = checked_replay
+    ids, mask = left_padded_batch()
+    kwargs = dict(attention_mask=mask, num_beams=2, cache_implementation="static", **GENERATE)
+    assert torch.equal(model.generate(ids, **kwargs).sequences, reference.generate(ids, **kwargs).sequences)
+    assert handle.stats()["full_graph_replays"] == STEPS and bound == [True] * STEPS
