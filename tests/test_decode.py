@@ -353,3 +353,27 @@ def test_beam_search_on_a_static_cache_binds_the_reordered_layers_again():
     kwargs = dict(attention_mask=mask, num_beams=2, cache_implementation="static", **GENERATE)
     assert torch.equal(model.generate(ids, **kwargs).sequences, reference.generate(ids, **kwargs).sequences)
     assert handle.stats()["full_graph_replays"] == STEPS and bound == [True] * STEPS
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_in_graph_masks_follow_the_attention_implementation_and_an_absent_mask(implementation):
+    """The masks a full graph builds inside itself are the implementation's own (boolean for SDPA, additive for eager);
+    plain forward calls on a StaticCache without any mask decode as eager, through the same graphs."""
+    reference, model = (tiny_model("llama", attn_implementation=implementation) for _ in range(2))
+    handle = bcg.wrap_model(model, backend="eager")
+    ids, _ = left_padded_batch(pads=(0, 0, 0))
+    name = hf.cache_argument(type(model).forward.__get__(model))
+    results = []
+    for m in (reference, model):
+        cache, steps = StaticCache(config=m.config, max_cache_len=24), []
+        with torch.no_grad():
+            token = m(ids, use_cache=True, **{name: cache}).logits[:, -1:].argmax(-1)
+            for _ in range(STEPS):
+                logits = m(token, use_cache=True, **{name: cache}).logits
+                steps.append(logits)
+                token = logits[:, -1:].argmax(-1)
+        results.append(steps)
+    for got, want in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert handle.stats()["full_graph_replays"] == STEPS
+    assert [entry.masks for entry in handle.runner.decoder.graphs.values()] == [None]  # no padding mask to copy
