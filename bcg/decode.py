@@ -28,7 +28,7 @@ import torch
 from . import hf
 from .backends import Backend, Graph
 from .eligibility import Call
-from .errors import BcgCaptureWarning
+from .errors import BcgCaptureWarning, BcgFallbackWarning
 from .live import LiveContext
 
 logger = logging.getLogger("bcg")
@@ -264,6 +264,7 @@ class StaticDecoder:
 
 # ----- dynamic caches decoded through a static stand-in (static_cache=True) -----
 MIN_SHADOW_POSITIONS = 256
+SHADOW_SHARE_OF_FREE_MEMORY = 0.5  # a stand-in larger than this share of the device's free memory is not made
 
 
 def shadow_positions(length: int) -> int:
@@ -328,6 +329,7 @@ class ShadowCaches:
         self.max_shadows = max_shadows
         self.shadows: dict[tuple, _Shadow] = {}  # least recently used first
         self.possible = hf.makes_full_static_caches(config)  # else (sliding windows, mixers) no stand-in can serve
+        self.warned_memory = False
 
     def takes(self, call: Call) -> bool:
         """A decode step on a cache of plain dynamic layers (no sliding windows, no mixer states)."""
@@ -350,6 +352,8 @@ class ShadowCaches:
                                  layer.keys.dtype, layer.keys.device) for layer in layers))
         shadow = self.shadows.pop(key, None)
         if shadow is None:
+            if not self._fits(layers, positions):
+                return None
             with torch.inference_mode(False):  # they outlive the call
                 stand_in = hf.static_cache_like(self.config, layers, positions)
             if stand_in is None:
@@ -365,6 +369,24 @@ class ShadowCaches:
             self._copy_in(layers, shadow, holder is cache, length)
         shadow.holder, shadow.length = weakref.ref(cache), length
         return shadow
+
+    def _fits(self, layers: list, positions: int) -> bool:
+        """Whether a stand-in of ``positions`` for these layers leaves the device enough memory (else the breaks serve
+        this shape, with one warning)."""
+        device = layers[0].keys.device
+        free = free_device_memory(device)
+        needed = sum(t[:, :, :1].numel() * t.element_size() * positions
+                     for layer in layers for t in hf.dynamic_layer_tensors(layer))
+        if free is None or needed <= SHADOW_SHARE_OF_FREE_MEMORY * free:
+            return True
+        if not self.warned_memory:
+            self.warned_memory = True
+            warnings.warn(f"bcg: static_cache=True: a static stand-in of {positions} positions for batch "
+                          f"{layers[0].keys.shape[0]} needs {needed / 2**20:.0f} MiB, more than half of the "
+                          f"{free / 2**20:.0f} MiB free on {device}; decode steps of such shapes take the breaks "
+                          "(wrap without static_cache to avoid the stand-ins altogether)", BcgFallbackWarning,
+                          stacklevel=6)
+        return False
 
     @staticmethod
     def _copy_in(layers: list, shadow: _Shadow, same_holder: bool, length: int) -> None:
@@ -408,6 +430,11 @@ def _holds_views(layers: list, views: tuple[Sequence[torch.Tensor], Sequence[tor
     """Whether each layer still holds the views bcg gave it."""
     keys, values = zip(*map(hf.dynamic_layer_tensors, layers)) if layers else ((), ())
     return _same_tensors(keys, views[0]) and _same_tensors(values, views[1])
+
+
+def free_device_memory(device: torch.device) -> int | None:
+    """Bytes free on a CUDA device (None elsewhere: no bound)."""
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
 
 
 def _give_copies(cache: Any, shadow: _Shadow) -> None:

@@ -377,3 +377,21 @@ def test_in_graph_masks_follow_the_attention_implementation_and_an_absent_mask(i
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert handle.stats()["full_graph_replays"] == STEPS
     assert [entry.masks for entry in handle.runner.decoder.graphs.values()] == [None]  # no padding mask to copy
+
+
+def test_a_stand_in_too_large_for_the_free_memory_is_not_made_and_the_breaks_serve(monkeypatch):
+    """static_cache=True never allocates a stand-in larger than half the device's free memory: those steps take the
+    breaks (one warning naming the sizes and the fix) and decode as eager."""
+    import bcg.decode
+
+    reference, model = tiny_model("llama"), tiny_model("llama")
+    handle = bcg.wrap_model(model, backend="eager", static_cache=True)
+    monkeypatch.setattr(bcg.decode, "free_device_memory", lambda device: 100_000)  # a 256-position stand-in: 192 KiB
+    ids, mask = left_padded_batch()
+    with pytest.warns(bcg.BcgFallbackWarning, match="more than half of the 0 MiB free") as caught:
+        got = model.generate(ids, attention_mask=mask, **GENERATE)
+        model.generate(ids, attention_mask=mask, **GENERATE)
+    assert len([w for w in caught if issubclass(w.category, bcg.BcgFallbackWarning)]) == 1
+    assert torch.equal(got.sequences, reference.generate(ids, attention_mask=mask, **GENERATE).sequences)
+    stats = handle.stats()
+    assert stats["full_graph_replays"] == 0 and stats["replays"] == 2 * (1 + STEPS) and not handle.runner.shadows.shadows
