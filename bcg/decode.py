@@ -278,14 +278,11 @@ class _Shadow:
     """A StaticCache bcg owns for one shape, and the dynamic cache whose layers are views of it (weakly)."""
 
     cache: Any
+    stacked: tuple[torch.Tensor, torch.Tensor] | None = None  # every layer's keys / values in one tensor
     # the keys and the values its holder's layers hold
     views: tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]] = ((), ())
     holder: Callable[[], Any] = field(default=lambda: None)
     length: int = 0  # tokens the holder held when it was last bound
-    stacked: tuple[torch.Tensor, torch.Tensor] | None = None  # every layer's keys / values in one tensor
-
-    def __post_init__(self) -> None:
-        self.stacked = _stack_layers(self.cache)
 
     @property
     def positions(self) -> int:
@@ -300,18 +297,6 @@ class _Shadow:
             return tuple(stacked.narrow(3, 0, length).unbind(0) for stacked in self.stacked)
         tensors = [hf.static_layer_tensors(layer) for layer in self.cache.layers]
         return [k.narrow(2, 0, length) for k, _, _ in tensors], [v.narrow(2, 0, length) for _, v, _ in tensors]
-
-
-def _stack_layers(cache: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Rebind a stand-in's layers to slices of one keys and one values tensor when their shapes agree."""
-    tensors = [hf.static_layer_tensors(layer) for layer in cache.layers]
-    if len({(k.shape, v.shape, k.dtype, v.dtype) for k, v, _ in tensors}) != 1:
-        return None
-    keys, values, _ = tensors[0]
-    stacked = (keys.new_zeros(len(tensors), *keys.shape), values.new_zeros(len(tensors), *values.shape))
-    for i, (layer, (_, _, length)) in enumerate(zip(cache.layers, tensors)):
-        hf.rebind_static_layer(layer, stacked[0][i], stacked[1][i], length)
-    return stacked
 
 
 class ShadowCaches:
@@ -354,13 +339,13 @@ class ShadowCaches:
         if shadow is None:
             if not self._fits(layers, positions):
                 return None
+            if len(self.shadows) >= self.max_shadows:
+                self._drop(next(iter(self.shadows)))
             with torch.inference_mode(False):  # they outlive the call
                 stand_in = hf.static_cache_like(self.config, layers, positions)
             if stand_in is None:
                 return None
-            if len(self.shadows) >= self.max_shadows:
-                self._drop(next(iter(self.shadows)))
-            shadow = _Shadow(stand_in)
+            shadow = _Shadow(*stand_in)
         self.shadows[key] = shadow  # now the most recently used
         holder = shadow.holder()
         if holder is not None and holder is not cache:
@@ -392,10 +377,10 @@ class ShadowCaches:
     def _copy_in(layers: list, shadow: _Shadow, same_holder: bool, length: int) -> None:
         """Copy a new cache's layers (or those reassigned since: beam reordering, crop, an eager step) into the
         stand-in."""
+        held_keys, held_values = shadow.views if same_holder else ((), ())
         for i, (layer, static) in enumerate(zip(layers, shadow.cache.layers)):
             keys, values = hf.dynamic_layer_tensors(layer)
-            if same_holder and i < len(shadow.views[0]) and _holds_views(
-                    [layer], (shadow.views[0][i:i + 1], shadow.views[1][i:i + 1])):
+            if i < len(held_keys) and keys is held_keys[i] and values is held_values[i]:
                 continue
             static_keys, static_values, counter = hf.static_layer_tensors(static)
             static_keys[:, :, :length].copy_(keys)

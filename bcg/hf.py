@@ -291,15 +291,24 @@ def makes_full_static_caches(config: Any) -> bool:
     return bool(layers) and all(type(layer) is StaticLayer for layer in layers)
 
 
-def static_cache_like(config: Any, layers: list, max_cache_len: int) -> Any:
+def static_cache_like(config: Any, layers: list, max_cache_len: int) -> tuple[Any, tuple | None] | None:
     """A StaticCache of ``max_cache_len`` positions, allocated for the batch, heads and dtypes of ``layers`` (a
-    dynamic cache's), or None when the config does not make every layer a full static one."""
+    dynamic cache's), or None when the config does not make every layer a full static one. When the layers' shapes
+    agree, every layer's keys (values) are slices of one tensor, returned beside the cache (else None)."""
     cache = StaticCache(config=config, max_cache_len=max_cache_len)
     if len(cache.layers) != len(layers) or any(type(layer) is not StaticLayer for layer in cache.layers):
         return None
-    for static, dynamic in zip(cache.layers, layers):
+    shapes = {(layer.keys.shape[:2], layer.keys.shape[-1], layer.values.shape[-1], layer.keys.dtype,
+               layer.values.dtype) for layer in layers}
+    stacked = None
+    if len(shapes) == 1:
+        keys, values = layers[0].keys, layers[0].values
+        stacked = tuple(t.new_zeros(len(layers), *t.shape[:2], max_cache_len, t.shape[-1]) for t in (keys, values))
+    for i, (static, dynamic) in enumerate(zip(cache.layers, layers)):
         static.lazy_initialization(dynamic.keys, dynamic.values)
-    return cache
+        if stacked is not None:  # the layer's own allocation goes at once: at most one layer's worth extra
+            rebind_static_layer(static, stacked[0][i], stacked[1][i], static.cumulative_length)
+    return cache, stacked
 
 
 _LINEAR_LAYER = getattr(cache_utils, "LinearAttentionCacheLayerMixin", None)
