@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import sys
+import threading
 import typing
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -428,25 +429,39 @@ def attention_function(implementation: str | None, module: nn.Module) -> Callabl
     return ALL_ATTENTION_FUNCTIONS[implementation]
 
 
+_MASKED_GQA = threading.local()  # which threads are inside masked_gqa_in_sdpa
+_MASKED_GQA_LOCK = threading.Lock()
+_masked_gqa_users = 0
+_original_use_gqa_in_sdpa = sdpa_attention.use_gqa_in_sdpa
+
+
 @contextmanager
 def masked_gqa_in_sdpa() -> Iterator[None]:
-    """While active, transformers' SDPA attention hands grouped keys/values to torch with ``enable_gqa`` even beside a
-    mask, where it would otherwise repeat them per query head (flash and memory-efficient kernels take no mask with
-    GQA). Only where a kernel takes both: on CPU, and on CUDA devices where cuDNN attention runs (sm90+; cuDNN plans
-    on the host per shape, so only captured graphs should use it). H200, decode over 512 cached positions: 13-14 µs
-    per call against 21 µs (batch 1) to 103 µs (batch 8, 32 query heads) with the repeat."""
-    original = sdpa_attention.use_gqa_in_sdpa
-
-    def use_gqa(attention_mask: torch.Tensor | None, key: torch.Tensor, value: torch.Tensor) -> bool:
-        if attention_mask is None or not _takes_masked_gqa(key.device):
-            return original(attention_mask, key, value)
-        return key.shape[-1] == value.shape[-1] <= 256
-
-    sdpa_attention.use_gqa_in_sdpa = use_gqa
+    """While active in this thread, transformers' SDPA attention hands grouped keys/values to torch with
+    ``enable_gqa`` even beside a mask, where it would otherwise repeat them per query head (flash and memory-efficient
+    kernels take no mask with GQA). Only where a kernel takes both: on CPU, and on CUDA devices where cuDNN attention
+    runs (sm90+; cuDNN plans on the host per shape, so only captured graphs should use it). H200, decode over 512
+    cached positions: 13-14 µs per call against 21 µs (batch 1) to 103 µs (batch 8, 32 query heads) with the repeat.
+    Other threads keep transformers' choice; the hook is installed while any thread is inside."""
+    global _masked_gqa_users
+    with _MASKED_GQA_LOCK:
+        _masked_gqa_users += 1
+        sdpa_attention.use_gqa_in_sdpa = _use_gqa_in_sdpa
+    _MASKED_GQA.active = True
     try:
         yield
     finally:
-        sdpa_attention.use_gqa_in_sdpa = original
+        _MASKED_GQA.active = False
+        with _MASKED_GQA_LOCK:
+            _masked_gqa_users -= 1
+            if _masked_gqa_users == 0:
+                sdpa_attention.use_gqa_in_sdpa = _original_use_gqa_in_sdpa
+
+
+def _use_gqa_in_sdpa(attention_mask: torch.Tensor | None, key: torch.Tensor, value: torch.Tensor) -> bool:
+    if attention_mask is None or not getattr(_MASKED_GQA, "active", False) or not _takes_masked_gqa(key.device):
+        return _original_use_gqa_in_sdpa(attention_mask, key, value)
+    return key.shape[-1] == value.shape[-1] <= 256
 
 
 def _takes_masked_gqa(device: torch.device) -> bool:

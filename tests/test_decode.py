@@ -395,3 +395,40 @@ def test_a_stand_in_too_large_for_the_free_memory_is_not_made_and_the_breaks_ser
     assert torch.equal(got.sequences, reference.generate(ids, attention_mask=mask, **GENERATE).sequences)
     stats = handle.stats()
     assert stats["full_graph_replays"] == 0 and stats["replays"] == 2 * (1 + STEPS) and not handle.runner.shadows.shadows
+
+
+def test_masked_gqa_applies_to_the_capturing_thread_only_and_is_put_back_after_overlapping_captures():
+    """Two threads inside hf.masked_gqa_in_sdpa at once, leaving in the order they did not enter: transformers' own
+    choice is back afterwards, and a thread outside never sees the masked GQA."""
+    import threading
+
+    from transformers.integrations import sdpa_attention
+
+    original = sdpa_attention.use_gqa_in_sdpa
+    key, mask = torch.zeros(1, 2, 4, 16), torch.ones(1, 1, 1, 4, dtype=torch.bool)
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def first():
+        with hf.masked_gqa_in_sdpa():
+            seen["first"] = sdpa_attention.use_gqa_in_sdpa(mask, key, key)
+            first_in.set()
+            second_in.wait()
+        first_out.set()
+
+    def second():
+        first_in.wait()
+        with hf.masked_gqa_in_sdpa():
+            second_in.set()
+            first_out.wait()
+            seen["second, after the first left"] = sdpa_attention.use_gqa_in_sdpa(mask, key, key)
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    first_in.wait()
+    seen["outside"] = sdpa_attention.use_gqa_in_sdpa(mask, key, key)
+    for thread in threads:
+        thread.join()
+    assert seen == {"first": True, "outside": False, "second, after the first left": True}
+    assert sdpa_attention.use_gqa_in_sdpa is original
