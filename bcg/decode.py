@@ -248,6 +248,10 @@ class StaticDecoder:
         self.graphs[key] = entry
         return entry
 
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor bcg holds for the caches' shapes (bound caches read them too)."""
+        return [t for storage in self.storages.values() for t in (*storage.keys, *storage.values)]
+
     def _drop(self, storage_key: tuple) -> None:
         """Let a cache shape's tensors go, with the graphs that read them (a cache bound to them keeps them: no one
         else writes them any more)."""
@@ -291,9 +295,9 @@ class _Shadow:
     def views_of(self, length: int) -> tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]]:
         """Every layer's keys and values up to ``length`` positions (one view per layer)."""
         first_keys = hf.static_layer_tensors(self.cache.layers[0])[0]
-        if self.stacked is not None and first_keys._base is self.stacked[0]:
-            # Still the stacked tensors (only bcg rebinds a stand-in, all layers at once): two calls for all layers,
-            # settling is host time in every step
+        if self.stacked is not None and first_keys._base is not self.stacked[0]:
+            self.stacked = None  # bound to the tensors an earlier stand-in of its shape left: let its own ones go
+        if self.stacked is not None:  # only bcg rebinds a stand-in, all layers at once: two calls for all layers
             return tuple(stacked.narrow(3, 0, length).unbind(0) for stacked in self.stacked)
         tensors = [hf.static_layer_tensors(layer) for layer in self.cache.layers]
         return [k.narrow(2, 0, length) for k, _, _ in tensors], [v.narrow(2, 0, length) for _, v, _ in tensors]
@@ -396,6 +400,12 @@ class ShadowCaches:
             hf.rebind_dynamic_layer(layer, k, v)
         shadow.views = (keys, values)
 
+    def tensors(self) -> list[torch.Tensor]:
+        """The stand-ins' keys and values (and their stacked tensors, while held)."""
+        return [t for shadow in self.shadows.values()
+                for t in (*(shadow.stacked or ()), *(t for layer in shadow.cache.layers
+                                                     for t in hf.static_layer_tensors(layer)[:2]))]
+
     def _drop(self, key: tuple) -> None:
         shadow = self.shadows.pop(key)
         if (holder := shadow.holder()) is not None:  # its views would see whatever the stand-in's storage holds next
@@ -415,6 +425,12 @@ def _holds_views(layers: list, views: tuple[Sequence[torch.Tensor], Sequence[tor
     """Whether each layer still holds the views bcg gave it."""
     keys, values = zip(*map(hf.dynamic_layer_tensors, layers)) if layers else ((), ())
     return _same_tensors(keys, views[0]) and _same_tensors(values, views[1])
+
+
+def held_bytes(tensors: list[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (a stacked stand-in's layers share one)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
 
 
 def free_device_memory(device: torch.device) -> int | None:

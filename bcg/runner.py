@@ -19,7 +19,7 @@ from . import hf, varlen
 from .attention import Bridges, Slot, StackRun, StructureError, run_break, run_stack_under_bcg
 from .backends import Backend, Graph
 from .buckets import pick_bucket
-from .decode import PaddingMask, ShadowCaches, StaticDecoder
+from .decode import PaddingMask, ShadowCaches, StaticDecoder, held_bytes
 from .eligibility import KNOWN_ARGUMENTS, REPEATING, Call, Reject, Rejection, Target, reject_reason
 from .errors import BcgCaptureWarning, BcgFallbackWarning, BcgInvalidatedWarning
 from .fusion import Fusions
@@ -504,6 +504,11 @@ class StackRunner:
             self.stats.graph_bytes = self.backend.graph_bytes()
         self.stats.count_replay(full_graph=True)
         return hidden
+
+    def static_cache_bytes(self) -> int:
+        """Memory of the cache tensors bcg holds for full-graph decode (its storages and the static stand-ins)."""
+        tensors = [t for decoder in self._decoders() for t in decoder.tensors()]
+        return held_bytes(tensors + (self.shadows.tensors() if self.shadows is not None else []))
 
     def _decoders(self) -> list[StaticDecoder]:
         return [self.decoder] + ([self.shadow_decoder] if self.shadow_decoder is not None else [])

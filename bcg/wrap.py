@@ -71,12 +71,15 @@ class BcgHandle:
         self._restore = restore
 
     def stats(self) -> dict:
-        """Replays, rejects by reason, captured sizes, capture seconds and graph memory so far."""
+        """Replays, rejects by reason, captured sizes, capture seconds and graph and static-cache memory so far."""
         if self.runner is None:
             stats = Stats(self.backend).as_dict(ready=False, disabled_reason=self.inactive_reason)
+            static_bytes = 0
         else:
             stats = self.runner.stats.as_dict(ready=self.runner.ready, disabled_reason=self.runner.disabled_reason)
-        return {"mode": self.choices.mode, "attention_kernels": self.choices.attention_kernels, **stats}
+            static_bytes = self.runner.static_cache_bytes()
+        return {"mode": self.choices.mode, "attention_kernels": self.choices.attention_kernels, **stats,
+                "static_cache_bytes": static_bytes}
 
     def __reduce__(self) -> tuple:
         # A copy or pickle of a wrapped model is an unwrapped model (see patching.py): the handle becomes None.

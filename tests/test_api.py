@@ -87,7 +87,8 @@ def test_stats_have_the_documented_keys():
     stats = bcg.wrap_model(tiny_model("llama"), backend="eager").stats()
     documented = {"replays", "full_graph_replays", "rejects", "captured", "captured_graphs", "capture_seconds",
                   "full_graphs", "graph_bytes", "bridge_bytes", "capture_failures", "invalidations", "numerics",
-                  "fused_kernels", "mode", "attention_kernels", "backend", "ready", "disabled_reason"}
+                  "fused_kernels", "mode", "attention_kernels", "backend", "ready", "disabled_reason",
+                  "static_cache_bytes"}
     assert set(stats) == documented
     assert isinstance(stats["replays"], int) and isinstance(stats["rejects"], dict)
 

@@ -331,6 +331,8 @@ def test_a_stand_in_made_again_while_its_shape_keeps_the_old_tensors_still_decod
         assert torch.equal(got.sequences, expected.sequences)
         _assert_same_real_cache(_cache_of(got), _cache_of(expected), mask)
     assert handle.stats()["full_graph_replays"] == 3 * STEPS and handle.stats()["full_graphs"] == 2
+    # the graphs' tensors for batch 3 and 2; the second batch-3 stand-in let its own tensors go
+    assert handle.stats()["static_cache_bytes"] == (3 + 2) * 2 * 2 * 2 * 256 * 16 * 4
 
 
 def test_beam_search_on_a_static_cache_binds_the_reordered_layers_again():
@@ -432,3 +434,16 @@ def test_masked_gqa_applies_to_the_capturing_thread_only_and_is_put_back_after_o
         thread.join()
     assert seen == {"first": True, "outside": False, "second, after the first left": True}
     assert sdpa_attention.use_gqa_in_sdpa is original
+
+
+def test_stats_report_the_static_cache_memory_bcg_holds():
+    """static_cache_bytes: a stand-in of 256 positions (its keys and values once, though bcg's storage for the shape
+    reads the same tensors); two batch sizes, two stand-ins; nothing before any decode step."""
+    model = tiny_model("llama")  # 2 layers, 2 key/value heads of 16, fp32
+    handle = bcg.wrap_model(model, backend="eager", static_cache=True)
+    assert handle.stats()["static_cache_bytes"] == 0
+    per_sequence = 2 * 2 * 2 * 256 * 16 * 4  # layers x (keys, values) x heads x positions x head dim x bytes
+    for batch, held in ((3, 3), (2, 5)):
+        ids, mask = left_padded_batch(batch=batch)
+        model.generate(ids, attention_mask=mask, **GENERATE)
+        assert handle.stats()["static_cache_bytes"] == held * per_sequence
