@@ -19,7 +19,6 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import AttentionInterface, PreTrainedModel, cache_utils
-from transformers.integrations import sdpa_attention
 from transformers.cache_utils import (
     DynamicCache,
     DynamicLayer,
@@ -28,6 +27,7 @@ from transformers.cache_utils import (
     StaticLayer,
     StaticSlidingWindowLayer,
 )
+from transformers.integrations import sdpa_attention
 from transformers.masking_utils import LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING, create_masks_for_generate
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama import modeling_llama

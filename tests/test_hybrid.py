@@ -1,6 +1,5 @@
 """Hybrid models on CPU (eager backend, fp32): stateful mixers run as breaks; outputs and cache state equal eager's."""
 
-import warnings
 
 from typing import Any
 
