@@ -144,13 +144,15 @@ class StaticDecoder:
         self.storages: dict[tuple, _Storage] = {}  # least recently used first
         self.max_storages = MAX_STORAGES
 
-    def takes(self, call: Call) -> bool:
-        """Whether this call is a decode step on a full static cache (checked before the masks are built)."""
-        return call.tokens.shape[1] <= MAX_TOKENS_PER_SEQUENCE and hf.full_static_layers(call.cache) is not None
+    @staticmethod
+    def layers_for(call: Call) -> list | None:
+        """The cache's layers when this call is a decode step on a full static cache (checked before the masks are
+        built), else None."""
+        return hf.full_static_layers(call.cache) if call.tokens.shape[1] <= MAX_TOKENS_PER_SEQUENCE else None
 
-    def replay(self, call: Call, live: LiveContext) -> torch.Tensor | None:
-        """The step's last hidden state ([B, S, hidden], the caller's own tensor), or None: take the breaks."""
-        layers = hf.full_static_layers(live.cache)
+    def replay(self, call: Call, live: LiveContext, layers: list) -> torch.Tensor | None:
+        """The step's last hidden state ([B, S, hidden], the caller's own tensor), or None: take the breaks.
+        ``layers``: those of ``live.cache``, full static layers (``layers_for``, or a stand-in's)."""
         bound_key = self._bound_storage(live.cache, layers)
         storage_key = bound_key or _storage_key(layers)
         layout = _mask_layout(live.masks, cache_length=storage_key[0][0][2])
@@ -163,7 +165,7 @@ class StaticDecoder:
             self._bind(live.cache, layers, storage_key)
         entry = self.graphs.get(key)
         if entry is None:
-            entry = self._capture(key, call, live)
+            entry = self._capture(key, call, live, layers)
             if entry is None:
                 return None
         entry.tokens.copy_(call.tokens)
@@ -212,8 +214,8 @@ class StaticDecoder:
         storage.holder = weakref.ref(cache)
 
     # ----- capture -----
-    def _capture(self, key: tuple, call: Call, live: LiveContext) -> _Entry | None:
-        keys = hf.static_layer_tensors(hf.full_static_layers(live.cache)[0])[0]
+    def _capture(self, key: tuple, call: Call, live: LiveContext, layers: list) -> _Entry | None:
+        keys = hf.static_layer_tensors(layers[0])[0]
         with torch.inference_mode(False):
             entry = _Entry(call.tokens.clone(), live.position_ids.clone(), _static_masks(live.masks, keys.shape[2]))
         inputs = {"input_ids" if call.inputs == "ids" else "inputs_embeds": entry.tokens}
@@ -228,7 +230,7 @@ class StaticDecoder:
             return self.run_stack(call.kind, **inputs, position_ids=entry.positions, attention_mask=masks,
                                   use_cache=True, **{self.cache_argument: entry.cache})
 
-        lengths = [hf.static_layer_tensors(layer)[2] for layer in hf.full_static_layers(live.cache)]
+        lengths = [hf.static_layer_tensors(layer)[2] for layer in layers]
         saved = [length.clone() for length in lengths]
         entry.cache = live.cache
         try:

@@ -126,8 +126,8 @@ class StackRunner:
             rejection = reject_reason(call, self.target, self.failed)
         if rejection is None and self.debug != "numerics":
             output = None
-            if self.decoder.takes(call):
-                output = self._replay_full_graph(call)
+            if (layers := self.decoder.layers_for(call)) is not None:
+                output = self._replay_full_graph(call, layers)
             elif self.shadows is not None and self.shadows.takes(call) and not self._stand_in_failed(call):
                 output = self._replay_on_stand_in(call)
             if output is not None:
@@ -466,12 +466,12 @@ class StackRunner:
         return [key for key in self._mixer_mask_keys
                 if isinstance(mask := live.mask_for(key), torch.Tensor) and mask.ndim == 2]
 
-    def _replay_full_graph(self, call: Call) -> Any | None:
+    def _replay_full_graph(self, call: Call, layers: list) -> Any | None:
         """A decode step on a full static cache as one graph; None: the breakable graphs take it."""
         live = self._live_context(call, bucket=call.num_tokens, full_graph=True)
         if isinstance(live, Rejection):
             return None
-        hidden = self._full_graph_step(self.decoder, call, live)
+        hidden = self._full_graph_step(self.decoder, call, live, layers)
         return None if hidden is None else hf.output_with_cache(self.output_cls, hidden, live.cache)
 
     def _replay_on_stand_in(self, call: Call) -> Any | None:
@@ -483,7 +483,7 @@ class StackRunner:
         live = self._live_context(call, bucket=call.num_tokens, cache=shadow.cache, full_graph=True)
         if isinstance(live, Rejection):
             return None
-        hidden = self._full_graph_step(self.shadow_decoder, call, live)
+        hidden = self._full_graph_step(self.shadow_decoder, call, live, shadow.cache.layers)
         if hidden is None:
             return None
         self.shadows.settle(call.cache, shadow)
@@ -494,9 +494,10 @@ class StackRunner:
         batch = call.tokens.shape[0]
         return any(key[0] == call.kind and key[1] == batch for key in self.shadow_decoder.failed)
 
-    def _full_graph_step(self, decoder: StaticDecoder, call: Call, live: LiveContext) -> torch.Tensor | None:
+    def _full_graph_step(self, decoder: StaticDecoder, call: Call, live: LiveContext,
+                         layers: list) -> torch.Tensor | None:
         captured = len(decoder.graphs)
-        hidden = decoder.replay(call, live)
+        hidden = decoder.replay(call, live, layers)
         if hidden is None:
             return None
         if len(decoder.graphs) != captured:

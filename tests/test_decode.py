@@ -343,8 +343,8 @@ def test_beam_search_on_a_static_cache_binds_the_reordered_layers_again():
     decoder, bound = handle.runner.decoder, []
     replay = decoder.replay
 
-    def checked_replay(call, live):
-        hidden = replay(call, live)
+    def checked_replay(call, live, layers):
+        hidden = replay(call, live, layers)
         storage = next(reversed(decoder.storages.values()))
         bound.append(all(hf.static_layer_tensors(layer)[0] is keys
                          for layer, keys in zip(hf.full_static_layers(live.cache), storage.keys, strict=True)))
