@@ -372,10 +372,10 @@ class ShadowCaches:
             return True
         if not self.warned_memory:
             self.warned_memory = True
-            warnings.warn(f"bcg: static_cache=True: a static stand-in of {positions} positions for batch "
+            warnings.warn(f"bcg: a static stand-in of {positions} positions for batch "
                           f"{layers[0].keys.shape[0]} needs {needed / 2**20:.0f} MiB, more than half of the "
                           f"{free / 2**20:.0f} MiB free on {device}; decode steps of such shapes take the breaks "
-                          "(wrap without static_cache to avoid the stand-ins altogether)", BcgFallbackWarning,
+                          "(wrap with static_cache=False to avoid the stand-ins altogether)", BcgFallbackWarning,
                           stacklevel=6)
         return False
 

@@ -85,7 +85,8 @@ class BcgLM(HFLM):
     def __init__(self, pretrained: Any, *, wrap: bool = True, mode: str = "fast",
                  max_num_tokens: int = DEFAULT_MAX_NUM_TOKENS, capture_sizes: Sequence[int] | None = None,
                  backend: str | None = None, lazy: bool = True, debug: bool | str = False,
-                 static_cache: bool = False, attention_kernels: str | None = None, fused_kernels: bool | None = None,
+                 static_cache: bool | None = None, attention_kernels: str | None = None,
+                 fused_kernels: bool | None = None,
                  **kwargs: Any) -> None:
         if not isinstance(wrap, bool):
             raise ValueError(f"wrap must be True or False, got {wrap!r}")
@@ -321,11 +322,11 @@ def _is_score(metric: str, value: Any) -> bool:
 
 def default_acceptance(model_args: dict[str, Any]) -> str:
     """The acceptance ``model_args``' choices should pass: ``exact`` when they leave every kernel eager's (mode=exact
-    without overrides, or both overrides off) and decode on the caller's own cache, else ``score`` (``static_cache``:
-    attention over a static stand-in's rounded positions rounds differently)."""
+    without overrides, or both overrides off) and decode on the caller's own cache, else ``score`` (static stand-ins:
+    attention over their rounded positions rounds differently)."""
     choices = speed_choices(model_args.get("mode", "fast"), model_args.get("attention_kernels"),
-                            model_args.get("fused_kernels"), device=None)
-    return "score" if choices.fast_decode or model_args.get("static_cache") is True else "exact"
+                            model_args.get("fused_kernels"), device=None, static_cache=model_args.get("static_cache"))
+    return "score" if choices.fast_decode or choices.static_cache else "exact"
 
 
 def acceptances(model_args: dict[str, Any], modes: Sequence[str], accept: str | None = None) -> dict[str, str]:
@@ -476,9 +477,9 @@ def write_comparison(comparison: Comparison, args: argparse.Namespace, accept: M
 
 
 HELP = """python -m bcg.eval: lm-eval's command line with bcg's model type registered as --model bcg (the default here).
-  --model_args pretrained=...,<any hf option>,<bcg options>: mode=fast|exact, max_num_tokens=N, static_cache=True,
+  --model_args pretrained=...,<any hf option>,<bcg options>: mode=fast|exact, max_num_tokens=N,
       backend=cuda|eager, debug=True|numerics, lazy=False, capture_sizes=[1,8,32], attention_kernels=fast|eager,
-      fused_kernels=True|False (the last two override mode's choice),
+      fused_kernels=True|False, static_cache=True|False (the last three override mode's choice),
       wrap=False (stay eager: the baseline, with the same throughput figures)
   bcg's stats and tokens/s per request type land in the results JSON under config.bcg.
 python -m bcg.eval compare ...: eager vs bcg on the same tasks (python -m bcg.eval compare --help).

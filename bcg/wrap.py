@@ -45,6 +45,7 @@ class SpeedChoices:
     attention_kernels: str
     fused_kernels: bool
     fused_asked: bool  # the caller asked for fused kernels by name: finding nothing to fuse is worth a warning
+    static_cache: bool  # decode steps on dynamic caches replay full graphs on static stand-ins
 
     @property
     def fast_decode(self) -> bool:
@@ -78,8 +79,8 @@ class BcgHandle:
         else:
             stats = self.runner.stats.as_dict(ready=self.runner.ready, disabled_reason=self.runner.disabled_reason)
             static_bytes = self.runner.static_cache_bytes()
-        return {"mode": self.choices.mode, "attention_kernels": self.choices.attention_kernels, **stats,
-                "static_cache_bytes": static_bytes}
+        return {"mode": self.choices.mode, "attention_kernels": self.choices.attention_kernels,
+                "static_cache": self.choices.static_cache, **stats, "static_cache_bytes": static_bytes}
 
     def __reduce__(self) -> tuple:
         # A copy or pickle of a wrapped model is an unwrapped model (see patching.py): the handle becomes None.
@@ -133,9 +134,9 @@ def _use_capturable_experts(model: Any, restore: _Restore) -> None:
 
 
 def speed_choices(mode: str, attention_kernels: str | None, fused_kernels: bool | None,
-                  device: torch.device | None) -> SpeedChoices:
-    """``mode``'s attention kernels and fusion, each overridable; ``fast`` fuses only where fused kernels can run
-    (``device`` None: as if they could, e.g. to know what a run elsewhere would choose)."""
+                  device: torch.device | None, static_cache: bool | None = None) -> SpeedChoices:
+    """``mode``'s attention kernels, fusion and static stand-ins, each overridable; ``fast`` fuses only where fused
+    kernels can run (``device`` None: as if they could, e.g. to know what a run elsewhere would choose)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if attention_kernels is None:
@@ -153,7 +154,11 @@ def speed_choices(mode: str, attention_kernels: str | None, fused_kernels: bool 
         raise ValueError(f"fused_kernels must be True, False or None (from mode), got {fused_kernels!r}")
     elif fused_kernels and why_not_fused is not None:
         raise ValueError(f"fused_kernels=True: {why_not_fused}; wrap without fused_kernels instead")
-    return SpeedChoices(mode, attention_kernels, fused_kernels, asked)
+    if static_cache is None:
+        static_cache = mode == "fast"
+    elif not isinstance(static_cache, bool):
+        raise ValueError(f"static_cache must be True, False or None (from mode), got {static_cache!r}")
+    return SpeedChoices(mode, attention_kernels, fused_kernels, asked, static_cache)
 
 
 def _fusions(stack: torch.nn.Module, asked: bool) -> Fusions | None:
@@ -176,7 +181,7 @@ def wrap_model(
     lazy: bool = True,
     debug: bool | str = False,
     mode: str = "fast",
-    static_cache: bool = False,
+    static_cache: bool | None = None,
     attention_kernels: str | None = None,
     fused_kernels: bool | None = None,
 ) -> BcgHandle:
@@ -190,10 +195,12 @@ def wrap_model(
         lazy: capture each size on first use (default) or all of them now, largest first.
         debug: ``True`` / ``"addresses"`` raises naming every tensor that moved since capture;
             ``"numerics"`` runs eager beside each replay and records the largest difference in ``stats()``.
-        mode: ``"fast"`` (default): decode steps (one token per sequence) replay graphs of their own whose breaks
-            keep SDPA off cuDNN (whose planning costs 1-2 ms of host time per layer when the KV length changes
-            every step) and, where triton is installed, hold fused Triton kernels for Llama-style RMSNorm and
-            rotary code (one launch instead of 8-10). A padded prompt replays those graphs too and attends each
+        mode: ``"fast"`` (default): decode steps (one token per sequence) on full-attention caches replay as one
+            graph each on static stand-ins (``static_cache``); where they take breaks (sliding-window and hybrid
+            caches, ``static_cache=False``) they replay graphs of their own whose breaks keep SDPA off cuDNN (whose
+            planning costs 1-2 ms of host time per layer when the KV length changes every step). Where triton is
+            installed, decode graphs hold fused Triton kernels for Llama-style RMSNorm and rotary code (one launch
+            instead of 8-10). A padded prompt replays those graphs too and attends each
             request on its real tokens with a variable-length kernel (varlen.py); unpadded prompts and calls without
             a padding mask (log-likelihoods) run eager's kernels as in ``"exact"``: their outputs are exact mode's;
             generated bf16 text can fork from eager's by rounding (README: MGSM). ``"exact"``: eager's kernels
@@ -203,9 +210,10 @@ def wrap_model(
             cache update included (no breaks), on a static cache bcg keeps for the shape (positions rounded up to a
             power of two, at least 256) whose tensors the caller's cache then views; prompts run on the caller's cache
             as without it. Attention then spans the rounded positions (masked), so bf16 rounding differs from the
-            dynamic cache's. Any call given a full-attention ``StaticCache`` gets one graph per step anyway;
-            sliding-window and hybrid caches keep their breaks. In the fast mode these graphs run grouped-query
-            attention beside the mask (cuDNN, planned at capture). Costs memory: up to two stand-ins per batch size.
+            dynamic cache's. None (default): from ``mode`` (on in ``"fast"``, off in ``"exact"``). Any call given a
+            full-attention ``StaticCache`` gets one graph per step anyway; sliding-window and hybrid caches keep their
+            breaks. In the fast mode these graphs run grouped-query attention beside the mask (cuDNN, planned at
+            capture). Costs memory: up to two stand-ins, each at most half the device's free memory when made.
         attention_kernels: override ``mode``'s attention choice alone: ``"fast"`` (no cuDNN in decode breaks, varlen
             attention for padded prompts) or ``"eager"`` (SDPA's own choice, padded prompts' mask); None: from ``mode``.
         fused_kernels: override ``mode``'s fusion alone: True (CUDA and triton required: error otherwise), False,
@@ -221,11 +229,10 @@ def wrap_model(
     sizes = resolve_capture_sizes(capture_sizes, max_num_tokens)
     if debug not in _DEBUG_MODES:
         raise ValueError(f"debug must be one of {_DEBUG_MODES}, got {debug!r}")
-    for name, value in (("lazy", lazy), ("static_cache", static_cache)):
-        if not isinstance(value, bool):
-            raise ValueError(f"{name} must be True or False, got {value!r}")
+    if not isinstance(lazy, bool):
+        raise ValueError(f"lazy must be True or False, got {lazy!r}")
     device = next(model.parameters()).device
-    choices = speed_choices(mode, attention_kernels, fused_kernels, device)
+    choices = speed_choices(mode, attention_kernels, fused_kernels, device, static_cache)
     backend_name = _pick_backend(backend, device)
 
     restore = _Restore()
@@ -239,7 +246,7 @@ def wrap_model(
         handle = BcgHandle(model, None, backend_name, reason, restore, choices)
     else:
         graph_backend = make_backend(backend_name, device, choices.attention_kernels)
-        runner = _patch_stack(model, stack, mixers, restore, graph_backend, sizes, debug, choices, static_cache)
+        runner = _patch_stack(model, stack, mixers, restore, graph_backend, sizes, debug, choices)
         handle = BcgHandle(model, runner, backend_name, None, restore, choices)
         logger.info("bcg: wrapped %s at '%s' (%d layers, %d mixers), backend=%s, mode=%s, sizes=%s",
                     type(model).__name__, stack.path, len(stack.layers), len(mixers), backend_name, choices.mode,
@@ -251,14 +258,14 @@ def wrap_model(
 
 
 def _patch_stack(model: Any, stack: Stack, mixers: list[torch.nn.Module], restore: _Restore, backend: Backend,
-                 sizes: list[int], debug: bool | str, choices: SpeedChoices, static_cache: bool) -> StackRunner:
+                 sizes: list[int], debug: bool | str, choices: SpeedChoices) -> StackRunner:
     """Build the runner and patch the stack's forward to it (and keep generate() from compiling it); what is changed
     goes into ``restore``."""
     if backend.name == "cuda":
         _use_capturable_experts(model, restore)
     fusions = _fusions(stack.module, choices.fused_asked) if choices.fused_kernels else None
     runner = StackRunner(model, stack, backend, sizes, debug=debug, fusions=fusions, fast_decode=choices.fast_decode,
-                         mixers=mixers, static_cache=static_cache, varlen_prompts=choices.varlen_prompts)
+                         mixers=mixers, static_cache=choices.static_cache, varlen_prompts=choices.varlen_prompts)
     restore.stack = stack.module
     restore.instance_forward = stack.module.__dict__.get("forward")
     patching.patch(stack.module, "forward", runner.forward)

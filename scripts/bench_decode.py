@@ -10,7 +10,7 @@ bandwidth measured here with a large device-to-device copy.
     python scripts/bench_decode.py --batches 1 8 32 --contexts 256 1024    # full grid: 6 compiles, ~8 min
     python scripts/bench_decode.py --model llama-3.1-8b --skip-compile
     python scripts/bench_decode.py --model qwen3-8b --batches 1 8 --contexts 256 --skip-compile --exact
-    python scripts/bench_decode.py --static                # + bcg on generate()'s static cache, beside hf-compile
+    python scripts/bench_decode.py --breaks                # + bcg with static_cache=False (decode through the breaks)
     python scripts/bench_decode.py --batches 32 --contexts 128 --spread 0.5 --new-tokens 128 --skip-compile
                                                            # 32 requests of 64..192 tokens: multi-request generation
     python scripts/bench_decode.py --model tiny --batches 1 2 --contexts 16 --new-tokens 4 --out-dir /tmp/bench
@@ -267,8 +267,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = bench_parser(__doc__, FULL, QUICK, GRID)
     parser.add_argument("--skip-compile", action="store_true",
                         help="leave out HF's static cache + torch.compile peer (~40 s of compile per shape)")
-    parser.add_argument("--static", action="store_true",
-                        help="also measure bcg-static: wrapped with static_cache=True (full-graph decode steps)")
+    parser.add_argument("--breaks", action="store_true",
+                        help="also measure bcg-breaks: wrapped with static_cache=False (decode steps through the "
+                             "breaks on generate()'s own cache)")
     parser.add_argument("--spread", type=float, default=0.0,
                         help="prompt lengths uniform in [1 - spread, 1 + spread] x context, left-padded "
                              "(bench_prefill's requests); default 0: every prompt exactly --contexts long, no padding")
@@ -288,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     vocab = model.config.get_text_config(decoder=True).vocab_size
     pad = pad_token_id(model.config)
     shapes = [make_shape(b, c, vocab, args.seed, args.spread, pad, device) for c in args.contexts for b in args.batches]
-    ran = contenders(exact=args.exact, compiled=not args.skip_compile, static=args.static)
+    ran = contenders(exact=args.exact, compiled=not args.skip_compile, breaks=args.breaks)
     if COMPILED in ran and device.type != "cuda":
         print(f"{COMPILED.name} on {device.type}: static cache only, HF's generate() compiles on accelerators only")
 
@@ -311,9 +312,10 @@ mean), left-padded with a mask, as bench_prefill's requests; tok_s counts genera
 eager: HF's default DynamicCache. hf-compile: a StaticCache (max_cache_len = context + N, made once per shape and
 reset in place between calls) passed as the cache argument, with which generate() auto-compiles its decode forward
 (CompileConfig(mode="reduce-overhead", fullgraph=False), HF's default; the prefill is not compiled); run on the
-unwrapped model before bcg. bcg: `bcg.wrap_model` (defaults: mode="fast", lazy capture) with the default DynamicCache;
-bcg-static (`--static`): wrapped again with `static_cache=True` (every decode step replays as one graph on bcg's
-static stand-in for generate()'s dynamic cache, no breaks); bcg-exact (`--exact`): wrapped again with `mode="exact"`.
+unwrapped model before bcg. bcg: `bcg.wrap_model` (defaults: mode="fast", lazy capture) with the default DynamicCache:
+every decode step replays as one graph on bcg's static stand-in for generate()'s dynamic cache, no breaks;
+bcg-breaks (`--breaks`): wrapped again with `static_cache=False` (decode steps take the breaks on the dynamic cache);
+bcg-exact (`--exact`): wrapped again with `mode="exact"` (eager's kernels, the breaks).
 ms_per_token = (median t(generate N) - median t(generate 1)) / (N - 1); tok_s = batch / ms_per_token.
 floor_w_ms: decode weight bytes (untied input embeddings excluded; every MoE expert counted) / HBM bandwidth;
 floor_wkv_ms adds the KV cache at its mean length; of_floor = floor_wkv_ms / ms_per_token.

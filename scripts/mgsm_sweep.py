@@ -52,8 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mode", default="fast",
                    help="bcg's modes, comma-separated: 'fast' (bcg's default: faster decode kernels, bf16 text may "
                         "fork) and/or 'exact' (eager's kernels: the same answers) (default %(default)s)")
-    p.add_argument("--static-cache", action="store_true",
-                   help="wrap with static_cache=True (decode steps as one graph on bcg's static stand-ins)")
+    p.add_argument("--static-cache", choices=("true", "false"),
+                   help="wrap with static_cache=True / False (decode steps as one graph on bcg's static stand-ins, or "
+                        "through the breaks); default: from the mode (fast: true, exact: false)")
     p.add_argument("--accept", choices=ACCEPT_MODES, help="default: each mode's own, exact for exact, score for fast")
     p.add_argument("--out-name", help="results file stem (default mgsm_<model basename>)")
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="default %(default)s")
@@ -67,8 +68,8 @@ def model_args(args: argparse.Namespace) -> dict[str, Any]:
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     extra = {"gguf_file": args.gguf_file} if args.gguf_file else {}
     wrap = {"backend": args.backend} if args.backend else {}
-    if args.static_cache:
-        wrap["static_cache"] = True
+    if args.static_cache is not None:
+        wrap["static_cache"] = args.static_cache == "true"
     return {"pretrained": args.model, "dtype": dtype, **extra, **wrap}
 
 

@@ -5,7 +5,8 @@
     python scripts/profile_breaks.py --model qwen3-0.6b --decode                      # generate(), bs 1
     python scripts/profile_breaks.py --model qwen3.5-like-2b --decode   # a hybrid: host µs per break by mixer type
     python scripts/profile_breaks.py --decode --decode-batch 32 --mode exact   # 32 left-padded prompts, eager's kernels
-    python scripts/profile_breaks.py --decode --static --compile   # full-graph decode beside HF's compiled decode
+    python scripts/profile_breaks.py --decode --compile   # full-graph decode (the default) beside HF's compiled decode
+    python scripts/profile_breaks.py --decode --breaks    # decode steps through the breaks (static_cache=False)
 
 A break body's host time is what a small model's step is made of: this script times every break and every CUDA graph
 segment of one replay on the host, then lists the GPU kernels of eager and bcg side by side (torch.profiler)
@@ -141,7 +142,8 @@ def main() -> None:
                         help="prompts per generate() call with --decode (default %(default)s; above 1 the prompts are "
                              "left-padded to seeded lengths as --spread says)")
     parser.add_argument("--mode", choices=("fast", "exact"), default="fast", help="bcg's mode (default %(default)s)")
-    parser.add_argument("--static", action="store_true", help="wrap with static_cache=True (full-graph decode steps)")
+    parser.add_argument("--breaks", action="store_true",
+                        help="wrap with static_cache=False (decode steps through the breaks, not full graphs)")
     parser.add_argument("--compile", action="store_true",
                         help="with --decode: also profile HF's static cache + torch.compile generate() (a compile "
                              "of ~40 s first)")
@@ -175,7 +177,7 @@ def main() -> None:
             print(f"\nhf-compile generate: {eager['hf-compile'][0]:.2f} ms per call, GPU busy "
                   f"{eager['hf-compile'][1]:.2f} ms (/{steps} steps)")
             release_compiled(model, model.device)
-        handle = bcg.wrap_model(model, mode=args.mode, static_cache=args.static)
+        handle = bcg.wrap_model(model, mode=args.mode, static_cache=False if args.breaks else None)
         for call in calls.values():
             call()
         instrument(handle)

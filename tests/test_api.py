@@ -88,7 +88,7 @@ def test_stats_have_the_documented_keys():
     documented = {"replays", "full_graph_replays", "rejects", "captured", "captured_graphs", "capture_seconds",
                   "full_graphs", "graph_bytes", "bridge_bytes", "capture_failures", "invalidations", "numerics",
                   "fused_kernels", "mode", "attention_kernels", "backend", "ready", "disabled_reason",
-                  "static_cache_bytes"}
+                  "static_cache", "static_cache_bytes"}
     assert set(stats) == documented
     assert isinstance(stats["replays"], int) and isinstance(stats["rejects"], dict)
 
@@ -254,13 +254,13 @@ def test_fast_mode_without_triton_or_cuda_fuses_nothing_and_says_so_in_stats():
 @pytest.mark.parametrize("mode, fast_kind", [("fast", "ids/fast"), ("exact", "ids")])
 def test_fast_mode_gives_decode_steps_and_padded_prompts_graphs_of_their_own(mode, fast_kind):
     """Log-likelihood calls (no padding mask) replay the plain graphs in either mode (their outputs stay eager's);
-    under mode="fast" decode steps and padded prompts (whose attention runs per request anyway) replay graphs of their
-    own, where the fast kernels live."""
+    under mode="fast" decode steps that take the breaks (here: static_cache=False) and padded prompts (whose attention
+    runs per request anyway) replay graphs of their own, where the fast kernels live."""
     from bcg.buckets import pick_bucket
     model = tiny_model("llama")
     ids, mask = left_padded_batch()
     expected = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
-    handle = bcg.wrap_model(model, backend="eager", mode=mode)
+    handle = bcg.wrap_model(model, backend="eager", mode=mode, static_cache=False)
     tokens = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
     with torch.no_grad():
         model(ids)
@@ -271,6 +271,23 @@ def test_fast_mode_gives_decode_steps_and_padded_prompts_graphs_of_their_own(mod
         f"{fast_kind}:{pick_bucket(sizes, ids.shape[0])}",  # decode steps
         f"ids:{pick_bucket(sizes, ids.numel())}",  # the mask-free call
     ])
+
+
+@pytest.mark.parametrize("mode, static_cache, full_graphs", [
+    ("fast", None, True), ("exact", None, False), ("fast", False, False), ("exact", True, True)])
+def test_static_stand_ins_follow_the_mode_unless_asked(mode, static_cache, full_graphs):
+    """mode="fast" decodes generate()'s dynamic cache through static stand-ins (one full graph per step), "exact" on the
+    caller's cache through the breaks (eager's attention over the real length); ``static_cache`` overrides either."""
+    model = tiny_model("llama")
+    ids, mask = left_padded_batch()
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    handle = bcg.wrap_model(model, backend="eager", mode=mode, static_cache=static_cache)
+    tokens = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    stats = handle.stats()
+    assert torch.equal(tokens, expected)
+    assert stats["static_cache"] is full_graphs
+    assert stats["full_graph_replays"] == (2 if full_graphs else 0)
+    assert (stats["static_cache_bytes"] > 0) is full_graphs
 
 
 def test_a_one_token_prompt_is_not_a_decode_step():

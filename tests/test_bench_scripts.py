@@ -71,27 +71,27 @@ def test_check_fails_on_counters_and_on_eager_backend_differences():
     assert benchutil.check(stats, (3, {}), identical=False, device=gpu) == "ok"  # bf16 kernels may round otherwise
 
 
-def test_contenders_default_to_eager_and_bcg_with_static_off():
+def test_contenders_default_to_eager_and_bcg_without_the_breaks_peer():
     names = [c.name for c in benchutil.contenders(exact=False, compiled=True)]
     assert names == ["eager", "hf-compile", "bcg"]
     assert [c.name for c in benchutil.contenders(exact=True)] == ["eager", "bcg", "bcg-exact"]
-    assert bench_decode.parse_args([]).static is False
+    assert bench_decode.parse_args([]).breaks is False
 
 
 def test_bench_decode_tiny(tmp_path):
     code = bench_decode.main(["--model", "tiny", "--device", "cpu", "--batches", "1", "2", "--contexts", "8",
-                              "--new-tokens", "3", "--repeats", "1", "--static", "--out-dir", str(tmp_path)])
+                              "--new-tokens", "3", "--repeats", "1", "--breaks", "--out-dir", str(tmp_path)])
     assert code == 0
     payload = json.loads((tmp_path / "decode_tiny.json").read_text())
     rows = _rows(tmp_path / "decode_tiny.json")
     assert [(r["batch"], r["contender"]) for r in rows] == [
-        (b, c) for b in (1, 2) for c in ("eager", "hf-compile", "bcg-static", "bcg")]
+        (b, c) for b in (1, 2) for c in ("eager", "hf-compile", "bcg", "bcg-breaks")]
     for row in rows:
         assert row["check"] == "ok" and row["same_tokens"] == 1.0
-    for row in (r for r in rows if r["contender"] in ("bcg", "bcg-static")):
+    for row in (r for r in rows if r["contender"] in ("bcg", "bcg-breaks")):
         # one timed generate(3) and one generate(1): 2 prefills + 2 decode steps, all replayed
         assert row["rejects"] == "0" and row["replays"] == 4
-    assert list(payload["bcg_final_stats"]) == ["bcg-static", "bcg"]
+    assert list(payload["bcg_final_stats"]) == ["bcg", "bcg-breaks"]
     assert _plotted(tmp_path / "decode_tiny.png")
 
 

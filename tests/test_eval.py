@@ -211,7 +211,8 @@ def test_compare_rejects_different_models(model_dir: Path, tmp_path: Path, local
     ({}, "score"),
     ({"mode": "exact"}, "exact"),
     ({"mode": "exact", "attention_kernels": "fast"}, "score"),
-    ({"mode": "fast", "attention_kernels": "eager", "fused_kernels": False}, "exact"),
+    ({"mode": "fast", "attention_kernels": "eager", "fused_kernels": False}, "score"),  # static stand-ins
+    ({"mode": "fast", "attention_kernels": "eager", "fused_kernels": False, "static_cache": False}, "exact"),
     ({"mode": "exact", "static_cache": True}, "score"),
 ])
 def test_default_acceptance_follows_the_kernels_chosen(model_args, acceptance) -> None:

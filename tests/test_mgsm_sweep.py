@@ -59,8 +59,9 @@ def test_model_args_and_names() -> None:
         "pretrained": "/m/smol/", "dtype": "bfloat16", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
     assert mgsm_sweep.default_out_name(args) == "mgsm_smol_SmolLM2-135M-Instruct.Q4_1"
     assert args.limit is None and mgsm_sweep.modes(args) == ["exact"]
-    static = mgsm_sweep.parse_args(["--model", "m", "--device", "cpu", "--static-cache"])
-    assert mgsm_sweep.model_args(static)["static_cache"] is True
+    for flag, value in (("true", True), ("false", False)):
+        static = mgsm_sweep.parse_args(["--model", "m", "--device", "cpu", "--static-cache", flag])
+        assert mgsm_sweep.model_args(static)["static_cache"] is value
     for bad in ("exact,exact", "quick", ","):
         with pytest.raises(ValueError, match="modes must be distinct values"):
             mgsm_sweep.modes(mgsm_sweep.parse_args(["--model", "m", "--mode", bad]))
