@@ -1,8 +1,10 @@
 """Graph backends: ``cuda`` captures real breakable CUDA graph segments, ``eager`` runs the same sequence eagerly.
 
-Both expose ``capture(run) -> graph`` where ``run()`` executes the stack once on the static
-inputs and returns its final hidden state, and ``graph.replay() -> hidden``. The ``eager`` backend re-runs
-``run()`` on each replay, so the runner, bridges, breaks and live context are exercised on CPU.
+Both expose ``capture(run, reset) -> graph`` where ``run()`` executes the stack once on the static
+inputs and returns its final hidden state, and ``graph.replay() -> hidden``. ``reset()`` (optional) runs before each
+of capture's runs, outside any graph: a run that advances state (a static cache's length counters) must find it as the
+step left it, or a warm-up would write past the cache's end. The ``eager`` backend re-runs ``run()`` on each replay,
+so the runner, bridges, breaks and live context are exercised on CPU.
 """
 
 from __future__ import annotations
@@ -15,6 +17,13 @@ from typing import Protocol
 import torch
 
 Run = Callable[[], torch.Tensor]
+Reset = Callable[[], None] | None
+
+
+def _run_as_captured(run: Run, reset: Reset) -> torch.Tensor:
+    if reset is not None:
+        reset()
+    return run()
 
 
 class Graph(Protocol):
@@ -28,7 +37,7 @@ class Backend(Protocol):
 
     def wrap_break(self, fn: Callable) -> Callable: ...
 
-    def capture(self, run: Run) -> Graph: ...
+    def capture(self, run: Run, reset: Reset = None) -> Graph: ...
 
     def graph_bytes(self) -> int: ...
 
@@ -50,12 +59,14 @@ class EagerGraph:
 
 class EagerBackend:
     name = "eager"
+    warmup_runs = 0  # the dry run alone (a test may ask for cuda's count)
 
     def wrap_break(self, fn: Callable) -> Callable:
         return fn
 
-    def capture(self, run: Run) -> Graph:
-        run()  # one dry run: checks the break count like a real capture does
+    def capture(self, run: Run, reset: Reset = None) -> Graph:
+        for _ in range(self.warmup_runs + 1):  # a dry run: checks the break count like a real capture does
+            _run_as_captured(run, reset)
         return EagerGraph(run)
 
     def graph_bytes(self) -> int:
@@ -109,14 +120,16 @@ class CudaBackend:
     def wrap_break(self, fn: Callable) -> Callable:
         return self._no_graph(fn)
 
-    def capture(self, run: Run) -> Graph:
+    def capture(self, run: Run, reset: Reset = None) -> Graph:
         from breakable_cuda_graphs import BreakableCUDAGraph, breakable_graph
 
         with torch.cuda.device(self.device):
             self._stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self._stream):
                 for _ in range(self.warmup_runs):
-                    run()
+                    _run_as_captured(run, reset)
+                if reset is not None:
+                    reset()
             torch.cuda.current_stream().wait_stream(self._stream)
             torch.cuda.synchronize()
             graph = BreakableCUDAGraph(pool=self._pool)

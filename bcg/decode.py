@@ -1,15 +1,17 @@
 """Full-graph decode on static caches: a decode step is one graph, attention and the cache update inside it.
 
-A StaticCache (full-attention layers) keeps its keys, values and length counters at fixed addresses, so a decode step
-needs no break. bcg owns one set of cache tensors per cache shape and *binds* a caller's StaticCache to them (its
+A StaticCache keeps its keys, values and length counters at fixed addresses, so a decode step needs no break; a
+sliding-window layer too until its window is full (then it rolls the window, picked by a length it counts in Python
+and with an index built on the host: those steps take the breaks). Replays advance that Python count as the step
+would have. bcg owns one set of cache tensors per cache shape and *binds* a caller's StaticCache to them (its
 layers then point at bcg's tensors, holding what they held): every generate() call makes a new StaticCache, and
 each one replays the same graphs. A cache still bound when another takes the tensors first gets copies of its own
 back, so two live caches never share storage. Each cache shape (batch x length: generate() grows the length to the
 longest call yet) holds a full set of keys and values: bcg keeps the ``MAX_STORAGES`` most recently used and frees the
-graphs of one it drops. Graphs are keyed by the call's kind (inputs, autocast, fast), batch,
-tokens per sequence, the masks' layout and the cache shape; anything else (a dynamic or sliding cache, a prefill)
-takes the breakable path. A step's 2D padding mask (or none) goes into the graph as it is and transformers' own mask
-functions run inside it (``PaddingMask``): building the masks on the host cost ~0.5 ms a step on an H200's host, more
+graphs of one it drops. Graphs are keyed by the call's kind (inputs, autocast, fast), batch, tokens per sequence, the
+masks' layout and the cache shape; anything else (a dynamic cache, a full sliding window, a prefill) takes the
+breakable path. A step's 2D padding mask (or none) goes into the graph as it is and transformers' own mask functions
+run inside it (``PaddingMask``): building the masks on the host cost ~0.5 ms a step on an H200's host, more
 than the rest of the step's host work together.
 """
 
@@ -116,7 +118,7 @@ def _static_masks(masks: Any, cache_length: int) -> torch.Tensor | dict | None:
 def _unbind(cache: Any) -> None:
     """A cache bound to bcg's tensors keeps its contents in tensors of its own."""
     with torch.inference_mode(False):  # it may be used outside inference mode again
-        for layer in hf.full_static_layers(cache) or ():
+        for layer in hf.static_layers(cache) or ():
             hf.rebind_static_layer(layer, *(t.clone() for t in hf.static_layer_tensors(layer)))
 
 
@@ -128,6 +130,11 @@ def _holds_storage(layers: list, storage: _Storage) -> bool:
 
 def _storage_key(layers: list) -> tuple:
     return tuple((tuple(k.shape), tuple(v.shape), k.dtype) for k, v, _ in map(hf.static_layer_tensors, layers))
+
+
+def _widest(storage_key: tuple) -> int:
+    """The most positions a layer of the cache holds (sliding layers may hold fewer): a padding mask's width."""
+    return max(keys_shape[2] for keys_shape, _, _ in storage_key)
 
 
 class StaticDecoder:
@@ -146,16 +153,18 @@ class StaticDecoder:
 
     @staticmethod
     def layers_for(call: Call) -> list | None:
-        """The cache's layers when this call is a decode step on a full static cache (checked before the masks are
-        built), else None."""
-        return hf.full_static_layers(call.cache) if call.tokens.shape[1] <= MAX_TOKENS_PER_SEQUENCE else None
+        """The cache's layers when this call is a decode step on a static cache that updates it in place (every
+        sliding layer short of full; checked before the masks are built), else None."""
+        if call.tokens.shape[1] > MAX_TOKENS_PER_SEQUENCE:
+            return None
+        return hf.static_layers_updated_in_place(call.cache, call.tokens.shape[1])
 
     def replay(self, call: Call, live: LiveContext, layers: list) -> torch.Tensor | None:
         """The step's last hidden state ([B, S, hidden], the caller's own tensor), or None: take the breaks.
-        ``layers``: those of ``live.cache``, full static layers (``layers_for``, or a stand-in's)."""
+        ``layers``: those of ``live.cache``, static layers updated in place (``layers_for``, or a stand-in's)."""
         bound_key = self._bound_storage(live.cache, layers)
         storage_key = bound_key or _storage_key(layers)
-        layout = _mask_layout(live.masks, cache_length=storage_key[0][0][2])
+        layout = _mask_layout(live.masks, cache_length=_widest(storage_key))
         if layout is None:
             return None
         key = (call.kind, live.batch, live.seq, layout, storage_key)
@@ -171,11 +180,14 @@ class StaticDecoder:
         entry.tokens.copy_(call.tokens)
         entry.positions.copy_(live.position_ids)
         _copy_masks(entry.masks, live.masks)
+        held = hf.host_lengths(layers)
         entry.cache = live.cache
         try:
-            return entry.graph.replay().clone()  # the graph's output is overwritten by the next replay
+            hidden = entry.graph.replay().clone()  # the graph's output is overwritten by the next replay
         finally:
             entry.cache = None
+        hf.set_host_lengths(held, live.seq)  # the graph advanced the length tensors; sliding layers count in Python too
+        return hidden
 
     # ----- binding caches to bcg's tensors -----
     def _bound_storage(self, cache: Any, layers: list) -> tuple | None:
@@ -215,9 +227,8 @@ class StaticDecoder:
 
     # ----- capture -----
     def _capture(self, key: tuple, call: Call, live: LiveContext, layers: list) -> _Entry | None:
-        keys = hf.static_layer_tensors(layers[0])[0]
         with torch.inference_mode(False):
-            entry = _Entry(call.tokens.clone(), live.position_ids.clone(), _static_masks(live.masks, keys.shape[2]))
+            entry = _Entry(call.tokens.clone(), live.position_ids.clone(), _static_masks(live.masks, _widest(key[-1])))
         inputs = {"input_ids" if call.inputs == "ids" else "inputs_embeds": entry.tokens}
         build_masks = isinstance(live.masks, PaddingMask)
 
@@ -232,10 +243,17 @@ class StaticDecoder:
 
         lengths = [hf.static_layer_tensors(layer)[2] for layer in layers]
         saved = [length.clone() for length in lengths]
+        held = hf.host_lengths(layers)
+
+        def reset() -> None:  # every run writes this step's position: warm-ups must not move the cache on
+            for length, value in zip(lengths, saved):
+                length.copy_(value)
+            hf.set_host_lengths(held, 0)
+
         entry.cache = live.cache
         try:
             with torch.inference_mode(False):
-                entry.graph = self.backend.capture(run)
+                entry.graph = self.backend.capture(run, reset)
         except Exception as error:  # this shape takes the breaks instead
             self.failed[key] = f"{type(error).__name__}: {error}"
             logger.warning("bcg: full-graph decode capture for batch %d failed: %s", live.batch, self.failed[key])
@@ -245,8 +263,7 @@ class StaticDecoder:
             return None
         finally:
             entry.cache = None
-            for length, value in zip(lengths, saved):  # warm-up runs advanced the counters: this step has not run
-                length.copy_(value)
+            reset()  # the runs advanced the counters: this step has not run yet
         self.graphs[key] = entry
         return entry
 

@@ -51,6 +51,7 @@ _STATELESS_LAYER_TYPES = ("moe", "mlp")
 SUPPORTED_CACHES = (DynamicCache, StaticCache)
 # DummyLayer (5.24+) holds the slot of a layer that reads another layer's keys/values and is never updated;
 # LinearAttentionCacheLayerMixin layers hold a mixer's convolution / recurrent state (the mixer updates it itself).
+_STATIC_LAYERS = (StaticLayer, StaticSlidingWindowLayer)
 _SUPPORTED_CACHE_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer, StaticLayer, StaticSlidingWindowLayer,
                            *([cache_utils.DummyLayer] if hasattr(cache_utils, "DummyLayer") else []),
                            *([cache_utils.LinearAttentionCacheLayerMixin]
@@ -241,25 +242,48 @@ def update_cache(cache: Any, keys: torch.Tensor, values: torch.Tensor,
     return cache.update(keys, values, layer_idx)
 
 
-def full_static_layers(cache: Any) -> list | None:
-    """The layers of a StaticCache whose every layer is a full (not sliding) static layer, allocated already: such
-    a cache updates only tensors at fixed addresses (keys, values, a length counter), so a decode step can be one
-    graph. None for any other cache (sliding static layers keep Python-side state a graph cannot update)."""
+def static_layers(cache: Any) -> list | None:
+    """The layers of a StaticCache whose every layer is a static layer, full or sliding, allocated already; None for
+    any other cache."""
     if type(cache) is not StaticCache or getattr(cache, "offloading", False):
         return None
     layers = list(cache.layers)
-    if not layers or any(type(layer) is not StaticLayer or not layer.is_initialized for layer in layers):
+    if not layers or any(type(layer) not in _STATIC_LAYERS or not layer.is_initialized for layer in layers):
         return None
     return layers
 
 
+def static_layers_updated_in_place(cache: Any, new_tokens: int) -> list | None:
+    """``static_layers`` when a step of ``new_tokens`` per sequence updates only tensors at fixed addresses (keys,
+    values, a length counter), so it can be one graph: every sliding layer has room for them still (a full sliding layer
+    rolls its window instead: its Python-side length picks that path, and the roll builds an index on the host).
+    None otherwise."""
+    layers = static_layers(cache)
+    if layers is None or any(type(layer) is StaticSlidingWindowLayer
+                             and layer.cumulative_length_int + new_tokens > layer.max_cache_len for layer in layers):
+        return None
+    return layers
+
+
+def host_lengths(layers: list) -> list[tuple[Any, int]]:
+    """The sliding layers among static ``layers`` with the token count each keeps in Python beside its length tensor
+    (a graph's replay advances the tensor, not this count)."""
+    return [(layer, layer.cumulative_length_int) for layer in layers if type(layer) is StaticSlidingWindowLayer]
+
+
+def set_host_lengths(held: list[tuple[Any, int]], added: int) -> None:
+    """Set each layer's Python-side token count to the one held plus ``added``."""
+    for layer, length in held:
+        layer.cumulative_length_int = length + added
+
+
 def static_layer_tensors(layer: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(keys, values, length counter) of a full static cache layer."""
+    """(keys, values, length counter) of a static cache layer, full or sliding."""
     return layer.keys, layer.values, layer.cumulative_length
 
 
 def rebind_static_layer(layer: Any, keys: torch.Tensor, values: torch.Tensor, length: torch.Tensor) -> None:
-    """Point a full static cache layer at other tensors of the same shapes (what it held must be copied first)."""
+    """Point a static cache layer at other tensors of the same shapes (what it held must be copied first)."""
     layer.keys, layer.values, layer.cumulative_length = keys, values, length
 
 

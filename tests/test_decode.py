@@ -6,6 +6,7 @@ from transformers import StaticCache
 
 import bcg
 from bcg import hf
+from bcg.backends import CudaBackend, EagerBackend
 from tiny_models import left_padded_batch, tiny_model
 
 STEPS = 5
@@ -137,13 +138,82 @@ def check_static_storages_bounded(device: str = "cpu", **options) -> None:
     assert len(decoder.storages) == len(decoder.graphs) == decoder.max_storages == 2
 
 
-def test_sliding_window_static_caches_keep_the_breaks():
-    reference, model = tiny_model("gemma2"), tiny_model("gemma2")
+@pytest.mark.parametrize("arch", ["mistral", "gemma2", "gemma3_text", "gpt_oss"])
+@pytest.mark.parametrize("window, full_graph_steps", [(12, 3), (10, 1), (64, STEPS), (6, 0)])
+def test_sliding_window_static_caches_decode_as_full_graphs_until_the_window_is_full(arch, window, full_graph_steps,
+                                                                                     monkeypatch):
+    """A sliding layer updates in place until its window is full (a 9-token prompt, window 12: three steps), then rolls
+    it (an index built on the host: the breaks). Tokens, cache and its lengths equal eager's either way, with capture
+    running cuda's warm-ups (each must find the cache as the step did, Python-side counts included)."""
+    monkeypatch.setattr(EagerBackend, "warmup_runs", CudaBackend.warmup_runs)
+    reference, model = tiny_model(arch, sliding_window=window), tiny_model(arch, sliding_window=window)
     handle = bcg.wrap_model(model, backend="eager")
     ids, mask = left_padded_batch()
     kwargs = dict(attention_mask=mask, cache_implementation="static", **GENERATE)
-    assert torch.equal(model.generate(ids, **kwargs).sequences, reference.generate(ids, **kwargs).sequences)
-    assert handle.stats()["full_graph_replays"] == 0 and handle.stats()["replays"] == 1 + STEPS
+    expected, got = reference.generate(ids, **kwargs), model.generate(ids, **kwargs)
+    assert torch.equal(got.sequences, expected.sequences)
+    _assert_same_cache(_cache_of(got), _cache_of(expected))
+    stats = handle.stats()
+    assert stats["full_graph_replays"] == full_graph_steps and stats["replays"] == 1 + STEPS
+    assert stats["rejects"] == {} and stats["capture_failures"] == {}
+
+
+class _TensorWorkOnly:
+    """The eager backend, for full decode graphs whose replays leave sliding layers' Python-side lengths where they
+    were, as a CUDA graph's replay does (it runs no Python)."""
+
+    name = "eager"
+
+    def __init__(self) -> None:
+        self.cache = None  # the cache of the step being replayed
+
+    def capture(self, run, reset=None):
+        graph = EagerBackend().capture(run, reset)
+        replay = graph.replay
+
+        def tensor_work_only():
+            lengths = hf.host_lengths(hf.static_layers(self.cache))
+            hidden = replay()
+            hf.set_host_lengths(lengths, 0)
+            return hidden
+
+        graph.replay = tensor_work_only
+        return graph
+
+
+def test_a_replay_advances_the_sliding_layers_python_side_lengths():
+    """bcg sets each sliding layer's Python-side length after a replay as the step would have: tokens, cache and
+    lengths equal eager's although the graph's replay (as a CUDA graph's) leaves them behind."""
+    reference, model = tiny_model("gemma3_text", sliding_window=64), tiny_model("gemma3_text", sliding_window=64)
+    handle = bcg.wrap_model(model, backend="eager")
+    decoder, backend = handle.runner.decoder, _TensorWorkOnly()
+    decoder.backend, replay = backend, decoder.replay
+
+    def replay_noting_the_cache(call, live, layers):
+        backend.cache = live.cache
+        return replay(call, live, layers)
+
+    decoder.replay = replay_noting_the_cache
+    ids, mask = left_padded_batch()
+    kwargs = dict(attention_mask=mask, cache_implementation="static", **GENERATE)
+    expected, got = reference.generate(ids, **kwargs), model.generate(ids, **kwargs)
+    assert torch.equal(got.sequences, expected.sequences)
+    _assert_same_cache(_cache_of(got), _cache_of(expected))
+    assert handle.stats()["full_graph_replays"] == STEPS
+
+
+def test_warm_up_runs_leave_a_nearly_full_static_cache_as_the_step_found_it(monkeypatch):
+    """cuda's capture runs the step three times (two warm-ups): each writes the step's own position, not the ones after
+    it (two positions from the end they would write past it: an index error, a device-side assert on a GPU)."""
+    monkeypatch.setattr(EagerBackend, "warmup_runs", CudaBackend.warmup_runs)
+    reference, model = tiny_model("llama"), tiny_model("llama")
+    handle = bcg.wrap_model(model, backend="eager")
+    ids, mask = left_padded_batch()
+    kwargs = dict(GENERATE, attention_mask=mask, cache_implementation="static", max_new_tokens=2)
+    expected, got = reference.generate(ids, **kwargs), model.generate(ids, **kwargs)
+    assert torch.equal(got.sequences, expected.sequences)
+    _assert_same_cache(_cache_of(got), _cache_of(expected))
+    assert handle.stats()["full_graph_replays"] == 1 and handle.stats()["capture_failures"] == {}
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gpt2", "opt"])
@@ -347,7 +417,7 @@ def test_beam_search_on_a_static_cache_binds_the_reordered_layers_again():
         hidden = replay(call, live, layers)
         storage = next(reversed(decoder.storages.values()))
         bound.append(all(hf.static_layer_tensors(layer)[0] is keys
-                         for layer, keys in zip(hf.full_static_layers(live.cache), storage.keys, strict=True)))
+                         for layer, keys in zip(hf.static_layers(live.cache), storage.keys, strict=True)))
         return hidden
 
     decoder.replay = checked_replay
