@@ -202,6 +202,18 @@ def test_a_replay_advances_the_sliding_layers_python_side_lengths():
     assert handle.stats()["full_graph_replays"] == STEPS
 
 
+def test_a_stand_in_captured_two_positions_from_its_end_is_not_written_past(monkeypatch):
+    """A 254-token prompt decodes on a 256-position stand-in: the capture's three runs (cuda's two warm-ups) all write
+    position 254, not 254..256."""
+    monkeypatch.setattr(EagerBackend, "warmup_runs", CudaBackend.warmup_runs)
+    reference, model = tiny_model("llama"), tiny_model("llama")
+    handle = bcg.wrap_model(model, backend="eager", static_cache=True)
+    ids = torch.randint(3, 100, (1, 254), generator=torch.Generator().manual_seed(0))
+    kwargs = dict(GENERATE, max_new_tokens=3)
+    assert torch.equal(model.generate(ids, **kwargs).sequences, reference.generate(ids, **kwargs).sequences)
+    assert handle.stats()["full_graph_replays"] == 2 and handle.stats()["static_cache_bytes"] > 0
+
+
 def test_warm_up_runs_leave_a_nearly_full_static_cache_as_the_step_found_it(monkeypatch):
     """cuda's capture runs the step three times (two warm-ups): each writes the step's own position, not the ones after
     it (two positions from the end they would write past it: an index error, a device-side assert on a GPU)."""
