@@ -211,9 +211,10 @@ def wrap_model(
             power of two, at least 256) whose tensors the caller's cache then views; prompts run on the caller's cache
             as without it. Attention then spans the rounded positions (masked), so bf16 rounding differs from the
             dynamic cache's. None (default): from ``mode`` (on in ``"fast"``, off in ``"exact"``). Any call given a
-            full-attention ``StaticCache`` gets one graph per step anyway; sliding-window and hybrid caches keep their
-            breaks. In the fast mode these graphs run grouped-query attention beside the mask (cuDNN, planned at
-            capture). Costs memory: up to two stand-ins, each at most half the device's free memory when made.
+            ``StaticCache`` gets one graph per step anyway (sliding layers until their window is full); dynamic
+            sliding-window caches and hybrid caches keep their breaks. In the fast mode these graphs run grouped-query
+            attention beside the mask (cuDNN, planned at capture). Costs memory: up to two stand-ins, each at most half
+            the device's free memory when made.
         attention_kernels: override ``mode``'s attention choice alone: ``"fast"`` (no cuDNN in decode breaks, varlen
             attention for padded prompts) or ``"eager"`` (SDPA's own choice, padded prompts' mask); None: from ``mode``.
         fused_kernels: override ``mode``'s fusion alone: True (CUDA and triton required: error otherwise), False,
