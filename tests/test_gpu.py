@@ -455,18 +455,9 @@ def test_sliding_window_static_caches_decode_as_full_graphs_on_real_graphs(arch)
     assert handle.stats()["full_graph_replays"] == 2 and handle.stats()["rejects"] == {}
 
 
-@pytest.mark.xfail(strict=True, reason="known, found 2026-11-29 on an H200 (transformers 5.17 and 5.24): bcg's prefill "
-                   "of a sliding-window StaticCache ends in an illegal memory access during a breakable graph replay "
-                   "(full decode graphs off too); not yet isolated")
-def test_sliding_window_static_cache_generate_on_real_graphs():
-    """generate(cache_implementation="static") on a sliding-window model, wrapped, equals eager. In a child process:
-    an illegal memory access poisons the CUDA context of every later test."""
-    import subprocess
-    import sys
-
-    code = f"""
+_SLIDING_GENERATE_CHILD = """
 import sys, torch
-sys.path.insert(0, {str(Path(__file__).parent)!r})
+sys.path.insert(0, {tests!r})
 import bcg
 from tiny_models import left_padded_batch, tiny_model
 from test_decode import GENERATE
@@ -474,13 +465,41 @@ reference = tiny_model("mistral", device="cuda", sliding_window=64)
 model = tiny_model("mistral", device="cuda", sliding_window=64)
 ids, mask = left_padded_batch(device="cuda")
 kwargs = dict(GENERATE, attention_mask=mask, cache_implementation="static")
-expected = reference.generate(ids, **kwargs).sequences
+if {compiled_reference_first!r}:  # HF compiles the unwrapped model's forward for a static cache (CUDA graphs too)
+    expected = reference.generate(ids, **kwargs).sequences
 bcg.wrap_model(model)
-assert torch.equal(model.generate(ids, **kwargs).sequences, expected)
+got = model.generate(ids, **kwargs).sequences
 torch.cuda.synchronize()
+if not {compiled_reference_first!r}:
+    expected = reference.generate(ids, disable_compile=True, **kwargs).sequences
+assert torch.equal(got, expected)
 """
-    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+
+
+def _sliding_generate_in_a_child(compiled_reference_first: bool) -> None:
+    """An illegal memory access poisons the CUDA context of every later test: run in a child process."""
+    import subprocess
+    import sys
+
+    code = _SLIDING_GENERATE_CHILD.format(tests=str(Path(__file__).parent),
+                                          compiled_reference_first=compiled_reference_first)
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
     assert child.returncode == 0, child.stderr[-3000:]
+
+
+def test_sliding_window_static_cache_generate_on_real_graphs():
+    """generate(cache_implementation="static") on a wrapped sliding-window model equals eager (bcg first in its
+    process; the reference uncompiled). Not run yet: written after the failure below, to tell its cause apart."""
+    _sliding_generate_in_a_child(compiled_reference_first=False)
+
+
+@pytest.mark.xfail(strict=True, reason="known, found 2026-11-29 on an H200 (transformers 5.17 and 5.24): after HF's "
+                   "compiled generate() on a sliding-window model in the same process, bcg's prefill of a sliding "
+                   "StaticCache ends in an illegal memory access (in the prompt graph's first segment, with "
+                   "CUDA_LAUNCH_BLOCKING=1; full decode graphs off too); not yet isolated")
+def test_sliding_window_static_cache_generate_after_hf_compile_on_real_graphs():
+    """The same after HF's compiled generate() of the unwrapped twin in the same process (how the failure was met)."""
+    _sliding_generate_in_a_child(compiled_reference_first=True)
 
 
 def test_two_live_static_caches_on_real_graphs():
