@@ -495,7 +495,7 @@ def test_sliding_window_static_cache_generate_on_real_graphs():
 
 @pytest.mark.xfail(strict=True, reason="known, found 2026-11-29 on an H200 (transformers 5.17 and 5.24): after HF's "
                    "compiled generate() on a sliding-window model in the same process, bcg's prefill of a sliding "
-                   "StaticCache ends in an illegal memory access (in the prompt graph's first segment, with "
+                   "StaticCache ends in an illegal memory access (in a segment of the prompt graph's replay, with "
                    "CUDA_LAUNCH_BLOCKING=1; full decode graphs off too); not yet isolated")
 def test_sliding_window_static_cache_generate_after_hf_compile_on_real_graphs():
     """The same after HF's compiled generate() of the unwrapped twin in the same process (how the failure was met)."""
