@@ -3,8 +3,9 @@
 Both expose ``capture(run, reset) -> graph`` where ``run()`` executes the stack once on the static
 inputs and returns its final hidden state, and ``graph.replay() -> hidden``. ``reset()`` (optional) runs before each
 of capture's runs, outside any graph: a run that advances state (a static cache's length counters) must find it as the
-step left it, or a warm-up would write past the cache's end. The ``eager`` backend re-runs ``run()`` on each replay,
-so the runner, bridges, breaks and live context are exercised on CPU.
+step left it, or a warm-up would write past the cache's end. The ``eager`` backend makes capture's runs as ``cuda``
+does (warm-ups included) and re-runs ``run()`` on each replay, so the runner, bridges, breaks and live context are
+exercised on CPU.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ import torch
 
 Run = Callable[[], torch.Tensor]
 Reset = Callable[[], None] | None
+# Runs before the one captured. The eager backend makes them too: a run that advances state shows on CPU what it does to
+# a cuda capture.
+WARMUP_RUNS = 2
 
 
 def _run_as_captured(run: Run, reset: Reset) -> torch.Tensor:
@@ -59,13 +63,13 @@ class EagerGraph:
 
 class EagerBackend:
     name = "eager"
-    warmup_runs = 0  # the dry run alone (a test may ask for cuda's count)
+    warmup_runs = WARMUP_RUNS
 
     def wrap_break(self, fn: Callable) -> Callable:
         return fn
 
     def capture(self, run: Run, reset: Reset = None) -> Graph:
-        for _ in range(self.warmup_runs + 1):  # a dry run: checks the break count like a real capture does
+        for _ in range(self.warmup_runs + 1):  # dry runs, as cuda's capture makes (the break count is checked too)
             _run_as_captured(run, reset)
         return EagerGraph(run)
 
@@ -106,7 +110,7 @@ class CudaBackend:
     """Segments captured with ``breakable_cuda_graphs`` on a side stream, all buckets sharing one memory pool."""
 
     name = "cuda"
-    warmup_runs = 2
+    warmup_runs = WARMUP_RUNS
 
     def __init__(self, device: torch.device, attention_kernels: str = "fast") -> None:
         from breakable_cuda_graphs import no_graph

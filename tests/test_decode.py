@@ -6,7 +6,7 @@ from transformers import StaticCache
 
 import bcg
 from bcg import hf
-from bcg.backends import CudaBackend, EagerBackend
+from bcg.backends import WARMUP_RUNS, CudaBackend, EagerBackend
 from tiny_models import left_padded_batch, tiny_model
 
 STEPS = 5
@@ -140,12 +140,10 @@ def check_static_storages_bounded(device: str = "cpu", **options) -> None:
 
 @pytest.mark.parametrize("arch", ["mistral", "gemma2", "gemma3_text", "gpt_oss"])
 @pytest.mark.parametrize("window, full_graph_steps", [(12, 3), (10, 1), (64, STEPS), (6, 0)])
-def test_sliding_window_static_caches_decode_as_full_graphs_until_the_window_is_full(arch, window, full_graph_steps,
-                                                                                     monkeypatch):
+def test_sliding_window_static_caches_decode_as_full_graphs_until_the_window_is_full(arch, window, full_graph_steps):
     """A sliding layer updates in place until its window is full (a 9-token prompt, window 12: three steps), then rolls
     it (an index built on the host: the breaks). Tokens, cache and its lengths equal eager's either way, with capture
     running cuda's warm-ups (each must find the cache as the step did, Python-side counts included)."""
-    monkeypatch.setattr(EagerBackend, "warmup_runs", CudaBackend.warmup_runs)
     reference, model = tiny_model(arch, sliding_window=window), tiny_model(arch, sliding_window=window)
     handle = bcg.wrap_model(model, backend="eager")
     ids, mask = left_padded_batch()
@@ -202,10 +200,17 @@ def test_a_replay_advances_the_sliding_layers_python_side_lengths():
     assert handle.stats()["full_graph_replays"] == STEPS
 
 
-def test_a_stand_in_captured_two_positions_from_its_end_is_not_written_past(monkeypatch):
-    """A 254-token prompt decodes on a 256-position stand-in: the capture's three runs (cuda's two warm-ups) all write
-    position 254, not 254..256."""
-    monkeypatch.setattr(EagerBackend, "warmup_runs", CudaBackend.warmup_runs)
+def test_the_eager_backend_runs_a_capture_as_cuda_does():
+    """Warm-ups, then the run captured, each after the reset: CPU tests see what a state-advancing run does on cuda."""
+    calls = []
+    EagerBackend().capture(lambda: calls.append("run"), lambda: calls.append("reset"))
+    assert calls == ["reset", "run"] * (WARMUP_RUNS + 1)
+    assert EagerBackend.warmup_runs == CudaBackend.warmup_runs == WARMUP_RUNS
+
+
+def test_a_stand_in_captured_two_positions_from_its_end_is_not_written_past():
+    """A 254-token prompt decodes on a 256-position stand-in: the capture's three runs (two warm-ups, as on cuda) all
+    write position 254, not 254..256."""
     reference, model = tiny_model("llama"), tiny_model("llama")
     handle = bcg.wrap_model(model, backend="eager", static_cache=True)
     ids = torch.randint(3, 100, (1, 254), generator=torch.Generator().manual_seed(0))
@@ -214,10 +219,9 @@ def test_a_stand_in_captured_two_positions_from_its_end_is_not_written_past(monk
     assert handle.stats()["full_graph_replays"] == 2 and handle.stats()["static_cache_bytes"] > 0
 
 
-def test_warm_up_runs_leave_a_nearly_full_static_cache_as_the_step_found_it(monkeypatch):
+def test_warm_up_runs_leave_a_nearly_full_static_cache_as_the_step_found_it():
     """cuda's capture runs the step three times (two warm-ups): each writes the step's own position, not the ones after
     it (two positions from the end they would write past it: an index error, a device-side assert on a GPU)."""
-    monkeypatch.setattr(EagerBackend, "warmup_runs", CudaBackend.warmup_runs)
     reference, model = tiny_model("llama"), tiny_model("llama")
     handle = bcg.wrap_model(model, backend="eager")
     ids, mask = left_padded_batch()
