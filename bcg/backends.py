@@ -18,13 +18,13 @@ from typing import Protocol
 import torch
 
 Run = Callable[[], torch.Tensor]
-Reset = Callable[[], None] | None
+Reset = Callable[[], None]
 # Runs before the one captured. The eager backend makes them too: a run that advances state shows on CPU what it does to
 # a cuda capture.
 WARMUP_RUNS = 2
 
 
-def _run_as_captured(run: Run, reset: Reset) -> torch.Tensor:
+def _run_as_captured(run: Run, reset: Reset | None) -> torch.Tensor:
     if reset is not None:
         reset()
     return run()
@@ -41,7 +41,7 @@ class Backend(Protocol):
 
     def wrap_break(self, fn: Callable) -> Callable: ...
 
-    def capture(self, run: Run, reset: Reset = None) -> Graph: ...
+    def capture(self, run: Run, reset: Reset | None = None) -> Graph: ...
 
     def graph_bytes(self) -> int: ...
 
@@ -68,7 +68,7 @@ class EagerBackend:
     def wrap_break(self, fn: Callable) -> Callable:
         return fn
 
-    def capture(self, run: Run, reset: Reset = None) -> Graph:
+    def capture(self, run: Run, reset: Reset | None = None) -> Graph:
         for _ in range(self.warmup_runs + 1):  # dry runs, as cuda's capture makes (the break count is checked too)
             _run_as_captured(run, reset)
         return EagerGraph(run)
@@ -124,7 +124,7 @@ class CudaBackend:
     def wrap_break(self, fn: Callable) -> Callable:
         return self._no_graph(fn)
 
-    def capture(self, run: Run, reset: Reset = None) -> Graph:
+    def capture(self, run: Run, reset: Reset | None = None) -> Graph:
         from breakable_cuda_graphs import BreakableCUDAGraph, breakable_graph
 
         with torch.cuda.device(self.device):

@@ -157,7 +157,7 @@ class StaticDecoder:
         sliding layer short of full; checked before the masks are built), else None."""
         if call.tokens.shape[1] > MAX_TOKENS_PER_SEQUENCE:
             return None
-        return hf.static_layers_updated_in_place(call.cache, call.tokens.shape[1])
+        return hf.static_layers(call.cache, new_tokens=call.tokens.shape[1])
 
     def replay(self, call: Call, live: LiveContext, layers: list) -> torch.Tensor | None:
         """The step's last hidden state ([B, S, hidden], the caller's own tensor), or None: take the breaks.

@@ -51,7 +51,6 @@ _STATELESS_LAYER_TYPES = ("moe", "mlp")
 SUPPORTED_CACHES = (DynamicCache, StaticCache)
 # DummyLayer (5.24+) holds the slot of a layer that reads another layer's keys/values and is never updated;
 # LinearAttentionCacheLayerMixin layers hold a mixer's convolution / recurrent state (the mixer updates it itself).
-_STATIC_LAYERS = (StaticLayer, StaticSlidingWindowLayer)
 _SUPPORTED_CACHE_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer, StaticLayer, StaticSlidingWindowLayer,
                            *([cache_utils.DummyLayer] if hasattr(cache_utils, "DummyLayer") else []),
                            *([cache_utils.LinearAttentionCacheLayerMixin]
@@ -242,27 +241,26 @@ def update_cache(cache: Any, keys: torch.Tensor, values: torch.Tensor,
     return cache.update(keys, values, layer_idx)
 
 
-def static_layers(cache: Any) -> list | None:
+def static_layers(cache: Any, new_tokens: int = 0) -> list | None:
     """The layers of a StaticCache whose every layer is a static layer, full or sliding, allocated already; None for
-    any other cache."""
+    any other cache. ``new_tokens`` > 0: only when a step of that many tokens per sequence updates nothing but tensors
+    at fixed addresses (keys, values, a length counter), so it can be one graph: every sliding layer has room for them
+    still (a full sliding layer rolls its window instead: its Python-side length picks that path, and the roll builds
+    an index on the host)."""
     if type(cache) is not StaticCache or getattr(cache, "offloading", False):
         return None
     layers = list(cache.layers)
-    if not layers or any(type(layer) not in _STATIC_LAYERS or not layer.is_initialized for layer in layers):
+    if not layers or not all(_static_and_in_place(layer, new_tokens) for layer in layers):
         return None
     return layers
 
 
-def static_layers_updated_in_place(cache: Any, new_tokens: int) -> list | None:
-    """``static_layers`` when a step of ``new_tokens`` per sequence updates only tensors at fixed addresses (keys,
-    values, a length counter), so it can be one graph: every sliding layer has room for them still (a full sliding layer
-    rolls its window instead: its Python-side length picks that path, and the roll builds an index on the host).
-    None otherwise."""
-    layers = static_layers(cache)
-    if layers is None or any(type(layer) is StaticSlidingWindowLayer
-                             and layer.cumulative_length_int + new_tokens > layer.max_cache_len for layer in layers):
-        return None
-    return layers
+def _static_and_in_place(layer: Any, new_tokens: int) -> bool:
+    kind = type(layer)
+    if kind is StaticLayer:
+        return layer.is_initialized
+    return (kind is StaticSlidingWindowLayer and layer.is_initialized
+            and (new_tokens == 0 or layer.cumulative_length_int + new_tokens <= layer.max_cache_len))
 
 
 def host_lengths(layers: list) -> list[tuple[Any, int]]:
