@@ -233,13 +233,14 @@ class StaticDecoder:
         build_masks = isinstance(live.masks, PaddingMask)
 
         def run() -> torch.Tensor:
-            masks = entry.masks
-            if build_masks:
-                masks = self.build_masks(entry.masks, entry.cache, entry.positions, live.batch, live.seq)
-                if _prepared_layout(masks) is None:
-                    raise RuntimeError(f"transformers' masks for this step are {type(masks).__name__}, not tensors")
-            return self.run_stack(call.kind, **inputs, position_ids=entry.positions, attention_mask=masks,
-                                  use_cache=True, **{self.cache_argument: entry.cache})
+            with hf.sliding_lengths_as_tensors(entry.cache):
+                masks = entry.masks
+                if build_masks:
+                    masks = self.build_masks(entry.masks, entry.cache, entry.positions, live.batch, live.seq)
+                    if _prepared_layout(masks) is None:
+                        raise RuntimeError(f"transformers' masks for this step are {type(masks).__name__}, not tensors")
+                return self.run_stack(call.kind, **inputs, position_ids=entry.positions, attention_mask=masks,
+                                      use_cache=True, **{self.cache_argument: entry.cache})
 
         lengths = [hf.static_layer_tensors(layer)[2] for layer in layers]
         saved = [length.clone() for length in lengths]

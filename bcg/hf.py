@@ -275,6 +275,22 @@ def set_host_lengths(held: list[tuple[Any, int]], added: int) -> None:
         layer.cumulative_length_int = length + added
 
 
+@contextmanager
+def sliding_lengths_as_tensors(cache: Any) -> Iterator[None]:
+    """While a graph is captured: sliding static layers report their length tensor from ``get_seq_length``, as full
+    static layers do. Masks take their query offset from it; the Python count a sliding layer reports otherwise would
+    stay the capture step's in every replay (a query at position 9 for ever: it never sees the keys it writes after).
+    The tensor equals the count while the layer has room, the only case a full graph runs."""
+    sliding = [layer for layer in getattr(cache, "layers", ()) if type(layer) is StaticSlidingWindowLayer]
+    for layer in sliding:
+        layer.get_seq_length = lambda layer=layer: layer.cumulative_length
+    try:
+        yield
+    finally:
+        for layer in sliding:
+            del layer.get_seq_length
+
+
 def static_layer_tensors(layer: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(keys, values, length counter) of a static cache layer, full or sliding."""
     return layer.keys, layer.values, layer.cumulative_length

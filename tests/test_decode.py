@@ -156,9 +156,10 @@ def test_sliding_window_static_caches_decode_as_full_graphs_until_the_window_is_
     assert stats["rejects"] == {} and stats["capture_failures"] == {}
 
 
-class _TensorWorkOnly:
-    """The eager backend, for full decode graphs whose replays leave sliding layers' Python-side lengths where they
-    were, as a CUDA graph's replay does (it runs no Python)."""
+class _GraphLikeReplays:
+    """The eager backend, replaying as a CUDA graph does as far as sliding layers' Python-side lengths go: a replay
+    reads the lengths the capture saw (a graph keeps what Python computed from them then), and what it adds to them
+    is lost (it runs no Python)."""
 
     name = "eager"
 
@@ -166,25 +167,26 @@ class _TensorWorkOnly:
         self.cache = None  # the cache of the step being replayed
 
     def capture(self, run, reset=None):
+        seen = [length for _, length in hf.host_lengths(hf.static_layers(self.cache))]
         graph = EagerBackend().capture(run, reset)
         replay = graph.replay
 
-        def tensor_work_only():
-            lengths = hf.host_lengths(hf.static_layers(self.cache))
+        def as_a_graph():
+            held = hf.host_lengths(hf.static_layers(self.cache))
+            for (layer, _), length in zip(held, seen):
+                layer.cumulative_length_int = length
             hidden = replay()
-            hf.set_host_lengths(lengths, 0)
+            hf.set_host_lengths(held, 0)
             return hidden
 
-        graph.replay = tensor_work_only
+        graph.replay = as_a_graph
         return graph
 
 
-def test_a_replay_advances_the_sliding_layers_python_side_lengths():
-    """bcg sets each sliding layer's Python-side length after a replay as the step would have: tokens, cache and
-    lengths equal eager's although the graph's replay (as a CUDA graph's) leaves them behind."""
-    reference, model = tiny_model("gemma3_text", sliding_window=64), tiny_model("gemma3_text", sliding_window=64)
+def wrap_with_graph_like_replays(model):
+    """``bcg.wrap_model(model, backend="eager")`` whose full decode graphs replay as ``_GraphLikeReplays``."""
     handle = bcg.wrap_model(model, backend="eager")
-    decoder, backend = handle.runner.decoder, _TensorWorkOnly()
+    decoder, backend = handle.runner.decoder, _GraphLikeReplays()
     decoder.backend, replay = backend, decoder.replay
 
     def replay_noting_the_cache(call, live, layers):
@@ -192,12 +194,49 @@ def test_a_replay_advances_the_sliding_layers_python_side_lengths():
         return replay(call, live, layers)
 
     decoder.replay = replay_noting_the_cache
+    return handle
+
+
+def decode_after_an_eager_prefill(model, ids, mask, *, wrap, steps: int, max_cache_len: int):
+    """Greedy decode steps (plain forward calls with 2D padding masks: a full graph builds the masks itself) on a
+    StaticCache prefilled before ``wrap(model)`` (None: eager throughout): the tokens, the cache and the handle."""
+    cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+    name = hf.cache_argument(type(model).forward.__get__(model))
+    with torch.no_grad():
+        tokens = [model(ids, attention_mask=mask, use_cache=True, **{name: cache}).logits[:, -1].argmax(-1, True)]
+        handle = wrap(model) if wrap else None
+        for _ in range(steps):
+            mask = torch.cat([mask, torch.ones_like(tokens[-1])], dim=1)
+            logits = model(tokens[-1], attention_mask=mask, use_cache=True, **{name: cache}).logits
+            tokens.append(logits[:, -1].argmax(-1, keepdim=True))
+    return torch.cat(tokens, dim=1), cache, handle
+
+
+def test_a_replay_advances_the_sliding_layers_python_side_lengths():
+    """bcg sets each sliding layer's Python-side length after a replay as the step would have: tokens, cache and
+    lengths equal eager's although the graph's replay (as a CUDA graph's) leaves them behind."""
+    reference, model = tiny_model("gemma3_text", sliding_window=64), tiny_model("gemma3_text", sliding_window=64)
+    handle = wrap_with_graph_like_replays(model)
     ids, mask = left_padded_batch()
     kwargs = dict(attention_mask=mask, cache_implementation="static", **GENERATE)
     expected, got = reference.generate(ids, **kwargs), model.generate(ids, **kwargs)
     assert torch.equal(got.sequences, expected.sequences)
     _assert_same_cache(_cache_of(got), _cache_of(expected))
     assert handle.stats()["full_graph_replays"] == STEPS
+
+
+@pytest.mark.parametrize("arch", ["mistral", "gemma3_text"])
+def test_masks_built_inside_a_graph_follow_the_sliding_layers_lengths(arch):
+    """A full graph that builds its masks from a padding mask takes the query's offset from the sliding layers'
+    length tensors, not from the Python-side count the capture saw (a replay would keep it: the step's query would
+    not see the keys it writes). Plain forward calls, found on an H200."""
+    ids, mask = left_padded_batch()
+    runs = [decode_after_an_eager_prefill(tiny_model(arch, sliding_window=64), ids, mask, wrap=wrap, steps=3,
+                                          max_cache_len=12) for wrap in (None, wrap_with_graph_like_replays)]
+    (expected, expected_cache, _), (got, got_cache, handle) = runs
+    assert torch.equal(got, expected)
+    _assert_same_cache(got_cache, expected_cache)
+    assert handle.stats()["full_graph_replays"] == 3 and handle.stats()["rejects"] == {}
 
 
 def test_the_eager_backend_runs_a_capture_as_cuda_does():
