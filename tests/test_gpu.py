@@ -422,7 +422,7 @@ def test_static_cache_decode_is_one_graph_per_step(arch):
     assert [type(s).__name__ for s in entry.graph._graph._segments] == ["CUDAGraph"]
 
 
-# gpt_oss is left out: its fp32 experts (grouped_mm) copy from host memory on CUDA, which no capture allows.
+# gpt_oss is left out: its fp32 experts (grouped_mm) copy from host memory on CUDA, which no capture allows (README).
 @pytest.mark.parametrize("arch", ["mistral", "gemma2", "gemma3_text"])
 def test_sliding_window_static_caches_decode_as_full_graphs_on_real_graphs(arch):
     """fp32, real graphs: sliding layers short of full decode as one graph per step, building their masks inside the
