@@ -1,4 +1,5 @@
-"""Every causal-LM type the installed transformers ships, tiny and random, eager beside bcg's eager backend (CPU).
+"""Every causal-LM type the installed transformers ships, tiny and random, eager beside bcg: its eager backend on the
+CPU, its CUDA graphs on a GPU (``--device cuda``: the captures and replays themselves, which the CPU cannot check).
 
 Finds what a new transformers release breaks: for each model type a 2-layer fp32 model is built from its own config
 (small sizes, a sliding window of 6 where the config has one, so windows bite), and a left-padded batch runs eagerly
@@ -15,6 +16,7 @@ and the script exits 1 when any type is MISMATCH or CRASH. Each type runs in a f
     python scripts/sweep_architectures.py                          # all types (~15 min on 2 cores)
     python scripts/sweep_architectures.py --types moshi ctrl zamba2 --out-dir /tmp/sweep
     python scripts/sweep_architectures.py --wrap '{"static_cache": true}' --out-name sweep_architectures_static_cache
+    python scripts/sweep_architectures.py --device cuda --jobs 8 --out-name sweep_architectures_gpu
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import sys
 import tempfile
 import traceback
 import warnings
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -97,27 +101,30 @@ def small_config(model_type: str) -> Any:
     raise RuntimeError("no config builds with small sizes")
 
 
-def left_padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
+def left_padded_batch(device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
     ids = torch.randint(3, ALWAYS["vocab_size"], (3, 9), generator=generator)
     mask = torch.ones_like(ids)
     for row, pad in enumerate((3, 0, 5)):
         ids[row, :pad], mask[row, :pad] = 0, 0
-    return ids, mask
+    return ids.to(device), mask.to(device)
 
 
-def run_type(model_type: str, wrap: dict[str, Any] | None = None) -> dict[str, Any]:
-    """One type's outcome (see the module docstring), with bcg's stats and warnings; ``wrap``: more wrap options."""
+def run_type(model_type: str, wrap: dict[str, Any] | None = None, device: str = "cpu",
+             generate: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One type's outcome (see the module docstring), with bcg's stats and warnings; ``wrap``: more wrap options;
+    ``device``: "cpu" (bcg's eager backend) or "cuda" (its CUDA graphs); ``generate``: more generate() options."""
     try:
         config = small_config(model_type)
         torch.manual_seed(0)
-        reference = AutoModelForCausalLM.from_config(config).eval()
+        reference = AutoModelForCausalLM.from_config(config).eval().to(device)
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config).eval()
+        model = AutoModelForCausalLM.from_config(config).eval().to(device)
     except Exception as error:
         return {"outcome": "not built", "detail": _short(error)}
-    ids, mask = left_padded_batch()
-    generate = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    ids, mask = left_padded_batch(device)
+    # disable_compile: generate() would compile the reference's decode for a static cache; eager is the reference
+    generate = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, disable_compile=True, **(generate or {}))
     try:
         with torch.no_grad():
             expected = reference(input_ids=ids, attention_mask=mask).logits
@@ -127,7 +134,7 @@ def run_type(model_type: str, wrap: dict[str, Any] | None = None) -> dict[str, A
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            handle = bcg.wrap_model(model, backend="eager", **(wrap or {}))
+            handle = bcg.wrap_model(model, backend="eager" if device == "cpu" else "cuda", **(wrap or {}))
             with torch.no_grad():
                 logits = model(input_ids=ids, attention_mask=mask).logits
             tokens = model.generate(ids, attention_mask=mask, **generate)
@@ -147,24 +154,37 @@ def _short(error: BaseException) -> str:
     return f"{type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}"
 
 
-def run_isolated(model_type: str, timeout: int, wrap: dict[str, Any] | None = None) -> dict[str, Any]:
-    """``run_type`` in a forked child: a hang or a hard crash costs one row, not the sweep."""
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
-        path = handle.name
+def run_isolated(types: list[str], timeout: int, wrap: dict[str, Any] | None = None, device: str = "cpu",
+                 jobs: int = 1, generate: dict[str, Any] | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Each type's ``run_type`` in a forked child, up to ``jobs`` at once, as each ends: a hang or a hard crash costs
+    one row, not the sweep. The parent never touches CUDA (a forked child could not use it then)."""
+    pending, running = list(types), {}
+    with tempfile.TemporaryDirectory() as directory:
+        while pending or running:
+            while pending and len(running) < jobs:
+                model_type = pending.pop(0)
+                path = Path(directory) / f"{model_type}.json"
+                run = partial(run_type, model_type, wrap, device, generate)
+                running[_start_child(path, timeout, run)] = model_type, path
+            pid, status = os.wait()
+            model_type, path = running.pop(pid)
+            text = path.read_text() if path.exists() else ""
+            yield model_type, (json.loads(text) if text else
+                               {"outcome": "not built", "detail": f"child ended (status {status}, limit {timeout} s)"})
+
+
+def _start_child(path: Path, timeout: int, run: Callable[[], dict[str, Any]]) -> int:
+    """Fork a child that writes ``run()``'s result to ``path``; its pid."""
     pid = os.fork()
-    if pid == 0:  # child
-        signal.alarm(timeout)
-        try:
-            result = run_type(model_type, wrap)
-        except BaseException as error:  # noqa: BLE001 - anything is a row
-            result = {"outcome": "CRASH", "detail": _short(error)}
-        Path(path).write_text(json.dumps(result, default=str))
-        os._exit(0)
-    _, status = os.waitpid(pid, 0)
-    text = Path(path).read_text()
-    os.unlink(path)
-    return json.loads(text) if text else {"outcome": "not built", "detail": f"child ended (status {status}, "
-                                                                             f"limit {timeout} s)"}
+    if pid:
+        return pid
+    signal.alarm(timeout)
+    try:
+        result = run()
+    except BaseException as error:  # noqa: BLE001 - anything is a row
+        result = {"outcome": "CRASH", "detail": _short(error)}
+    path.write_text(json.dumps(result, default=str))
+    os._exit(0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,20 +195,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-name", default="sweep_architectures")
     parser.add_argument("--wrap", type=json.loads, default={},
                         help='more bcg.wrap_model options as JSON, e.g. \'{"static_cache": true}\'')
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cpu: bcg's eager backend; cuda: its CUDA graphs (default %(default)s)")
+    parser.add_argument("--jobs", type=int, default=1, help="types run at once (default %(default)s)")
+    parser.add_argument("--generate", type=json.loads, default={},
+                        help='more generate() options as JSON, e.g. \'{"cache_implementation": "static"}\'')
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1")
     torch.set_num_threads(1)
     rows = []
-    for model_type in args.types or sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
-        row = {"model_type": model_type, **run_isolated(model_type, args.timeout, args.wrap)}
+    types = args.types or sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    for model_type, result in run_isolated(types, args.timeout, args.wrap, args.device, args.jobs, args.generate):
+        row = {"model_type": model_type, **result}
         print(f"{model_type:32s} {row['outcome']:12s} {row.get('detail', '')[:100]}", flush=True)
         rows.append(row)
+    rows.sort(key=lambda r: types.index(r["model_type"]))
     counts = {outcome: sum(r["outcome"] == outcome for r in rows) for outcome in dict.fromkeys(r["outcome"]
                                                                                                for r in rows)}
     bad = [r["model_type"] for r in rows if r["outcome"] in ("MISMATCH", "CRASH")]
     notes = f"Outcomes: {counts}. MISMATCH or CRASH: {bad or 'none'}."
-    write_results(args.out_name, "Causal-LM types, eager vs bcg (eager backend, fp32, tiny random models)", rows,
+    how = "eager backend" if args.device == "cpu" else "CUDA graphs"
+    write_results(args.out_name, f"Causal-LM types, eager vs bcg ({how}, fp32, tiny random models)", rows,
                   extra={"counts": counts}, notes=notes, out_dir=args.out_dir,
-                  caveat="CPU correctness sweep (eager backend): NOT speed figures")
+                  caveat=f"{args.device.upper()} correctness sweep ({how}): NOT speed figures")
     print(notes)
     return 1 if bad else 0
 

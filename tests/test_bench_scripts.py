@@ -137,9 +137,13 @@ def test_bench_prefill_without_gpu_defaults_to_the_quick_check(tmp_path, capsys)
 def test_sweep_architectures_classifies_types_and_fails_on_a_mismatch(tmp_path, monkeypatch):
     import sweep_architectures
 
-    assert sweep_architectures.main(["--types", "llama", "bloom", "--out-dir", str(tmp_path)]) == 0
+    assert sweep_architectures.main(["--types", "llama", "bloom", "--jobs", "2", "--out-dir", str(tmp_path)]) == 0
     outcomes = {r["model_type"]: r["outcome"] for r in _rows(tmp_path / "sweep_architectures.json")}
     assert outcomes == {"llama": "replays", "bloom": "fallback"}
+    static = ["--generate", '{"cache_implementation": "static"}', "--out-name", "static"]
+    assert sweep_architectures.main(["--types", "llama", "--out-dir", str(tmp_path), *static]) == 0
+    (row,) = _rows(tmp_path / "static.json")
+    assert row["outcome"] == "replays" and row["full_graph_replays"] == 4  # five tokens: four decode steps
 
     def wrong_logits(self, *args, **kwargs):  # a wrapped stack that answers differently from eager
         output = self.runner_forward(*args, **kwargs)
