@@ -3,9 +3,7 @@ CPU, its CUDA graphs on a GPU (``--device cuda``: the captures and replays thems
 
 Finds what a new transformers release breaks: for each model type a 2-layer fp32 model is built from its own config
 (small sizes, a sliding window of 6 where the config has one, so windows bite), and a left-padded batch runs eagerly
-and wrapped: logits on real tokens, greedy ``generate()`` tokens, and the logits of decode steps made by plain forward
-calls with a growing 2D padding mask on a cache the script makes (static with ``--generate`` naming the static cache:
-such a step's graph builds its masks itself). Each type ends as one of
+and wrapped: logits on real tokens and greedy ``generate()`` tokens. Each type ends as one of
 
     replays        every call replayed, outputs equal eager's
     fallback       bcg stayed eager with a warning (the reason is listed), outputs equal eager's
@@ -38,14 +36,13 @@ from typing import Any
 
 import torch
 from report import RESULTS_DIR, write_results
-from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, StaticCache
+from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 import bcg
 from bcg import hf
 
 TOLERANCE = 1e-4
-FORWARD_STEPS = 3
 # Set when the type's default config has the field (the first group always): small, and windows that bite.
 ALWAYS = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -128,11 +125,9 @@ def run_type(model_type: str, wrap: dict[str, Any] | None = None, device: str = 
     ids, mask = left_padded_batch(device)
     # disable_compile: generate() would compile the reference's decode for a static cache; eager is the reference
     generate = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, disable_compile=True, **(generate or {}))
-    static = generate.get("cache_implementation") == "static"
     try:
         with torch.no_grad():
             expected = reference(input_ids=ids, attention_mask=mask).logits
-            expected_steps, step_tokens = forward_steps(reference, ids, mask, static)
         expected_tokens = reference.generate(ids, attention_mask=mask, **generate)
     except Exception as error:
         return {"outcome": "eager fails", "detail": _short(error)}
@@ -142,39 +137,17 @@ def run_type(model_type: str, wrap: dict[str, Any] | None = None, device: str = 
             handle = bcg.wrap_model(model, backend="eager" if device == "cpu" else "cuda", **(wrap or {}))
             with torch.no_grad():
                 logits = model(input_ids=ids, attention_mask=mask).logits
-                steps, _ = forward_steps(model, ids, mask, static, step_tokens)
             tokens = model.generate(ids, attention_mask=mask, **generate)
         except Exception as error:
             return {"outcome": "CRASH", "detail": _short(error), "where": traceback.format_exc(limit=-3)}
     said = sorted({str(w.message)[:160] for w in caught if issubclass(w.category, bcg.BcgWarning)})
     real = mask.bool()
     diff = (logits[real] - expected[real]).abs().max().item()
-    step_diff = (steps - expected_steps).abs().max().item() if steps is not None else 0.0
-    equal = max(diff, step_diff) <= TOLERANCE and torch.equal(tokens, expected_tokens)
+    equal = diff <= TOLERANCE and torch.equal(tokens, expected_tokens)
     stats = handle.stats()
     outcome = "MISMATCH" if not equal else "replays" if stats["ready"] and stats["replays"] else "fallback"
-    return {"outcome": outcome, "detail": "; ".join(said), "max_abs_diff": diff, "step_diff": step_diff,
-            "replays": stats["replays"],
+    return {"outcome": outcome, "detail": "; ".join(said), "max_abs_diff": diff, "replays": stats["replays"],
             "full_graph_replays": stats["full_graph_replays"], "rejects": stats["rejects"]}
-
-
-def forward_steps(model: Any, ids: torch.Tensor, mask: torch.Tensor, static: bool,
-                  tokens: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The last logits of a prefill and ``FORWARD_STEPS`` decode steps made by plain forward calls on a cache made
-    here, and the greedy tokens fed (``tokens``: feed these instead, the reference's, so a near tie cannot fork the
-    comparison); (None, None) when the model's forward takes no cache."""
-    name = hf.cache_argument(type(model).forward.__get__(model))
-    if name is None:
-        return None, None
-    cache = (StaticCache(config=model.config, max_cache_len=ids.shape[1] + FORWARD_STEPS) if static
-             else DynamicCache(config=model.config))
-    logits = [model(input_ids=ids, attention_mask=mask, use_cache=True, **{name: cache}).logits[:, -1:]]
-    fed = []
-    for step in range(FORWARD_STEPS):
-        fed.append(logits[-1].argmax(-1) if tokens is None else tokens[:, step:step + 1])
-        mask = torch.cat([mask, torch.ones_like(fed[-1])], dim=1)
-        logits.append(model(input_ids=fed[-1], attention_mask=mask, use_cache=True, **{name: cache}).logits[:, -1:])
-    return torch.cat(logits, dim=1), torch.cat(fed, dim=1)
 
 
 def _short(error: BaseException) -> str:

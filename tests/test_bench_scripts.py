@@ -143,8 +143,7 @@ def test_sweep_architectures_classifies_types_and_fails_on_a_mismatch(tmp_path, 
     static = ["--generate", '{"cache_implementation": "static"}', "--out-name", "static"]
     assert sweep_architectures.main(["--types", "llama", "--out-dir", str(tmp_path), *static]) == 0
     (row,) = _rows(tmp_path / "static.json")
-    # generate()'s five tokens: four decode steps; then the forward calls' steps on a StaticCache of the script's
-    assert row["outcome"] == "replays" and row["full_graph_replays"] == 4 + sweep_architectures.FORWARD_STEPS
+    assert row["outcome"] == "replays" and row["full_graph_replays"] == 4  # five tokens: four decode steps
 
     def wrong_logits(self, *args, **kwargs):  # a wrapped stack that answers differently from eager
         output = self.runner_forward(*args, **kwargs)
