@@ -263,10 +263,14 @@ def _static_and_in_place(layer: Any, new_tokens: int) -> bool:
             and (new_tokens == 0 or layer.cumulative_length_int + new_tokens <= layer.max_cache_len))
 
 
+def _sliding_static(layers: Any) -> list:
+    return [layer for layer in layers if type(layer) is StaticSlidingWindowLayer]
+
+
 def host_lengths(layers: list) -> list[tuple[Any, int]]:
     """The sliding layers among static ``layers`` with the token count each keeps in Python beside its length tensor
     (a graph's replay advances the tensor, not this count)."""
-    return [(layer, layer.cumulative_length_int) for layer in layers if type(layer) is StaticSlidingWindowLayer]
+    return [(layer, layer.cumulative_length_int) for layer in _sliding_static(layers)]
 
 
 def set_host_lengths(held: list[tuple[Any, int]], added: int) -> None:
@@ -281,7 +285,7 @@ def sliding_lengths_as_tensors(cache: Any) -> Iterator[None]:
     static layers do. Masks take their query offset from it; the Python count a sliding layer reports otherwise would
     stay the capture step's in every replay (a query at position 9 for ever: it never sees the keys it writes after).
     The tensor equals the count while the layer has room, the only case a full graph runs."""
-    sliding = [layer for layer in getattr(cache, "layers", ()) if type(layer) is StaticSlidingWindowLayer]
+    sliding = _sliding_static(getattr(cache, "layers", ()))
     for layer in sliding:
         layer.get_seq_length = lambda layer=layer: layer.cumulative_length
     try:
