@@ -10,6 +10,7 @@ from .errors import (
     BcgFallbackWarning,
     BcgInvalidatedWarning,
     BcgResolveWarning,
+    BcgVersionWarning,
     BcgWarning,
 )
 from .wrap import BcgHandle, unwrap_model, wrap_model
@@ -24,5 +25,6 @@ __all__ = [
     "BcgCaptureWarning",
     "BcgResolveWarning",
     "BcgInvalidatedWarning",
+    "BcgVersionWarning",
     "BcgAddressError",
 ]

@@ -36,6 +36,7 @@ class Reject(str, enum.Enum):
     TOO_MANY_TOKENS = "too_many_tokens"
     PADDING_WASTE = "padding_waste"
     CAPTURE_FAILED = "capture_failed"
+    VERIFICATION_FAILED = "verification_failed"
 
 
 # Rejects that will come back on every call of the same kind: said once in a warning, with what to do.
@@ -220,7 +221,7 @@ def reject_reason(call: Call, target: Target, failed: Container[tuple[str, int]]
     return None
 
 
-def model_unsupported_reason(model: Any, config: Any, stack_forward: Any, mixer_layers: set[int]) -> str | None:
+def model_unsupported_reason(model: Any, config: Any, stack_forward: Any) -> str | None:
     """Why this model as a whole must stay eager (said once, in a warning), or None."""
     if any(p.device.type == "meta" for p in model.parameters()):
         return "some weights are on the meta device (not loaded)"
@@ -232,10 +233,6 @@ def model_unsupported_reason(model: Any, config: Any, stack_forward: Any, mixer_
         return f"the model is split across devices {sorted(placements)}; bcg captures single-device models"
     if unknown := hf.unknown_layer_types(config):
         return f"layer types {sorted(unknown)} are neither attention nor a stateful mixer bcg knows"
-    if missing := [i for i in hf.stateful_layer_indices(config) if i not in mixer_layers]:
-        types = sorted({config.layer_types[i] for i in missing})
-        return (f"layers {missing} ({', '.join(types)}) have no token mixer bcg recognises (one whose code keeps "
-                "convolution / recurrent state in the cache)")
     if hf.caches_latents(config):
         return "multi-head latent attention caches compressed latents, not the keys/values bcg's breaks would cache"
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
@@ -254,4 +251,13 @@ def model_unsupported_reason(model: Any, config: Any, stack_forward: Any, mixer_
     if missing:
         return (f"the stack's forward does not take {missing}, which bcg needs to replay it (a transformers "
                 "version bcg does not know?)")
+    return None
+
+
+def unrecognised_mixers_reason(config: Any, mixer_layers: set[int]) -> str | None:
+    """Why a hybrid model must stay eager: layers whose type says they keep mixer state, with no mixer found there."""
+    if missing := [i for i in hf.stateful_layer_indices(config) if i not in mixer_layers]:
+        types = sorted({config.layer_types[i] for i in missing})
+        return (f"layers {missing} ({', '.join(types)}) have no token mixer bcg recognises (a module that received "
+                "the cache and read or wrote its state when the stack ran once)")
     return None

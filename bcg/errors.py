@@ -21,5 +21,9 @@ class BcgInvalidatedWarning(BcgWarning):
     """The model's weights moved since capture; the graphs were dropped and will be captured again."""
 
 
+class BcgVersionWarning(BcgWarning):
+    """The installed transformers lies outside the range bcg was verified on: bcg verifies its replays itself."""
+
+
 class BcgAddressError(RuntimeError):
     """A tensor a graph reads changed address since capture (raised in ``debug`` mode)."""

@@ -44,7 +44,10 @@ def _code_signature(code: CodeType) -> tuple:
 
 
 def _same_code(fn: Any, reference: Callable) -> bool:
-    return isinstance(fn, FunctionType) and _code_signature(fn.__code__) == _code_signature(reference.__code__)
+    """Same bytecode, looking through transformers' kernelizable function objects (hf.plain_function)."""
+    fn, reference = hf.plain_function(fn), hf.plain_function(reference)
+    return (isinstance(fn, FunctionType) and isinstance(reference, FunctionType)
+            and _code_signature(fn.__code__) == _code_signature(reference.__code__))
 
 
 def is_llama_rms_norm(module: nn.Module) -> bool:
@@ -115,9 +118,13 @@ class Fusions:
 
     norms: list[nn.Module] = field(default_factory=list)
     rotary_modules: list[ModuleType] = field(default_factory=list)
+    unmatched: list[str] = field(default_factory=list)  # RMSNorm classes and rotary code seen but unlike Llama's
 
-    def describe(self) -> dict[str, int]:
-        return {"rms_norm": len(self.norms), "rotary": len(self.rotary_modules)}
+    def __bool__(self) -> bool:
+        return bool(self.norms or self.rotary_modules)
+
+    def describe(self) -> dict[str, Any]:
+        return {"rms_norm": len(self.norms), "rotary": len(self.rotary_modules), "unmatched": list(self.unmatched)}
 
     @contextmanager
     def installed(self) -> Iterator[None]:
@@ -141,16 +148,23 @@ def _bound_forward(norm: nn.Module) -> Callable:
 
 
 def find_fusions(stack: nn.Module) -> Fusions:
-    """Every Llama-style RMSNorm inside ``stack`` and every modeling module of its layers with Llama's rotary code."""
+    """Every Llama-style RMSNorm inside ``stack`` and every modeling module of its layers with Llama's rotary code;
+    RMSNorm classes and rotary functions that differ from Llama's are named in ``unmatched`` (not fused)."""
     fusions = Fusions()
     seen_modeling: set[str] = set()
+    unmatched: dict[str, None] = {}
     for module in stack.modules():
         if is_llama_rms_norm(module):
             fusions.norms.append(module)
+        elif type(module).__name__.endswith("RMSNorm"):
+            unmatched[type(module).__name__] = None
         name = type(module).__module__
         if name not in seen_modeling:
             seen_modeling.add(name)
             modeling = sys.modules.get(name)
             if modeling is not None and has_llama_rotary(modeling):
                 fusions.rotary_modules.append(modeling)
+            elif modeling is not None and hasattr(modeling, _ROPE_NAME):
+                unmatched[f"{name.rsplit('.', 1)[-1]}.{_ROPE_NAME}"] = None
+    fusions.unmatched = list(unmatched)
     return fusions

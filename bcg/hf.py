@@ -1,12 +1,15 @@
 """Every transformers internal bcg touches, in one place.
 
 transformers moves its internals monthly (5.24 renamed the stack's, the layers' and the attention modules'
-``past_key_values`` argument to ``cache``), so names are read from the installed version's own signatures
-wherever they can be, and no other bcg module imports transformers. Supported: transformers 5.17 to the newest.
+``past_key_values`` argument to ``cache``; 5.25 moved the hybrids' convolution state into a new function), so names are
+read from the installed version's own signatures wherever they can be, state is found by walking it, and no other bcg
+module imports transformers. ``VERIFIED_TRANSFORMERS`` is the range bcg was verified on; outside it, bcg verifies its
+replays against eager itself (verify.py).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import sys
@@ -18,6 +21,8 @@ from typing import Any
 
 import torch
 from torch import nn
+import transformers
+from packaging.version import Version
 from transformers import AttentionInterface, PreTrainedModel, cache_utils
 from transformers.cache_utils import (
     DynamicCache,
@@ -33,6 +38,23 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama import modeling_llama
 
 from . import patching
+
+# The oldest and the newest transformers bcg was verified on (CPU suite and GPU suite); pyproject.toml and the README
+# state the same range (tests/test_compat.py checks). Outside it, wrap_model warns and verifies replays itself.
+VERIFIED_TRANSFORMERS = ("5.17.0", "5.25.0")
+
+
+def installed_transformers() -> str:
+    return transformers.__version__
+
+
+def outside_verified_range(version: str | None = None) -> bool:
+    """Whether ``version`` (default: the installed one) lies outside ``VERIFIED_TRANSFORMERS`` (a newer patch release
+    of the newest verified minor counts as inside: patch releases do not rewrite internals)."""
+    release = Version(version or installed_transformers()).release[:2]
+    oldest, newest = (Version(v).release[:2] for v in VERIFIED_TRANSFORMERS)
+    return not oldest <= release <= newest
+
 
 # The KV cache's argument name, newest first: "cache" since 5.24, "past_key_values" before (and deprecated after).
 CACHE_ARGUMENTS = ("cache", "past_key_values")
@@ -57,16 +79,24 @@ _SUPPORTED_CACHE_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer, StaticLayer,
                              if hasattr(cache_utils, "LinearAttentionCacheLayerMixin") else []))
 # The argument a stateful mixer takes its cache under: 5.24 "cache"; 5.17 "cache_params" or "past_key_values".
 MIXER_CACHE_ARGUMENTS = ("cache", "cache_params", "past_key_values")
-# What a stateful mixer's code touches on its cache, in 5.17 and 5.24 alike.
-_MIXER_STATE_NAMES = frozenset({"update_conv_state", "update_recurrent_state", "get_conv_state",
-                                "get_recurrent_state", "has_previous_state", "conv_states", "recurrent_states",
-                                # MiniMax's lightning attention: its state lives in its own cache class's list
-                                "get_linear_cache", "set_linear_cache"})
 
 # Llama's reference code, which fusion.py recognises in other models by bytecode.
 LLAMA_RMS_NORM_FORWARD = modeling_llama.LlamaRMSNorm.forward
 LLAMA_ROTARY = modeling_llama.apply_rotary_pos_emb
 LLAMA_ROTATE_HALF = modeling_llama.rotate_half
+
+
+def plain_function(obj: Any) -> Callable | None:
+    """The Python function behind a modeling file's function object: itself, or, for a kernelizable function (5.25+
+    with the ``kernels`` package: ``@use_kernel_forward_from_hub`` turns it into a module object whose forward calls
+    the function unless a kernel was mapped in), the function it wraps. None for anything else."""
+    if inspect.isfunction(obj):
+        return obj
+    forward = getattr(type(obj), "forward", None)
+    if getattr(type(obj), "kernel_layer_name", None) is None or not inspect.isfunction(forward):
+        return None
+    wrapped = [v for v in inspect.getclosurevars(forward).nonlocals.values() if inspect.isfunction(v)]
+    return wrapped[0] if len(wrapped) == 1 else None
 
 
 # ----- models and stacks -----
@@ -105,22 +135,6 @@ def cache_argument(forward: Callable, names: tuple[str, ...] = CACHE_ARGUMENTS) 
 def mixer_cache_argument(mixer: nn.Module) -> str | None:
     """The name under which a stateful mixer's class forward takes the cache (an instance hook may hide it)."""
     return cache_argument(type(mixer).forward, MIXER_CACHE_ARGUMENTS)
-
-
-def is_stateful_mixer(module: nn.Module) -> bool:
-    """A layer's token mixer that reads or writes its cache layer's convolution or recurrent state (Gated DeltaNet,
-    Mamba 1/2, short convolutions), told by the cache names its class's code uses: no list of families."""
-    layer_idx = getattr(module, "layer_idx", None)
-    if not isinstance(layer_idx, int) or isinstance(layer_idx, bool) or mixer_cache_argument(module) is None:
-        return False
-    for klass in type(module).__mro__:
-        if klass is nn.Module:
-            return False
-        for value in vars(klass).values():
-            function = inspect.unwrap(value) if callable(value) else None
-            if inspect.isfunction(function) and _MIXER_STATE_NAMES & _code_names(function.__code__):
-                return True
-    return False
 
 
 def _code_names(code: Any) -> set[str]:
@@ -189,7 +203,42 @@ def output_with_cache(output_cls: type, hidden: torch.Tensor, cache: Any) -> Any
     return output_cls(last_hidden_state=hidden, **({cache_field: cache} if cache_field else {}))
 
 
+def cache_of(output: Any) -> Any:
+    """The cache a stack output holds, under whichever field name it uses (None if none)."""
+    return next((getattr(output, name) for name in CACHE_ARGUMENTS if getattr(output, name, None) is not None), None)
+
+
 # ----- caches -----
+def cache_state(cache: Any) -> dict[str, Any]:
+    """Every tensor and plain value (number, flag) a cache holds, by path ("layers.3.conv_states.0", "linear_cache.1"):
+    what a call changes, walked rather than named so that state a transformers release adds is covered too."""
+    state: dict[str, Any] = {}
+    if cache is None:
+        return state
+    for i, layer in enumerate(getattr(cache, "layers", ())):
+        _walk(vars(layer), f"layers.{i}", state)
+    _walk({k: v for k, v in vars(cache).items() if k != "layers"}, "cache", state)
+    return state
+
+
+def _walk(values: dict, prefix: str, state: dict[str, Any], depth: int = 2) -> None:
+    for name, value in values.items():
+        path = f"{prefix}.{name}"
+        if isinstance(value, torch.Tensor) or (isinstance(value, (bool, int, float)) and not isinstance(value, type)):
+            state[path] = value
+        elif isinstance(value, (dict, list, tuple)) and depth > 0:
+            _walk(dict(value.items() if isinstance(value, dict) else enumerate(value)), path, state, depth - 1)
+
+
+def copy_cache(cache: Any) -> Any:
+    """A deep copy of ``cache`` whose tensors are compact clones (a view of a large stand-in copies only the view)."""
+    if cache is None:
+        return None
+    with torch.inference_mode(False):
+        memo = {id(t): t.clone() for t in cache_state(cache).values() if isinstance(t, torch.Tensor)}
+        return copy.deepcopy(cache, memo)
+
+
 def stack_cache_class(stack_forward: Callable) -> type:
     """The cache class a stack makes for itself: the DynamicCache subclass its cache argument is annotated with
     (MiniMax's MiniMaxCache, which holds its mixers' state), else DynamicCache."""
@@ -355,40 +404,57 @@ def static_cache_like(config: Any, layers: list, max_cache_len: int) -> tuple[An
 
 
 _LINEAR_LAYER = getattr(cache_utils, "LinearAttentionCacheLayerMixin", None)
-_MIXER_STATE_KINDS = ("conv_states", "recurrent_states")
+# A hybrid cache layer's attention part: the break updates it eagerly (dynamic keys/values grow by reassignment).
+_ATTENTION_STATE_NAMES = frozenset({"keys", "values", "cumulative_length"})
+MixerStateName = tuple[str, Any]  # (attribute of the cache layer, key within it or None)
 
 
-def settled_mixer_states(cache: Any, layer_idx: int) -> dict[tuple[str, Any], torch.Tensor] | None:
-    """A mixer's cache-layer states, by (kind, state index), when a decode step updates them in place: every state
-    allocated, a previous step recorded, no past being recorded (transformers copies into these tensors "to keep the
-    static address" then). None otherwise: a prefill, a first step, speculative rollback, another cache layer."""
+def _mixer_layer_tensors(layer: Any) -> Iterator[tuple[MixerStateName, torch.Tensor]]:
+    """Every tensor a mixer's cache layer holds, directly or in a dict / list attribute, except its attention part's:
+    the convolution and recurrent states and whatever else a transformers release adds (5.25 added a token counter the
+    decode step advances in place). Found by walking the layer, not by a list of names."""
+    for attribute, value in vars(layer).items():
+        if attribute in _ATTENTION_STATE_NAMES:
+            continue
+        if isinstance(value, torch.Tensor):
+            yield (attribute, None), value
+        elif isinstance(value, (dict, list)):
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            yield from (((attribute, key), t) for key, t in items if isinstance(t, torch.Tensor))
+
+
+def settled_mixer_states(cache: Any, layer_idx: int) -> dict[MixerStateName, torch.Tensor] | None:
+    """A mixer's cache-layer tensors, by name, when a decode step updates them in place: every state allocated, a
+    previous step recorded, no past being recorded (transformers copies into these tensors "to keep the static address"
+    then). None otherwise: a prefill, a first step, speculative rollback, another cache layer."""
     layers = getattr(cache, "layers", None)
     if _LINEAR_LAYER is None or layers is None or layer_idx >= len(layers):
         return None
     layer = layers[layer_idx]
     if not isinstance(layer, _LINEAR_LAYER) or layer.record_past or getattr(cache, "offloading", False):
         return None
-    indices = range(layer.number_of_states)
-    if not all(layer.has_previous_state[i] for i in indices):
+    if not all(layer.has_previous_state[i] for i in range(layer.number_of_states)):
         return None
-    states = {}
-    initialized = (layer.is_conv_states_initialized, layer.is_recurrent_states_initialized)
-    for kind, flags in zip(_MIXER_STATE_KINDS, initialized):
-        states.update({(kind, i): getattr(layer, kind)[i] for i in indices if flags[i]})
-    return states or None
+    return dict(_mixer_layer_tensors(layer)) or None
 
 
-def mixer_state(cache: Any, layer_idx: int, name: tuple[str, Any]) -> Any:
-    """One of a mixer's cache-layer states by (kind, state index), whatever the layer's condition (None if absent)."""
-    kind, index = name
-    states = getattr(cache.layers[layer_idx], kind, None)
-    return states[index] if states is not None else None
+def mixer_state(cache: Any, layer_idx: int, name: MixerStateName) -> Any:
+    """One of a mixer's cache-layer tensors by name, whatever the layer's condition (None if absent)."""
+    attribute, key = name
+    value = getattr(cache.layers[layer_idx], attribute, None)
+    if key is None or value is None:
+        return value
+    return value.get(key) if isinstance(value, dict) else value[key]
 
 
-def rebind_mixer_state(cache: Any, layer_idx: int, name: tuple[str, Any], tensor: torch.Tensor) -> None:
-    """Point one of a mixer's cache-layer states at another tensor of its shape (its contents copied first)."""
-    kind, index = name
-    getattr(cache.layers[layer_idx], kind)[index] = tensor
+def rebind_mixer_state(cache: Any, layer_idx: int, name: MixerStateName, tensor: torch.Tensor) -> None:
+    """Point one of a mixer's cache-layer tensors at another of its shape (its contents copied first)."""
+    attribute, key = name
+    layer = cache.layers[layer_idx]
+    if key is None:
+        setattr(layer, attribute, tensor)
+    else:
+        getattr(layer, attribute)[key] = tensor
 
 
 # ----- masks -----

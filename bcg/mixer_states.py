@@ -23,7 +23,7 @@ import torch
 
 from . import hf
 
-States = dict[int, dict[tuple[str, Any], torch.Tensor]]  # mixer layer -> (kind, state index) -> tensor
+States = dict[int, dict[hf.MixerStateName, torch.Tensor]]  # mixer layer -> state name -> tensor
 MAX_STORAGES = 4  # state shapes (batch sizes) kept at once
 
 

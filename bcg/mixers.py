@@ -2,8 +2,8 @@
 
 Hybrid models (Qwen3.5 / Qwen3-Next, OLMo-hybrid, Granite 4, Jamba, Bamba, Falcon-H1, LFM2) mix attention layers with
 token mixers that keep per-sequence state in the cache (a convolution window, a recurrent state). Such a mixer is
-found from its own code (``hf.is_stateful_mixer``: it touches the cache's conv / recurrent state), not from a list of
-families. While a stack runs under bcg its ``forward`` is routed here: the hidden states go into an owned bridge,
+found by what it does when the stack runs once (probe.py: it receives the cache and reads or writes it, and it is no
+attention call site), not from a list of families or names. While a stack runs under bcg its ``forward`` is routed here: the hidden states go into an owned bridge,
 the segment ends with a break, and the break body calls the mixer's own forward on the live ``[B, S, hidden]``
 tokens with the live cache and 2D padding mask, then writes the result into the output bridge the next segment
 reads. Every prefill / decode choice the mixer makes in Python (``has_previous_state``, ``seq_len == 1``, lazily
@@ -21,9 +21,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import hf, patching
+from . import hf, patching, probe
 from .attention import ACTIVE_RUN, StackRun, StructureError, is_per_call
+from .eligibility import unrecognised_mixers_reason
 from .live import LIVE
+from .resolve import Stack
 
 # Arguments a mixer call may carry that differ per call: the break supplies the live ones.
 _LIVE_ARGUMENTS = frozenset({"attention_mask", "use_cache", "position_ids", *hf.MIXER_CACHE_ARGUMENTS})
@@ -81,13 +83,17 @@ def _padding_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
     return mask if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
 
 
-def find_mixers(stack: nn.Module) -> list[nn.Module]:
-    """The stack's stateful mixers, in module order; the innermost where one holds another (a layer whose own code
-    also touches the state must not become a break around its mixer's break)."""
-    candidates = [module for module in stack.modules() if hf.is_stateful_mixer(module)]
-    found = {id(module) for module in candidates}
-    return [module for module in candidates
-            if not any(id(sub) in found for sub in module.modules() if sub is not module)]
+def find_mixers(stack: Stack, device: torch.device) -> tuple[list[nn.Module], str | None]:
+    """The stack's stateful mixers, in module order, found by running it once (probe.py); and why the model must stay
+    eager instead, if it must (the probe failed, or a layer that keeps mixer state showed no mixer)."""
+    cache_argument = hf.cache_argument(stack.module.forward)
+    try:
+        uses = probe.cache_uses(stack.module, stack.config, hf.stack_cache_class(stack.module.forward), cache_argument,
+                                device)
+    except Exception as error:  # a model that cannot run this probe could not run bcg's capture either
+        return [], f"running the stack once to see how it uses the cache failed ({type(error).__name__}: {error})"
+    mixers = [m for m in probe.stateful_mixers(uses) if hf.mixer_cache_argument(m) is not None]
+    return mixers, unrecognised_mixers_reason(stack.config, {m.layer_idx for m in mixers})
 
 
 def _mixer_forward(module: nn.Module, forward: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from . import debug as addresses
-from . import hf, varlen
+from . import hf, varlen, verify
 from .attention import Bridges, Slot, StackRun, StructureError, run_break, run_stack_under_bcg
 from .backends import Backend, Graph
 from .buckets import pick_bucket
@@ -40,7 +40,7 @@ class StackRunner:
     def __init__(self, model: torch.nn.Module, stack: Stack, backend: Backend, sizes: list[int],
                  debug: bool | str = False, fusions: Fusions | None = None, fast_decode: bool = False,
                  mixers: list[torch.nn.Module] | None = None, static_cache: bool = False,
-                 varlen_prompts: bool = False) -> None:
+                 varlen_prompts: bool = False, verify_replays: bool = False) -> None:
         self.model = model
         self.stack = stack
         self.config = stack.config
@@ -85,7 +85,7 @@ class StackRunner:
         self.failed: dict[tuple[str, int], str] = {}
         self.output_cls: type | None = None
         self.disabled_reason: str | None = None
-        self.stats = Stats(backend.name, fused=fusions.describe() if fusions else {})
+        self.stats = Stats(backend.name, fused=fusions.describe() if fusions is not None else {})
         self.decoder = StaticDecoder(backend, self._run_plain, self.cache_argument, self._build_masks)
         # static_cache=True: dynamic caches' decode steps run on static stand-ins, with full graphs of their own
         self.shadows = ShadowCaches(self.config) if static_cache else None
@@ -98,6 +98,7 @@ class StackRunner:
         self._warned_capture = False
         self._calls_invalidating = 0  # consecutive calls that found the state changed
         self._warned_rejects: set[Rejection] = set()
+        self.verifier = verify.Verifier(self.dtype) if verify_replays else None
 
     # ----- the patched forward -----
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -110,11 +111,57 @@ class StackRunner:
         with self._lock:  # static buffers and the attention switch are shared: one call at a time
             self._local.active = True
             try:
-                return self._forward_locked(call, args, kwargs)
+                return self._forward_locked(call)
             finally:
                 self._local.active = False
 
-    def _forward_locked(self, call: Call, args: tuple, kwargs: dict) -> Any:
+    def _forward_locked(self, call: Call) -> Any:
+        """0. verifying (verify.py): a kind that failed its check runs eagerly; the first call of a kind is checked."""
+        if self.verifier is not None and self._eligible(call):
+            kind = self._verification_kind(call)
+            if kind in self.verifier.failed:
+                self._count_reject(Rejection(Reject.VERIFICATION_FAILED, str(kind)))
+                return self.original_forward(**call.arguments)
+            if kind not in self.verifier.checked:
+                return self._verified(call, kind)
+        return self._dispatch(call)
+
+    def _eligible(self, call: Call) -> bool:
+        return self.disabled_reason is None and reject_reason(call, self.target, self.failed) is None
+
+    def _verification_kind(self, call: Call) -> verify.Kind:
+        cache = call.cache
+        path = verify.Path.BREAKABLE
+        if call.is_decode_step:
+            if self.decoder.layers_for(call) is not None:
+                path = verify.Path.FULL_STATIC
+            elif self.shadows is not None and self.shadows.takes(call):
+                path = verify.Path.STAND_IN
+            elif self.mixer_states is not None and self.mixer_states.settled(cache) is not None:
+                path = verify.Path.MIXERS_INLINE
+        return verify.Kind(verify.phase_of(call.tokens, cache), path,
+                           type(cache).__name__ if cache is not None else "none")
+
+    def _verified(self, call: Call, kind: verify.Kind) -> Any:
+        """The call on bcg's graphs with a copy of its cache, then on the eager model with its own; eager's answer."""
+        cache = call.cache
+        copied = self._bind((), {name: hf.copy_cache(value) if value is cache and value is not None else value
+                                 for name, value in call.arguments.items()})
+        replays = self.stats.replays
+        graph_output = self._dispatch(copied)
+        eager_output = self.original_forward(**call.arguments)
+        if self.stats.replays == replays:  # it ran eagerly after all: nothing to compare
+            return eager_output
+        difference = verify.difference(graph_output, eager_output, call.get("attention_mask"))
+        if not self.verifier.record(kind, difference):
+            warnings.warn(
+                f"bcg: {type(self.model).__name__}'s {kind} calls differ from eager by {difference} on transformers "
+                f"{hf.installed_transformers()}; they run eagerly from now on. Please report it with your "
+                "transformers version (see handle.stats()['verify']).", BcgFallbackWarning, stacklevel=5)
+        logger.info("bcg: verified %s: %s", kind, difference)
+        return eager_output
+
+    def _dispatch(self, call: Call) -> Any:
         """1. state as captured (else invalidate)  2. eligible?  3. a decode step on a static cache (or, with
         static_cache=True, on a dynamic one through its static stand-in): one full graph  4. else the bucket's breakable
         graph (a hybrid's decode step: its kind holds the mixers inside)  5. else eager, the reason counted."""
@@ -148,7 +195,7 @@ class StackRunner:
             finally:
                 self._decode_cache = None  # the runner must not keep a caller's cache alive
         self._count_reject(rejection)
-        return self.original_forward(*args, **kwargs)
+        return self.original_forward(**call.arguments)
 
     def _mixers_inline(self, call: Call, bucket: int) -> None:
         """A hybrid model's decode step whose mixers update their states in place: bind the cache's states to bcg's

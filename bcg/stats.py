@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -23,7 +24,7 @@ class Stats:
     invalidations: int = 0
     numerics_checks: int = 0
     numerics_max_diff: float | None = None
-    fused: dict[str, int] = field(default_factory=dict)
+    fused: dict[str, Any] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def count_reject(self, reason: str) -> None:

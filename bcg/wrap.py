@@ -13,7 +13,7 @@ from . import hf, patching
 from .backends import Backend, make_backend
 from .buckets import DEFAULT_MAX_NUM_TOKENS, resolve_capture_sizes, validate_max_num_tokens
 from .eligibility import model_unsupported_reason
-from .errors import BcgFallbackWarning, BcgWarning
+from .errors import BcgFallbackWarning, BcgVersionWarning, BcgWarning
 from .fusion import Fusions, find_fusions, unavailable_reason
 from .mixers import find_mixers
 from .resolve import Stack, find_stack
@@ -79,8 +79,11 @@ class BcgHandle:
         else:
             stats = self.runner.stats.as_dict(ready=self.runner.ready, disabled_reason=self.runner.disabled_reason)
             static_bytes = self.runner.static_cache_bytes()
+        verifier = self.runner.verifier if self.runner is not None else None
         return {"mode": self.choices.mode, "attention_kernels": self.choices.attention_kernels,
-                "static_cache": self.choices.static_cache, **stats, "static_cache_bytes": static_bytes}
+                "static_cache": self.choices.static_cache, **stats, "static_cache_bytes": static_bytes,
+                "transformers": {"installed": hf.installed_transformers(), "verified": list(hf.VERIFIED_TRANSFORMERS)},
+                "verify": {"on": verifier is not None, **(verifier.as_dict() if verifier else {})}}
 
     def __reduce__(self) -> tuple:
         # A copy or pickle of a wrapped model is an unwrapped model (see patching.py): the handle becomes None.
@@ -161,13 +164,14 @@ def speed_choices(mode: str, attention_kernels: str | None, fused_kernels: bool 
     return SpeedChoices(mode, attention_kernels, fused_kernels, asked, static_cache)
 
 
-def _fusions(stack: torch.nn.Module, asked: bool) -> Fusions | None:
+def _fusions(stack: torch.nn.Module, asked: bool) -> Fusions:
     fusions = find_fusions(stack)
-    if not fusions.norms and not fusions.rotary_modules:
-        if asked:
-            warnings.warn("bcg: fused_kernels=True but no RMSNorm or rotary code in this model matches Llama's; "
-                          "nothing is fused", BcgWarning, stacklevel=3)
-        return None
+    if fusions.unmatched:  # transformers rewrote the code, or the model's differs: say so rather than run slower
+        warnings.warn(f"bcg: {', '.join(fusions.unmatched)} differ from Llama's code and are not fused "
+                      "(stats()['fused_kernels'])", BcgWarning, stacklevel=3)
+    elif not fusions and asked:
+        warnings.warn("bcg: fused_kernels=True but this model has no RMSNorm or rotary code to fuse", BcgWarning,
+                      stacklevel=3)
     logger.info("bcg: fused kernels for %s", fusions.describe())
     return fusions
 
@@ -184,6 +188,7 @@ def wrap_model(
     static_cache: bool | None = None,
     attention_kernels: str | None = None,
     fused_kernels: bool | None = None,
+    verify: bool | None = None,
 ) -> BcgHandle:
     """Capture ``model``'s layer stack in breakable CUDA graphs keyed by token count and replay it on every call.
 
@@ -219,6 +224,9 @@ def wrap_model(
             attention for padded prompts) or ``"eager"`` (SDPA's own choice, padded prompts' mask); None: from ``mode``.
         fused_kernels: override ``mode``'s fusion alone: True (CUDA and triton required: error otherwise), False,
             or None (from ``mode``: on in ``"fast"`` where it can run).
+        verify: check the first call of each kind (prompt, decode step, continuation; per path and cache class)
+            against the eager model on copies, and run a kind that differs eagerly (verify.py). None (default): on
+            only where the installed transformers is outside the range bcg was verified on (with a warning).
     """
     _check_model(model)
     existing = getattr(model, _HANDLE_ATTRIBUTE, None)
@@ -232,22 +240,25 @@ def wrap_model(
         raise ValueError(f"debug must be one of {_DEBUG_MODES}, got {debug!r}")
     if not isinstance(lazy, bool):
         raise ValueError(f"lazy must be True or False, got {lazy!r}")
+    verify = _verify_replays(verify)
     device = next(model.parameters()).device
     choices = speed_choices(mode, attention_kernels, fused_kernels, device, static_cache)
     backend_name = _pick_backend(backend, device)
 
     restore = _Restore()
     stack = find_stack(model)
-    mixers = find_mixers(stack.module) if stack is not None else []
+    mixers: list[torch.nn.Module] = []
     reason = "no layer stack found (no module holds a ModuleList of num_hidden_layers layers)" if stack is None else (
-        model_unsupported_reason(model, stack.config, stack.module.forward, {m.layer_idx for m in mixers})
+        model_unsupported_reason(model, stack.config, stack.module.forward)
     )
+    if reason is None:
+        mixers, reason = find_mixers(stack, device)
     if reason is not None:
         warnings.warn(f"bcg: {type(model).__name__} stays eager: {reason}", BcgFallbackWarning, stacklevel=2)
         handle = BcgHandle(model, None, backend_name, reason, restore, choices)
     else:
         graph_backend = make_backend(backend_name, device, choices.attention_kernels)
-        runner = _patch_stack(model, stack, mixers, restore, graph_backend, sizes, debug, choices)
+        runner = _patch_stack(model, stack, mixers, restore, graph_backend, sizes, debug, choices, verify)
         handle = BcgHandle(model, runner, backend_name, None, restore, choices)
         logger.info("bcg: wrapped %s at '%s' (%d layers, %d mixers), backend=%s, mode=%s, sizes=%s",
                     type(model).__name__, stack.path, len(stack.layers), len(mixers), backend_name, choices.mode,
@@ -258,15 +269,32 @@ def wrap_model(
     return handle
 
 
+def _verify_replays(verify: bool | None) -> bool:
+    if verify not in (None, True, False):
+        raise ValueError(f"verify must be True, False or None (on outside the verified transformers range), got "
+                         f"{verify!r}")
+    if not hf.outside_verified_range():
+        return bool(verify)
+    oldest, newest = hf.VERIFIED_TRANSFORMERS
+    warnings.warn(f"bcg: transformers {hf.installed_transformers()} is outside the range bcg was verified on "
+                  f"({oldest} to {newest}); "
+                  + ("bcg checks the first call of each kind against eager and runs any that differ eagerly "
+                     "(verify=False turns this off)" if verify is not False else
+                     "verify=False: replays are not checked, and may be wrong"),
+                  BcgVersionWarning, stacklevel=3)
+    return verify is not False
+
+
 def _patch_stack(model: Any, stack: Stack, mixers: list[torch.nn.Module], restore: _Restore, backend: Backend,
-                 sizes: list[int], debug: bool | str, choices: SpeedChoices) -> StackRunner:
+                 sizes: list[int], debug: bool | str, choices: SpeedChoices, verify: bool) -> StackRunner:
     """Build the runner and patch the stack's forward to it (and keep generate() from compiling it); what is changed
     goes into ``restore``."""
     if backend.name == "cuda":
         _use_capturable_experts(model, restore)
     fusions = _fusions(stack.module, choices.fused_asked) if choices.fused_kernels else None
     runner = StackRunner(model, stack, backend, sizes, debug=debug, fusions=fusions, fast_decode=choices.fast_decode,
-                         mixers=mixers, static_cache=choices.static_cache, varlen_prompts=choices.varlen_prompts)
+                         mixers=mixers, static_cache=choices.static_cache, varlen_prompts=choices.varlen_prompts,
+                         verify_replays=verify)
     restore.stack = stack.module
     restore.instance_forward = stack.module.__dict__.get("forward")
     patching.patch(stack.module, "forward", runner.forward)

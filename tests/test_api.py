@@ -7,6 +7,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 import bcg
+from bcg import hf
 from tiny_models import left_padded_batch, tiny_model
 
 
@@ -88,7 +89,7 @@ def test_stats_have_the_documented_keys():
     documented = {"replays", "full_graph_replays", "rejects", "captured", "captured_graphs", "capture_seconds",
                   "full_graphs", "graph_bytes", "bridge_bytes", "capture_failures", "invalidations", "numerics",
                   "fused_kernels", "mode", "attention_kernels", "backend", "ready", "disabled_reason",
-                  "static_cache", "static_cache_bytes"}
+                  "static_cache", "static_cache_bytes", "transformers", "verify"}
     assert set(stats) == documented
     assert isinstance(stats["replays"], int) and isinstance(stats["rejects"], dict)
 
@@ -98,6 +99,33 @@ def _falcon():
                                   num_attention_heads=4, new_decoder_architecture=False, multi_query=True)
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config).eval()
+
+
+def _bloom():
+    config = AutoConfig.for_model("bloom", vocab_size=128, hidden_size=64, n_layer=2, n_head=4)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def test_falcon_replays_where_its_attention_goes_through_the_interface_and_stays_eager_where_not():
+    """transformers 5.25 moved Falcon's attention onto the AttentionInterface: there it replays with eager's logits;
+    before, it stays eager with one warning naming the interface."""
+    reference, model = _falcon(), _falcon()
+    ids, mask = left_padded_batch()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        handle = bcg.wrap_model(model, backend="eager")
+        with torch.no_grad():
+            got = model(ids, attention_mask=mask).logits
+    with torch.no_grad():
+        expected = reference(ids, attention_mask=mask).logits
+    fallback = [str(w.message) for w in caught if issubclass(w.category, bcg.BcgFallbackWarning)]
+    if hf.uses_attention_interface(model):
+        assert fallback == [] and handle.stats()["replays"] == 1
+        torch.testing.assert_close(got[mask.bool()], expected[mask.bool()], atol=1e-5, rtol=1e-5)
+    else:
+        assert len(fallback) == 1 and "AttentionInterface" in fallback[0] and handle.stats()["replays"] == 0
+        assert torch.equal(got, expected)
 
 
 def _dynamic_rope_llama():
@@ -131,7 +159,7 @@ _LOOPED_LAYERS = _from_config("dory", num_hidden_layers=6, n_input_layers=2, n_o
 
 
 @pytest.mark.parametrize("build, match", [
-    (_falcon, "AttentionInterface"), (_dynamic_rope_llama, "dynamic RoPE"), (_MLA, "latent"),
+    (_bloom, "AttentionInterface"), (_dynamic_rope_llama, "dynamic RoPE"), (_MLA, "latent"),
     (_CYCLED_STACKS, "no layer stack"), (_LOOPED_LAYERS, "several times per forward"),
     (_TWO_ATTENTIONS_PER_LAYER, "no layer stack"),
 ])

@@ -182,3 +182,27 @@ def test_the_cache_class_a_stack_makes_is_read_from_its_annotation():
     assert hf.stack_cache_class(unresolvable) is DynamicCache
     assert hf.stack_cache_class(plain) is DynamicCache
     assert type(hf.new_cache(_OwnCache, None)) is _OwnCache
+
+
+def _minor(version: str) -> tuple[int, int]:
+    major, minor = version.split(".")[:2]
+    return int(major), int(minor)
+
+
+def test_the_verified_range_is_stated_once_and_pyproject_and_readme_agree():
+    """hf.VERIFIED_TRANSFORMERS is the one source: pyproject pins transformers to it and the README states it."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    oldest, newest = hf.VERIFIED_TRANSFORMERS
+    pin = re.search(r'"transformers>=([\d.]+),<([\d.]+)"', (root / "pyproject.toml").read_text())
+    assert pin is not None, "pyproject.toml must pin transformers as >=OLDEST,<NEXT_MINOR"
+    assert _minor(pin.group(1)) == _minor(oldest)
+    next_minor = (_minor(newest)[0], _minor(newest)[1] + 1)
+    assert _minor(pin.group(2)) == next_minor
+    readme = (root / "README.md").read_text()
+    stated = re.findall(r"verified on transformers ([\d.]+) to ([\d.]+)", readme)
+    assert stated == [(oldest, newest)], stated  # once, and the constant's
+    assert not hf.outside_verified_range(oldest) and not hf.outside_verified_range(newest)
+    assert hf.outside_verified_range(f"{next_minor[0]}.{next_minor[1]}.0")

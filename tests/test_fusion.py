@@ -20,14 +20,43 @@ def test_qwen3_every_norm_and_its_rotary_are_found():
     # input + post-attention + q + k norms per layer, and the final norm
     assert len(fusions.norms) == 4 * layers + 1
     assert fusions.rotary_modules == [modeling_qwen3]
+    assert fusions.describe() == {"rms_norm": 4 * layers + 1, "rotary": 1, "unmatched": []}
 
 
-@pytest.mark.parametrize("arch, norms, rotary", [("gemma", 0, True), ("gpt2", 0, False), ("phi", 0, True)])
-def test_code_that_differs_from_llama_is_left_alone(arch, norms, rotary):
+def test_a_kernelizable_rotary_function_object_is_looked_through(monkeypatch):
+    """transformers 5.25 (with the kernels package) turns apply_rotary_pos_emb into a module object wrapping the
+    function; the matcher compares the function inside (simulated here on any version)."""
+    from bcg import hf
+
+    function = hf.plain_function(modeling_qwen3.apply_rotary_pos_emb)
+
+    class Func(torch.nn.Module):  # what kernels' use_kernel_forward_from_hub makes of a function
+        kernel_layer_name = "rotary_pos_emb"
+
+        def forward(self, *args, **kwargs):
+            return function(*args, **kwargs)
+
+    monkeypatch.setattr(modeling_qwen3, "apply_rotary_pos_emb", Func())
+    assert find_fusions(tiny_model("qwen3").model).rotary_modules == [modeling_qwen3]
+
+
+@pytest.mark.parametrize("arch, norms, rotary, unmatched", [("gemma", 0, True, ["GemmaRMSNorm"]), ("gpt2", 0, False, []),
+                                                            ("phi", 0, True, [])])
+def test_code_that_differs_from_llama_is_left_alone_and_named(arch, norms, rotary, unmatched):
     # Gemma's norm scales by (1 + weight), GPT-2 and Phi use LayerNorm, GPT-2 has no rotary code.
     fusions = find_fusions(tiny_model(arch).model if arch != "gpt2" else tiny_model(arch).transformer)
     assert len(fusions.norms) == norms
     assert bool(fusions.rotary_modules) == rotary
+    assert fusions.unmatched == unmatched
+
+
+def test_rotary_code_that_differs_from_llama_is_named(monkeypatch):
+    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):  # a rewrite that computes in another order
+        return q * cos.unsqueeze(unsqueeze_dim), k * cos.unsqueeze(unsqueeze_dim)
+
+    monkeypatch.setattr(modeling_qwen3, "apply_rotary_pos_emb", apply_rotary_pos_emb)
+    fusions = find_fusions(tiny_model("qwen3").model)
+    assert fusions.rotary_modules == [] and fusions.unmatched == ["modeling_qwen3.apply_rotary_pos_emb"]
 
 
 def test_a_subclass_with_its_own_forward_is_not_llama():

@@ -553,3 +553,26 @@ def test_packed_prompts_run_torchs_varlen_kernel_on_real_graphs(arch, monkeypatc
     model.generate(ids, attention_mask=mask, **GENERATE)
     assert handle.stats()["rejects"] == {}
 
+
+
+@pytest.mark.parametrize("arch", FP32_HYBRIDS + ["llama"])
+def test_second_turn_and_continuations_equal_eager_on_real_graphs(arch):
+    """A second generate() turn on the returned cache and k-token forward calls on a past (tests/test_continuation.py)
+    on real graphs: 5.25 made this path wrong for the Gated DeltaNet hybrids without a word."""
+    from test_continuation import check_continuations
+
+    handle = check_continuations(tiny_model(arch, device="cuda"), tiny_model(arch, device="cuda"), device="cuda")
+    assert handle.stats()["backend"] == "cuda" and handle.stats()["rejects"] == {}, handle.stats()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3_5_text", "mistral"])
+def test_verification_passes_every_kind_on_real_graphs(arch):
+    """verify=True on real graphs: each kind (prompt, decode, continuation; per path) checked against eager, none
+    failed, and later calls replay."""
+    from test_continuation import check_continuations
+
+    handle = check_continuations(tiny_model(arch, device="cuda"), tiny_model(arch, device="cuda"), device="cuda",
+                                 verify=True)
+    verified = handle.stats()["verify"]
+    assert verified["failed"] == {} and len(verified["checked"]) >= 3, verified
+    assert handle.stats()["replays"] > len(verified["checked"])

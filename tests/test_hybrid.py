@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import bcg
-from bcg import hf
+from bcg import hf, probe
 from tiny_models import HYBRID_ARCHITECTURES, left_padded_batch, tiny_model
 
 STEPS = 3
@@ -140,11 +140,41 @@ def test_every_mixer_and_attention_is_its_own_break(arch, breaks):
     assert len(kinds) == breaks and "MixerSlot" in kinds and "BreakSlot" in kinds
 
 
-def test_mixers_are_found_by_their_code_and_attention_is_not_a_mixer():
+def _mixer_names(model) -> list[str]:
+    from bcg.mixers import find_mixers
+    from bcg.resolve import find_stack
+
+    names = {id(module): name for name, module in model.named_modules()}
+    mixers, reason = find_mixers(find_stack(model), torch.device("cpu"))
+    return [names[id(m)] for m in mixers]
+
+
+def test_mixers_are_found_by_what_they_do_with_the_cache_and_attention_is_not_a_mixer():
     model = tiny_model("falcon_h1")
-    mixers = [name for name, module in model.named_modules() if hf.is_stateful_mixer(module)]
-    assert mixers == [f"model.layers.{i}.mamba" for i in range(model.config.num_hidden_layers)]
-    assert not any(hf.is_stateful_mixer(module) for module in tiny_model("llama").modules())
+    assert _mixer_names(model) == [f"model.layers.{i}.mamba" for i in range(model.config.num_hidden_layers)]
+    assert _mixer_names(tiny_model("llama")) == []
+
+
+def test_a_mixer_whose_state_code_moved_out_of_its_class_is_still_found(monkeypatch):
+    """transformers 5.25 moved the convolution's state handling into a module-level function: whatever function the
+    mixer calls to touch the cache, the probe sees the mixer touch it (simulated: a new module-level helper)."""
+    import sys
+
+    model = tiny_model("qwen3_5_text")
+    mixer_class = type(model.model.layers[0].linear_attn)
+    modeling = sys.modules[mixer_class.__module__]
+    original = mixer_class.forward
+
+    def moved_helper(cache, layer_idx):  # the state access now lives outside the mixer's class
+        return cache.get_recurrent_state(layer_idx, state_idx=0) if cache is not None else None
+
+    def forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):
+        modeling._bcg_test_moved_helper(cache, self.layer_idx)
+        return original(self, hidden_states, cache=cache, attention_mask=attention_mask, **kwargs)
+
+    monkeypatch.setattr(modeling, "_bcg_test_moved_helper", moved_helper, raising=False)
+    monkeypatch.setattr(mixer_class, "forward", forward)
+    assert _mixer_names(model) == [f"model.layers.{i}.linear_attn" for i in (0, 1, 3)]
 
 
 def test_a_hybrid_whose_mixer_bcg_does_not_recognise_stays_eager_naming_the_layers(monkeypatch):
@@ -152,7 +182,7 @@ def test_a_hybrid_whose_mixer_bcg_does_not_recognise_stays_eager_naming_the_laye
     model = tiny_model("qwen3_5_text")
     ids, mask = left_padded_batch()
     expected = reference.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
-    monkeypatch.setattr(hf, "is_stateful_mixer", lambda module: False)
+    monkeypatch.setattr(probe, "stateful_mixers", lambda uses: [])
     with pytest.warns(bcg.BcgFallbackWarning, match=r"layers \[0, 1, 3\] \(linear_attention\) have no token mixer"):
         handle = bcg.wrap_model(model, backend="eager")
     tokens = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
@@ -185,24 +215,30 @@ def test_unwrap_restores_the_mixers(arch):
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask)
     bcg.unwrap_model(model)
-    assert not any("forward" in m.__dict__ for m in model.modules() if hf.is_stateful_mixer(m))
+    assert not any("forward" in m.__dict__ for m in model.modules())
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, expected)
 
 
 def test_a_layer_whose_code_also_touches_the_state_is_not_taken_for_its_mixer(monkeypatch):
     """Only the innermost stateful module becomes a break: routing both a layer and its mixer would nest breaks."""
-    from bcg.mixers import find_mixers
-
     model = tiny_model("qwen3_5_text")
-    layer = model.model.layers[0]
-    mixer = layer.linear_attn
+    layer_class = type(model.model.layers[0])
+    original = layer_class.forward
 
-    def touches_state(module) -> bool:
-        return module is layer or module is mixer
+    def forward(self, hidden_states, *args, **kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is not None:
+            cache.get_seq_length()  # the layer's own code touches the cache too
+        return original(self, hidden_states, *args, **kwargs)
 
-    monkeypatch.setattr(hf, "is_stateful_mixer", touches_state)
-    assert find_mixers(model.model) == [mixer]
+    monkeypatch.setattr(layer_class, "forward", forward)
+    for i, layer in enumerate(model.model.layers):
+        layer.layer_idx = i  # so that a layer qualifies as a mixer by itself
+    uses = {id(use.module): use for use in probe.cache_uses(model.model, model.config, hf.stack_cache_class(
+        model.model.forward), hf.cache_argument(model.model.forward), torch.device("cpu"))}
+    assert uses[id(model.model.layers[0])].touched  # the layer is seen touching the cache
+    assert _mixer_names(model) == [f"model.layers.{i}.linear_attn" for i in (0, 1, 3)]
 
 
 @pytest.mark.parametrize("arch", ["qwen3_5_text", "falcon_h1", "lfm2"])
