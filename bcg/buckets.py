@@ -7,14 +7,14 @@ import numbers
 from collections.abc import Iterable
 
 # Packed prompts (real tokens only) replay faster than eager up to 8k tokens, and an unpadded 6k-token call is no
-# slower (H200: results/prefill_qwen3-0.6b_varlen_b13290e.md, 4424 real tokens 1.19x; ..._6144_unpadded.md, 1.02x): larger
-# calls run eagerly by default.
+# slower (H200, results/prefill/: superseded/prefill_qwen3-0.6b_varlen_b13290e.md, 4424 real tokens 1.19x;
+# prefill_qwen3-0.6b_6144_unpadded.md, 1.02x): larger calls run eagerly by default.
 DEFAULT_MAX_NUM_TOKENS = 8192
 
 # Dense where decode and small prefills live; from 1024 tokens eight sizes per doubling (at most 12.5% padding), as a
 # prefill there is GPU-bound and every padded row costs its full share (Qwen3-8B shape, 1134 tokens: time follows
-# the bucket's rows: 1280 -> 1152 rows, 44.73 -> 40.28 ms, results/prefill_qwen3-8b_varlen_b13290e.md and
-# prefill_qwen3-8b_varlen.md).
+# the bucket's rows: 1280 -> 1152 rows, 44.73 -> 40.28 ms, results/prefill/superseded/prefill_qwen3-8b_varlen_b13290e.md
+# and prefill_qwen3-8b_varlen.md).
 _SMALL = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 512, 640, 768, 896)
 _LADDER = _SMALL + tuple(octave + step * octave // 8 for octave in (1024, 2048, 4096, 8192) for step in range(8))
 

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Container
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from . import hf
-from .buckets import pick_bucket
-from .live import real_rows
+from .call import Call
 
 
 class Reject(str, enum.Enum):
@@ -52,6 +50,7 @@ REPEATING = {
                         "version",
     Reject.UNSUPPORTED_POSITION_IDS: "pass position_ids as [batch, length] or [1, length]",
     Reject.WRONG_DEVICE: "put the inputs on the model's device",
+    Reject.TOO_MANY_TOKENS: "wrap with a larger max_num_tokens (or capture_sizes) to replay such calls",
 }
 
 _OUTPUT_FLAGS = {
@@ -67,60 +66,6 @@ KNOWN_ARGUMENTS = frozenset(
      # position and the CausalLM slices, so the logits are the same.
      "logits_to_keep"}
 )
-
-
-@dataclass
-class Call:
-    """The arguments of one stack forward call, by name; ``extra`` holds the ones bcg does not know."""
-
-    arguments: dict[str, Any]
-    extra: dict[str, Any] = field(default_factory=dict)
-    autocast: str = ""  # the autocast state the call runs under ("" when off): graphs are captured per state
-    rows: torch.Tensor | None = None  # a padded multi-token call: its real tokens' flat indices (see live.real_rows)
-    # The runner's speed choices (see wrap.SpeedChoices): decode steps, and padded calls, replay the fast graphs.
-    fast_decode: bool = False
-    fast_padded: bool = False
-    mixer_states: str = ""  # a hybrid model's decode step with its mixers inside the graph: their storage's tag
-
-    def get(self, name: str) -> Any:
-        return self.arguments.get(name)
-
-    @property
-    def cache(self) -> Any:
-        """The KV cache, under whichever name the caller used (``cache`` or the older ``past_key_values``)."""
-        return next((self.arguments[n] for n in hf.CACHE_ARGUMENTS if self.arguments.get(n) is not None), None)
-
-    @property
-    def tokens(self) -> torch.Tensor | None:
-        ids = self.get("input_ids")
-        return ids if ids is not None else self.get("inputs_embeds")
-
-    @property
-    def inputs(self) -> str:
-        return "ids" if self.get("input_ids") is not None else "embeds"
-
-    @property
-    def is_decode_step(self) -> bool:
-        """One token per sequence on top of a cache: a generation step (a one-token prompt is not one)."""
-        tokens = self.tokens
-        return self.cache is not None and isinstance(tokens, torch.Tensor) and tokens.ndim >= 2 and tokens.shape[1] == 1
-
-    @property
-    def fast(self) -> bool:
-        """Its graphs hold the fast kernels: a decode step, or a padded call once packed (its attention per request)."""
-        return (self.fast_decode and self.is_decode_step) or (self.fast_padded and self.rows is not None)
-
-    @property
-    def kind(self) -> str:
-        """The graph family this call replays: its input kind, autocast state, inline mixer states and speed ("ids",
-        "ids/fast", "embeds@autocast-bfloat16/fast", "ids/mixers0/fast", ...)."""
-        return (self.inputs + (f"@{self.autocast}" if self.autocast else "")
-                + (f"/{self.mixer_states}" if self.mixer_states else "") + ("/fast" if self.fast else ""))
-
-    @property
-    def num_tokens(self) -> int:
-        """Tokens the graph segments compute: the real ones of a packed call, else batch x sequence."""
-        return self.rows.numel() if self.rows is not None else self.tokens.shape[0] * self.tokens.shape[1]
 
 
 @dataclass
@@ -164,7 +109,7 @@ def _input_problem(call: Call, target: Target) -> Rejection | None:
         return Rejection(Reject.BAD_INPUT)
     if embeds is not None and (embeds.ndim != 3 or embeds.dtype != target.dtype):
         return Rejection(Reject.BAD_INPUT)
-    if call.num_tokens == 0:
+    if call.tokens.shape[0] * call.tokens.shape[1] == 0:
         return Rejection(Reject.EMPTY_INPUT)
     return None
 
@@ -193,8 +138,8 @@ def _shape_problem(call: Call) -> Rejection | None:
     return None
 
 
-def reject_reason(call: Call, target: Target, failed: Container[tuple[str, int]]) -> Rejection | None:
-    """Why this call must run eagerly, or None when it can replay. ``failed`` holds (kind, bucket) that failed."""
+def reject_reason(call: Call, target: Target) -> Rejection | None:
+    """Why this call's inputs must run eagerly, or None when they can replay (the tokens' bucket is the plan's)."""
     if target.module.training:
         return Rejection(Reject.TRAINING)
     if torch.is_grad_enabled() and _needs_grad(call, target):
@@ -209,15 +154,6 @@ def reject_reason(call: Call, target: Target, failed: Container[tuple[str, int]]
         return problem
     if (why := hf.unsupported_cache_reason(call.cache, target.cache_class)) is not None:
         return Rejection(Reject.UNSUPPORTED_CACHE, why)
-    # A padded call is packed before it is bucketed: the segments compute (and buckets count) its real tokens only.
-    call.rows = real_rows(call.get("attention_mask"), *call.tokens.shape[:2])
-    bucket = pick_bucket(target.sizes, call.num_tokens)
-    if bucket is None:
-        return Rejection(Reject.TOO_MANY_TOKENS)
-    if bucket > 2 * call.num_tokens:
-        return Rejection(Reject.PADDING_WASTE)
-    if (call.kind, bucket) in failed:
-        return Rejection(Reject.CAPTURE_FAILED)
     return None
 
 

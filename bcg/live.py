@@ -12,13 +12,23 @@ from typing import Any
 
 import torch
 
-from . import hf
+from . import hf, varlen
+from .call import Call
+from .eligibility import Reject, Rejection, Target
 from .varlen import Requests
 
 # Model types whose stacks derive default positions from the 2D attention mask instead of counting from the cache.
 _MASK_DERIVED_POSITIONS = frozenset({"opt"})
 # Model types whose stacks count default positions from 0 whatever the cache holds (Bamba, 5.17 to 5.24).
 _ZERO_BASED_POSITIONS = frozenset({"bamba"})
+
+
+@dataclass
+class PaddingMask:
+    """A decode step's 2D padding mask (``[B, past + 1]``, or None: no padding) for a full graph to build the
+    attention masks from, instead of masks built on the host."""
+
+    mask: torch.Tensor | None
 
 
 @dataclass
@@ -40,8 +50,14 @@ class LiveContext:
     position_ids: torch.Tensor | None = None
     rows: torch.Tensor | None = None
     requests: Requests | None = None
+    # while a decode graph with inline mixers is captured: (the cache bound to bcg's mixer states, sequences)
+    capture_mixers: tuple[Any, int] | None = None
     shared_kv: dict = field(default_factory=dict, repr=False)  # layer type -> keys/values a storing layer left
     _views: dict = field(default_factory=dict, repr=False)
+
+    def inline_mixers(self) -> tuple[Any, int]:
+        """(cache, sequences) a decode step's mixers inside the graph update: the capture's, or the live call's."""
+        return self.capture_mixers or (self.cache, self.batch)
 
     def mask_for(self, layer_type: str) -> torch.Tensor | None:
         return self.masks[layer_type] if isinstance(self.masks, dict) else self.masks
@@ -111,9 +127,10 @@ def real_rows(attention_mask: Any, batch: int, seq: int) -> torch.Tensor | None:
 LIVE: ContextVar[LiveContext | None] = ContextVar("bcg_live_context", default=None)
 
 
-def capture_context(bucket: int) -> LiveContext:
-    """The context breaks see while a graph is warmed up or captured: one flat causal run, no cache."""
-    return LiveContext(batch=1, seq=bucket, num_tokens=bucket, bucket=bucket)
+def capture_context(bucket: int, mixers: tuple[Any, int] | None = None) -> LiveContext:
+    """The context breaks see while a graph is warmed up or captured: one flat causal run, no cache (``mixers``: the
+    cache a decode graph's inline mixers update, and its sequences)."""
+    return LiveContext(batch=1, seq=bucket, num_tokens=bucket, bucket=bucket, capture_mixers=mixers)
 
 
 def default_position_ids(
@@ -150,3 +167,58 @@ def live_masks(
     if isinstance(attention_mask, dict) or (isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 4):
         return attention_mask
     return hf.create_masks(config, attention_mask, cache, position_ids, batch, seq, dtype, device, full_only)
+
+
+@dataclass(frozen=True)
+class ContextBuilder:
+    """Builds a call's live context the way the stack itself would: its cache (one made as the stack makes it when
+    none is given), its positions, and transformers' own masks per layer type, before anything touches the cache (so
+    eager can still answer)."""
+
+    target: Target  # the stack: its config, device, dtype (followed after a cast) and own cache class
+    full_masks_only: bool  # hf.builds_full_masks_only
+    varlen_prompts: bool  # packed prompts attend per request (varlen.py)
+
+    @property
+    def config(self) -> Any:
+        return self.target.config
+
+    def masks(self, mask: torch.Tensor | None, cache: Any, positions: torch.Tensor, batch: int,
+              seq: int) -> torch.Tensor | dict | None:
+        return live_masks(self.config, mask, cache, positions, batch, seq, self.target.dtype, self.target.device,
+                          self.full_masks_only)
+
+    def build(self, call: Call, num_tokens: int, bucket: int, rows: torch.Tensor | None = None,
+              cache: Any = None, full_graph: bool = False,
+              missing: Any = lambda masks: set()) -> LiveContext | Rejection:
+        """``cache``: one standing in for the call's. ``full_graph``: a 2D padding mask (or none) is left for the graph
+        to build the masks from, where this attention implementation's mask code can run inside one. ``missing``:
+        the layer types whose breaks read a mask the built ones lack."""
+        batch, seq = call.tokens.shape[:2]
+        cache = cache if cache is not None else call.cache
+        use_cache = call.get("use_cache")
+        if cache is None and (use_cache if use_cache is not None else getattr(self.config, "use_cache", True)):
+            cache = hf.new_cache(self.target.cache_class, self.config)
+        mask = call.get("attention_mask")
+        positions = call.get("position_ids")
+        if positions is None:
+            positions = default_position_ids(getattr(self.config, "model_type", ""), mask, cache, batch, seq,
+                                             self.target.device)
+            if positions is None:
+                return Rejection(Reject.UNSUPPORTED_MASK, "a prepared mask, from which this model derives positions")
+        positions = positions.expand(batch, seq)
+        padding = mask is None or (isinstance(mask, torch.Tensor) and mask.ndim == 2)
+        if full_graph and padding and hf.masks_build_in_graphs(self.config):
+            return LiveContext(batch, seq, num_tokens, bucket, cache, PaddingMask(mask), positions)
+        try:
+            masks = self.masks(mask, cache, positions, batch, seq)
+        except Exception as error:
+            return Rejection(Reject.MASK_FAILED, f"{type(error).__name__}: {error}")
+        if isinstance(masks, dict) and (absent := missing(masks)):
+            return Rejection(Reject.UNSUPPORTED_MASK, f"no mask for layer types {sorted(absent)}")
+        if isinstance(masks, torch.Tensor) and masks.ndim == 2:
+            return Rejection(Reject.UNSUPPORTED_MASK, "a mask layout transformers leaves to the model")
+        requests = None
+        if rows is not None and self.varlen_prompts and hf.past_length(cache) == 0:
+            requests = varlen.requests_of(mask, seq)
+        return LiveContext(batch, seq, num_tokens, bucket, cache, masks, positions, rows, requests)

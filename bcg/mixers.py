@@ -195,6 +195,12 @@ def _per_token(value: Any, tokens: int) -> bool:
     return isinstance(value, torch.Tensor) and value.ndim >= 2 and tuple(value.shape[:2]) == (1, tokens)
 
 
+def padded_mixer_types(mixers: list[nn.Module], layer_types: list[str] | None, live: Any) -> list[str]:
+    """Mixer layer types that a decode step would hand a padding mask (inline mixers are captured without)."""
+    keys = sorted({hf.mixer_mask_key(layer_types[m.layer_idx]) for m in mixers}) if layer_types else []
+    return [k for k in keys if isinstance(mask := live.mask_for(k), torch.Tensor) and mask.ndim == 2]
+
+
 def mixers_routed(mixers: list[nn.Module]) -> AbstractContextManager:
     """Each mixer's ``forward`` routed through a break for the duration (one stack run), then as it was."""
     # module.forward: the instance's own (an accelerate hook's) or the class's, bound; the break calls it

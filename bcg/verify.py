@@ -13,27 +13,27 @@ it was.
 from __future__ import annotations
 
 import enum
+import logging
 import math
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
 
 from . import hf
+from .call import Call
+from .errors import BcgFallbackWarning
+from .plan import Path
+from .stats import Stats
+
+logger = logging.getLogger("bcg")
 
 # Largest difference relative to the eager value's largest magnitude that counts as rounding. 16-bit: bcg's fast
 # kernels and padded buckets round differently (a wrong position or a stale state differs by far more).
 _TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6}
 _TOLERANCE_16_BIT = 0.1
-
-
-class Path(str, enum.Enum):
-    """How bcg serves a call."""
-
-    BREAKABLE = "breakable"
-    FULL_STATIC = "full static"
-    STAND_IN = "stand-in"
-    MIXERS_INLINE = "mixers inline"
 
 
 class Phase(str, enum.Enum):
@@ -63,9 +63,13 @@ class Difference(NamedTuple):
 
 @dataclass
 class Verifier:
-    """Which kinds were checked (with their difference) and which failed."""
+    """Which kinds were checked (with their difference) and which failed. ``every_call`` (``debug="numerics"``):
+    every call is compared and its difference recorded in ``stats()["numerics"]``; nothing is turned eager."""
 
     dtype: torch.dtype
+    stats: Stats
+    model_name: str
+    every_call: bool = False
     checked: dict[Kind, Difference] = field(default_factory=dict)
     failed: dict[Kind, Difference] = field(default_factory=dict)
 
@@ -73,13 +77,35 @@ class Verifier:
     def tolerance(self) -> float:
         return _TOLERANCE.get(self.dtype, _TOLERANCE_16_BIT)
 
-    def record(self, kind: Kind, difference: Difference) -> bool:
-        """Record a check; whether the kind passed."""
-        self.checked[kind] = difference
-        if difference.size > self.tolerance:
-            self.failed[kind] = difference
-            return False
-        return True
+    def kind(self, call: Call, path: Path) -> Kind:
+        cache = call.cache
+        return Kind(phase_of(call.tokens, cache), path, type(cache).__name__ if cache is not None else "none")
+
+    def wants(self, kind: Kind) -> bool:
+        return self.every_call or kind not in self.checked
+
+    def compare(self, call: Call, kind: Kind, on_graphs: Callable[[Call], Any | None],
+                eager: Callable[..., Any]) -> Any:
+        """``call`` on bcg's graphs with a copy of its cache (``on_graphs``: None when it ran eagerly after all), then
+        on the eager model with its own: eager's answer, the difference recorded."""
+        graph_output = on_graphs(call.with_cache(hf.copy_cache(call.cache)))
+        eager_output = eager(**call.arguments)
+        if graph_output is not None:
+            self._record(kind, difference(graph_output, eager_output, call.get("attention_mask")))
+        return eager_output
+
+    def _record(self, kind: Kind, found: Difference) -> None:
+        if self.every_call:
+            self.stats.record_numerics(found.size)
+            logger.info("bcg numerics: %s, %s", kind, found)
+            return
+        self.checked[kind] = found
+        logger.info("bcg: verified %s: %s", kind, found)
+        if found.size > self.tolerance:
+            self.failed[kind] = found
+            warnings.warn(f"bcg: {self.model_name}'s {kind} calls differ from eager by {found} on transformers "
+                          f"{hf.installed_transformers()}; they run eagerly from now on. Please report it with your "
+                          "transformers version (see handle.stats()['verify']).", BcgFallbackWarning, stacklevel=6)
 
     def as_dict(self) -> dict:
         return {"checked": {str(k): str(d) for k, d in self.checked.items()},

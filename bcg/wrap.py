@@ -78,8 +78,9 @@ class BcgHandle:
             static_bytes = 0
         else:
             stats = self.runner.stats.as_dict(ready=self.runner.ready, disabled_reason=self.runner.disabled_reason)
-            static_bytes = self.runner.static_cache_bytes()
+            static_bytes = self.runner.full_graphs.held_bytes()
         verifier = self.runner.verifier if self.runner is not None else None
+        verifier = verifier if verifier is not None and not verifier.every_call else None
         return {"mode": self.choices.mode, "attention_kernels": self.choices.attention_kernels,
                 "static_cache": self.choices.static_cache, **stats, "static_cache_bytes": static_bytes,
                 "transformers": {"installed": hf.installed_transformers(), "verified": list(hf.VERIFIED_TRANSFORMERS)},
@@ -199,7 +200,8 @@ def wrap_model(
             default ``"cuda"`` when the model is on a GPU.
         lazy: capture each size on first use (default) or all of them now, largest first.
         debug: ``True`` / ``"addresses"`` raises naming every tensor that moved since capture;
-            ``"numerics"`` runs eager beside each replay and records the largest difference in ``stats()``.
+            ``"numerics"`` runs every call on the graphs (a copy of its cache) and on eager, records the largest
+            relative difference in ``stats()["numerics"]`` and returns eager's answer.
         mode: ``"fast"`` (default): decode steps (one token per sequence) on full-attention caches replay as one
             graph each on static stand-ins (``static_cache``); where they take breaks (sliding-window and hybrid
             caches, ``static_cache=False``) they replay graphs of their own whose breaks keep SDPA off cuDNN (whose
@@ -208,7 +210,7 @@ def wrap_model(
             instead of 8-10). A padded prompt replays those graphs too and attends each
             request on its real tokens with a variable-length kernel (varlen.py); unpadded prompts and calls without
             a padding mask (log-likelihoods) run eager's kernels as in ``"exact"``: their outputs are exact mode's;
-            generated bf16 text can fork from eager's by rounding (README: MGSM). ``"exact"``: eager's kernels
+            generated bf16 text can fork from eager's by rounding (docs/benchmarks.md: MGSM). ``"exact"``: eager's kernels
             everywhere (MGSM on a real model: identical text and log-likelihoods; bf16 near-ties may still flip
             where a bucket's flat token run changes a matmul's shape).
         static_cache: decode steps on a dynamic cache (``generate()``'s default) replay as one graph, attention and

@@ -8,6 +8,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 import bcg
 from bcg import hf
+import internals
 from tiny_models import left_padded_batch, tiny_model
 
 
@@ -57,10 +58,10 @@ def test_custom_sizes_are_used_and_lazy_false_captures_largest_first():
     assert stats["captured"] == [4, 16, 64]
     # mode="fast" (the default): each size's decode-step graph too, so generate() captures nothing later
     expected = [(kind, size) for size in (64, 16, 4) for kind in ("ids", "ids/fast")]
-    assert list(model._bcg_handle.runner.graphs) == expected
+    assert list(internals.breakable_graphs(model._bcg_handle)) == expected
     exact = bcg.wrap_model(tiny_model("llama"), capture_sizes=[4, 16], max_num_tokens=16, backend="eager", lazy=False,
                            mode="exact")
-    assert list(exact.runner.graphs) == [("ids", 16), ("ids", 4)]
+    assert list(internals.breakable_graphs(exact)) == [("ids", 16), ("ids", 4)]
 
 
 def test_wrap_twice_returns_same_handle_and_unwrap_twice_warns():
@@ -200,7 +201,7 @@ def test_multimodal_model_wraps_its_language_model():
     kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
     expected = reference.generate(ids, **kwargs)
     handle = bcg.wrap_model(model, backend="eager")
-    assert handle.runner.stack.path == "model.language_model"
+    assert internals.stack_path(handle) == "model.language_model"
     assert torch.equal(model.generate(ids, **kwargs), expected)
     assert handle.stats()["replays"] == 6 and handle.stats()["rejects"] == {}
 
@@ -292,7 +293,7 @@ def test_fast_mode_gives_decode_steps_and_padded_prompts_graphs_of_their_own(mod
     tokens = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
     with torch.no_grad():
         model(ids)
-    sizes = handle.runner.sizes
+    sizes = internals.sizes(handle)
     assert torch.equal(tokens, expected)
     assert sorted(handle.stats()["captured_graphs"]) == sorted([
         f"{fast_kind}:{pick_bucket(sizes, int(mask.sum()))}",  # the padded prompt, packed
@@ -332,10 +333,11 @@ def test_unwrap_frees_what_was_made_for_the_graphs_and_keeps_the_stats():
     ids, mask = left_padded_batch()
     handle = bcg.wrap_model(model, backend="eager", static_cache=True)
     model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
-    runner = handle.runner
-    assert runner.shadow_decoder.storages and runner.shadows.shadows and runner.bridges.buffers and runner.slots
+    held = (lambda: [len(internals.stand_in_decoder(handle).bindings), len(internals.stand_ins(handle).bindings),
+                     len(internals.bridges(handle)), len(internals.breakable_graphs(handle)),
+                     len(internals.stand_in_decoder(handle).graphs)])
+    assert all(held())
     replays = handle.stats()["replays"]
     bcg.unwrap_model(model)
-    assert not (runner.shadow_decoder.storages or runner.shadows.shadows or runner.bridges.buffers or runner.slots
-                or runner.graphs or runner.shadow_decoder.graphs)
+    assert not any(held())
     assert handle.stats()["replays"] == replays

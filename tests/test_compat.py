@@ -9,6 +9,7 @@ from transformers import Cache, DynamicCache, QuantizedCache
 
 import bcg
 from bcg import hf
+import internals
 from tiny_models import left_padded_batch, tiny_model
 
 
@@ -21,7 +22,7 @@ def test_the_stack_takes_the_cache_under_the_installed_name():
     name = hf.cache_argument(model.model.forward)
     assert name in hf.CACHE_ARGUMENTS
     handle = bcg.wrap_model(model, backend="eager")
-    assert handle.runner.cache_argument == name
+    assert internals.cache_argument(handle) == name
 
 
 @pytest.mark.parametrize("name", hf.CACHE_ARGUMENTS)
@@ -62,8 +63,8 @@ def test_an_unknown_stack_argument_warns_once_naming_it():
     reference, model = tiny_model("llama"), tiny_model("llama")
     handle = bcg.wrap_model(model, backend="eager")
     ids, mask = left_padded_batch()
-    original = handle.runner.original_forward
-    handle.runner.original_forward = lambda *a, surprise=None, **k: original(*a, **k)
+    original = internals.stack_forward(handle)
+    internals.replace_stack_forward(handle, lambda *a, surprise=None, **k: original(*a, **k))
     with warnings.catch_warnings(record=True) as caught, torch.no_grad():
         warnings.simplefilter("always")
         for _ in range(3):
@@ -121,7 +122,7 @@ def test_plain_calls_with_grad_enabled_warn_once_saying_how_to_replay():
 @pytest.mark.parametrize("sizes", [np.array([4, 16]), [np.int64(4), torch.tensor(16).item()], (np.int32(4), 16)])
 def test_capture_sizes_accept_integral_types(sizes):
     handle = bcg.wrap_model(tiny_model("llama"), capture_sizes=sizes, max_num_tokens=np.int64(16), backend="eager")
-    assert handle.runner.sizes == [4, 16] and all(type(s) is int for s in handle.runner.sizes)
+    assert internals.sizes(handle) == [4, 16] and all(type(s) is int for s in internals.sizes(handle))
 
 
 @pytest.mark.parametrize("arch", ["gemma4_text", "gemma3n_text"])
@@ -140,8 +141,6 @@ def test_kv_sharing_layers_read_the_stored_keys_with_a_static_cache(arch):
 
 
 def test_a_mask_that_transformers_cannot_build_runs_eagerly_with_one_warning(monkeypatch):
-    import bcg.runner
-
     reference, model = tiny_model("llama"), tiny_model("llama")
     handle = bcg.wrap_model(model, backend="eager")
     ids, mask = left_padded_batch()
@@ -149,7 +148,7 @@ def test_a_mask_that_transformers_cannot_build_runs_eagerly_with_one_warning(mon
     def broken(*args, **kwargs):
         raise TypeError("create_chunked_causal_mask() got an unexpected keyword argument")
 
-    monkeypatch.setattr(bcg.runner, "live_masks", broken)
+    monkeypatch.setattr(hf, "create_masks", broken)  # transformers' mask utilities, as bcg calls them
     with warnings.catch_warnings(record=True) as caught, torch.no_grad():
         warnings.simplefilter("always")
         got = [model(ids, attention_mask=mask).logits for _ in range(2)]

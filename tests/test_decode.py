@@ -7,6 +7,7 @@ from transformers import StaticCache
 import bcg
 from bcg import hf
 from bcg.backends import WARMUP_RUNS, CudaBackend, EagerBackend
+import internals
 from tiny_models import left_padded_batch, tiny_model
 
 STEPS = 5
@@ -54,9 +55,9 @@ def test_a_later_generate_with_a_new_cache_replays_the_same_graph():
     ids, mask = left_padded_batch()
     kwargs = dict(attention_mask=mask, cache_implementation="static", **GENERATE)
     first = model.generate(ids, **kwargs)
-    graphs = dict(handle.runner.decoder.graphs)
+    graphs = dict(internals.full_decoder(handle).graphs)
     second, expected = model.generate(ids, **kwargs), reference.generate(ids, **kwargs)
-    assert handle.runner.decoder.graphs == graphs and len(graphs) == 1  # no capture for the second cache
+    assert internals.full_decoder(handle).graphs == graphs and len(graphs) == 1  # no capture for the second cache
     assert torch.equal(second.sequences, expected.sequences)
     _assert_same_cache(_cache_of(second), _cache_of(expected))
     _assert_same_cache(_cache_of(first), _cache_of(expected))  # the first cache got its own tensors back intact
@@ -133,9 +134,9 @@ def check_static_storages_bounded(device: str = "cpu", **options) -> None:
         results.append(logits)
     for got, want in zip(results[1], results[0]):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    decoder = handle.runner.decoder
+    decoder = internals.full_decoder(handle)
     assert handle.stats()["full_graph_replays"] == 4
-    assert len(decoder.storages) == len(decoder.graphs) == decoder.max_storages == 2
+    assert len(decoder.bindings) == len(decoder.graphs) == decoder.bindings.max_storages == 2
 
 
 @pytest.mark.parametrize("arch", ["mistral", "gemma2", "gemma3_text", "gpt_oss"])
@@ -186,12 +187,12 @@ class _GraphLikeReplays:
 def wrap_with_graph_like_replays(model):
     """``bcg.wrap_model(model, backend="eager")`` whose full decode graphs replay as ``_GraphLikeReplays``."""
     handle = bcg.wrap_model(model, backend="eager")
-    decoder, backend = handle.runner.decoder, _GraphLikeReplays()
+    decoder, backend = internals.full_decoder(handle), _GraphLikeReplays()
     decoder.backend, replay = backend, decoder.replay
 
-    def replay_noting_the_cache(call, live, layers):
+    def replay_noting_the_cache(key, tokens, live, layers):
         backend.cache = live.cache
-        return replay(call, live, layers)
+        return replay(key, tokens, live, layers)
 
     decoder.replay = replay_noting_the_cache
     return handle
@@ -357,7 +358,7 @@ def test_bad_static_cache_value_is_refused():
 def test_a_full_graph_that_cannot_be_captured_falls_back_to_the_breaks_with_one_warning(monkeypatch):
     reference, model = tiny_model("llama"), tiny_model("llama")
     handle = bcg.wrap_model(model, backend="eager")
-    decoder = handle.runner.decoder
+    decoder = internals.full_decoder(handle)
 
     class Failing:
         def capture(self, run):
@@ -435,9 +436,9 @@ def test_full_graph_steps_build_their_masks_from_the_padding_mask_inside_the_gra
     ids, mask = left_padded_batch()
     model.generate(ids, attention_mask=mask, **GENERATE)  # a dynamic cache: its stand-in of 256 positions
     model.generate(ids, attention_mask=mask, cache_implementation="static", **GENERATE)
-    stand_in = [entry.masks for entry in handle.runner.shadow_decoder.graphs.values()]
+    stand_in = [entry.masks for entry in internals.stand_in_decoder(handle).graphs.values()]
     assert [(m.shape, m.dtype) for m in stand_in] == [((3, 256), mask.dtype)]
-    prepared = [entry.masks for entry in handle.runner.decoder.graphs.values()]
+    prepared = [entry.masks for entry in internals.full_decoder(handle).graphs.values()]
     assert len(prepared) == 1 and all(m.ndim == 4 for m in (prepared[0].values() if isinstance(prepared[0], dict)
                                                            else [prepared[0]]))
 
@@ -448,7 +449,7 @@ def test_a_stand_in_made_again_while_its_shape_keeps_the_old_tensors_still_decod
     (the per-layer views serve); every generate() equals eager's, the caches too."""
     reference, model = tiny_model("llama"), tiny_model("llama")
     handle = bcg.wrap_model(model, backend="eager", static_cache=True)
-    handle.runner.shadows.max_shadows = 1
+    internals.stand_ins(handle).bindings.max_storages = 1
     for batch in (3, 2, 3):
         ids, mask = left_padded_batch(batch=batch)
         expected = reference.generate(ids, attention_mask=mask, **GENERATE)
@@ -465,12 +466,12 @@ def test_beam_search_on_a_static_cache_binds_the_reordered_layers_again():
     tensors and binds the layers to those again (a CUDA graph reads nothing else), and decodes as eager."""
     reference, model = tiny_model("qwen3"), tiny_model("qwen3")
     handle = bcg.wrap_model(model, backend="eager")
-    decoder, bound = handle.runner.decoder, []
+    decoder, bound = internals.full_decoder(handle), []
     replay = decoder.replay
 
-    def checked_replay(call, live, layers):
-        hidden = replay(call, live, layers)
-        storage = next(reversed(decoder.storages.values()))
+    def checked_replay(key, tokens, live, layers):
+        hidden = replay(key, tokens, live, layers)
+        storage = decoder.bindings.latest()
         bound.append(all(hf.static_layer_tensors(layer)[0] is keys
                          for layer, keys in zip(hf.static_layers(live.cache), storage.keys, strict=True)))
         return hidden
@@ -503,17 +504,17 @@ def test_in_graph_masks_follow_the_attention_implementation_and_an_absent_mask(i
     for got, want in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert handle.stats()["full_graph_replays"] == STEPS
-    assert [entry.masks for entry in handle.runner.decoder.graphs.values()] == [None]  # no padding mask to copy
+    assert [entry.masks for entry in internals.full_decoder(handle).graphs.values()] == [None]  # no padding mask to copy
 
 
 def test_a_stand_in_too_large_for_the_free_memory_is_not_made_and_the_breaks_serve(monkeypatch):
     """static_cache=True never allocates a stand-in larger than half the device's free memory: those steps take the
     breaks (one warning naming the sizes and the fix) and decode as eager."""
-    import bcg.decode
+    import bcg.stand_ins
 
     reference, model = tiny_model("llama"), tiny_model("llama")
     handle = bcg.wrap_model(model, backend="eager", static_cache=True)
-    monkeypatch.setattr(bcg.decode, "free_device_memory", lambda device: 100_000)  # a 256-position stand-in: 192 KiB
+    monkeypatch.setattr(bcg.stand_ins, "free_device_memory", lambda device: 100_000)  # a 256-position stand-in: 192 KiB
     ids, mask = left_padded_batch()
     with pytest.warns(bcg.BcgFallbackWarning, match="more than half of the 0 MiB free") as caught:
         got = model.generate(ids, attention_mask=mask, **GENERATE)
@@ -521,7 +522,7 @@ def test_a_stand_in_too_large_for_the_free_memory_is_not_made_and_the_breaks_ser
     assert len([w for w in caught if issubclass(w.category, bcg.BcgFallbackWarning)]) == 1
     assert torch.equal(got.sequences, reference.generate(ids, attention_mask=mask, **GENERATE).sequences)
     stats = handle.stats()
-    assert stats["full_graph_replays"] == 0 and stats["replays"] == 2 * (1 + STEPS) and not handle.runner.shadows.shadows
+    assert stats["full_graph_replays"] == 0 and stats["replays"] == 2 * (1 + STEPS) and not internals.stand_ins(handle).bindings
 
 
 def test_masked_gqa_applies_to_the_capturing_thread_only_and_is_put_back_after_overlapping_captures():

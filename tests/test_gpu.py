@@ -15,6 +15,7 @@ import torch
 
 import bcg
 from bcg import hf
+import internals
 from tiny_models import left_padded_batch, tiny_model
 
 pytestmark = pytest.mark.gpu
@@ -83,7 +84,7 @@ def test_gemma3n_replays_or_falls_back_with_a_warning_where_its_code_cannot_be_c
 def test_segments_alternate_graph_and_break_once_per_layer():
     model = tiny_model("llama", device="cuda", num_hidden_layers=3)
     handle = bcg.wrap_model(model, capture_sizes=[8], max_num_tokens=8, lazy=False)
-    graph = handle.runner.graphs[("ids", 8)]._graph
+    graph = internals.breakable_graphs(handle)[("ids", 8)]._graph
     kinds = [type(s).__name__ for s in graph._segments]
     assert kinds == ["CUDAGraph", "_EagerSegment"] * 3 + ["CUDAGraph"]
 
@@ -418,7 +419,7 @@ def test_static_cache_decode_is_one_graph_per_step(arch):
         _assert_same_cache(_cache_of(got), _cache_of(expected))
     stats = handle.stats()
     assert stats["full_graph_replays"] == 2 * STEPS and stats["rejects"] == {}
-    (entry,) = handle.runner.decoder.graphs.values()
+    (entry,) = internals.full_decoder(handle).graphs.values()
     assert [type(s).__name__ for s in entry.graph._graph._segments] == ["CUDAGraph"]
 
 

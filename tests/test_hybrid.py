@@ -8,6 +8,7 @@ import torch
 
 import bcg
 from bcg import hf, probe
+import internals
 from tiny_models import HYBRID_ARCHITECTURES, left_padded_batch, tiny_model
 
 STEPS = 3
@@ -136,7 +137,7 @@ def test_every_mixer_and_attention_is_its_own_break(arch, breaks):
     ids, mask = left_padded_batch()
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask)
-    kinds = [type(slot).__name__ for slot in handle.runner.slots["ids/fast"]]
+    kinds = [type(slot).__name__ for slot in internals.slots(handle, "ids/fast")]
     assert len(kinds) == breaks and "MixerSlot" in kinds and "BreakSlot" in kinds
 
 
@@ -201,7 +202,7 @@ def test_minimax_runs_its_own_cache_class_and_tuple_returning_mixers():
     cache = out[hf.cache_argument(model.forward)] if hasattr(out, "keys") else None
     assert type(cache).__name__ == "MiniMaxCache"
     assert any(isinstance(slot.module, torch.nn.Module) and slot.returns_tuple
-               for slot in handle.runner.slots["ids/fast"] if type(slot).__name__ == "MixerSlot")
+               for slot in internals.slots(handle, "ids/fast") if type(slot).__name__ == "MixerSlot")
     assert handle.stats()["rejects"] == {}
 
 
@@ -402,7 +403,7 @@ def check_mixer_storages_bounded(device: str = "cpu", **options: Any) -> None:
     """Batch sizes 3, 2, 1, 3 decode in turn with room for two storages, eager vs wrapped: equal logits."""
     reference, model = tiny_model("qwen3_5_text", device=device), tiny_model("qwen3_5_text", device=device)
     handle = bcg.wrap_model(model, **options)
-    handle.runner.mixer_states.max_storages = 2
+    internals.mixer_states(handle).bindings.max_storages = 2
     ids, mask = left_padded_batch(device=device)
     results = []
     for m in (reference, model):
@@ -417,5 +418,5 @@ def check_mixer_storages_bounded(device: str = "cpu", **options: Any) -> None:
     for got, want in zip(results[1], results[0]):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     inline = [g for g in handle.stats()["captured_graphs"] if "/mixers" in g]
-    assert len(inline) == 2 and len(handle.runner.mixer_states.storages) == 2, inline
+    assert len(inline) == 2 and len(internals.mixer_states(handle).bindings) == 2, inline
     assert handle.stats()["rejects"] == {}

@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import bcg
+import internals
 from tiny_models import VOCAB, left_padded_batch, tiny_model
 
 
@@ -61,7 +62,7 @@ def test_a_reassigned_parameter_invalidates_without_debug():
 def test_the_always_on_address_check_reads_a_bounded_sample():
     model = tiny_model("llama", num_hidden_layers=40)
     handle = bcg.wrap_model(model, backend="eager")
-    watch = handle.runner._watch
+    watch = internals.address_watch(handle)
     assert len(watch.slots) > 300 and len(watch.sample) <= 65
     model.double()  # a cast moves every tensor: the sample sees it
     assert watch.moved()
@@ -110,13 +111,12 @@ def test_threads_get_correct_answers():
 def test_reentrant_call_runs_eagerly():
     model = tiny_model("llama")
     handle = bcg.wrap_model(model, backend="eager")
-    runner = handle.runner
     ids, _ = left_padded_batch(pads=(0, 0, 0))
-    runner._local.active = True  # as if a break called the model again
+    internals.in_a_break(handle, True)  # as if a break called the model again
     try:
         _logits(model, ids)
     finally:
-        runner._local.active = False
+        internals.in_a_break(handle, False)
     assert handle.stats()["rejects"] == {"reentrant": 1}
 
 

@@ -1,10 +1,13 @@
 """How users call a wrapped model: generate() variants, plain forwards, embeddings; each compared with eager."""
 
+import warnings
+
 import pytest
 import torch
 from transformers import CompileConfig, DynamicCache, StaticCache
 
 import bcg
+import internals
 from tiny_models import VOCAB, left_padded_batch, tiny_model
 
 
@@ -126,12 +129,12 @@ def test_padded_bucket_tail_holds_zeros_not_stale_rows(pair):
     ids, mask = left_padded_batch(batch=3, seq=9)  # 19 real tokens of 27, packed -> bucket 24
     with torch.no_grad():
         wrapped(ids, attention_mask=mask)  # captures: the bridges exist from here on
-    for buffer in handle.runner.bridges.buffers.values():
+    for buffer in internals.bridges(handle).values():
         buffer.fill_(float("nan"))
     with torch.no_grad():
         got = wrapped(ids, attention_mask=mask).logits
         want = reference(ids, attention_mask=mask).logits
-    outputs = [b for (role, *_), b in handle.runner.bridges.buffers.items() if role == "out"]
+    outputs = [b for (role, *_), b in internals.bridges(handle).items() if role == "out"]
     assert outputs and all(torch.count_nonzero(b[19:24]) == 0 for b in outputs)
     assert torch.allclose(got[mask.bool()], want[mask.bool()], atol=1e-4)
 
@@ -168,3 +171,17 @@ def test_training_and_grad_run_eagerly_with_working_autograd():
     model(ids, attention_mask=mask)  # grad enabled, trainable weights
     assert handle.stats()["rejects"] == {"training": 1, "grad_enabled": 1}
     assert handle.stats()["replays"] == 0
+
+
+def test_calls_over_the_largest_capture_size_warn_once_naming_the_option():
+    reference, wrapped = tiny_model("llama"), tiny_model("llama")
+    handle = bcg.wrap_model(wrapped, backend="eager", max_num_tokens=64)
+    ids, _ = left_padded_batch(pads=(0, 0, 0))
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        got = [wrapped(ids.repeat(1, n), use_cache=False).logits for n in (8, 9, 8)]  # 216, 243, 216 tokens
+    fallback = [str(w.message) for w in caught if issubclass(w.category, bcg.BcgFallbackWarning)]
+    assert len(fallback) == 1 and "max_num_tokens" in fallback[0] and "more than 64 tokens" in fallback[0]
+    with torch.no_grad():
+        assert torch.equal(got[1], reference(ids.repeat(1, 9), use_cache=False).logits)
+    assert handle.stats()["rejects"] == {"too_many_tokens": 3}

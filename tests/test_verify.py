@@ -20,8 +20,10 @@ NEWER = "5.99.0"
 
 @pytest.fixture
 def newer_transformers(monkeypatch):
-    """A transformers release newer than the verified range (bcg reads the version through this function)."""
-    monkeypatch.setattr(hf, "installed_transformers", lambda: NEWER)
+    """A transformers release newer than the verified range: the installed one, lying about its version."""
+    import transformers
+
+    monkeypatch.setattr(transformers, "__version__", NEWER)
 
 
 def _wrap(model, **options):

@@ -1,0 +1,71 @@
+"""One call of the patched stack forward, as the caller made it: its arguments by name, read-only."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import hf
+
+
+@dataclass(frozen=True)
+class Call:
+    """The arguments of one stack forward call, by name; ``extra`` holds the ones bcg does not know."""
+
+    arguments: dict[str, Any]
+    extra: dict[str, Any] = field(default_factory=dict)
+    autocast: str = ""  # the autocast state the call runs under ("" when off): graphs are captured per state
+
+    def get(self, name: str) -> Any:
+        return self.arguments.get(name)
+
+    @property
+    def cache(self) -> Any:
+        """The KV cache, under whichever name the caller used (``cache`` or the older ``past_key_values``)."""
+        return next((self.arguments[n] for n in hf.CACHE_ARGUMENTS if self.arguments.get(n) is not None), None)
+
+    @property
+    def tokens(self) -> torch.Tensor | None:
+        ids = self.get("input_ids")
+        return ids if ids is not None else self.get("inputs_embeds")
+
+    @property
+    def inputs(self) -> str:
+        return "ids" if self.get("input_ids") is not None else "embeds"
+
+    @property
+    def is_decode_step(self) -> bool:
+        """One token per sequence on top of a cache: a generation step (a one-token prompt is not one)."""
+        tokens = self.tokens
+        return self.cache is not None and isinstance(tokens, torch.Tensor) and tokens.ndim >= 2 and tokens.shape[1] == 1
+
+    def with_cache(self, cache: Any) -> Call:
+        """The same call on another cache (under the caller's argument name)."""
+        old = self.cache
+        return Call({name: cache if value is old and old is not None else value
+                     for name, value in self.arguments.items()}, self.extra, self.autocast)
+
+
+def bind_call(parameter_names: list[str], args: tuple, kwargs: dict, known: frozenset[str],
+              device: torch.device) -> Call:
+    """A stack forward's arguments by name (``parameter_names``: those a caller may pass by position); those not in
+    ``known`` and set go to ``extra``; the autocast state on the model's device type."""
+    arguments = dict(zip(parameter_names, args))
+    arguments.update(kwargs)
+    extra = {k: v for k, v in arguments.items() if k not in known and v is not None and v is not False}
+    return Call(arguments, extra, _autocast_state(device))
+
+
+def positional_parameters(forward: Any) -> list[str]:
+    """Names of the arguments a caller may pass by position, in order."""
+    return [name for name, p in hf.forward_parameters(forward).items()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def _autocast_state(device: torch.device) -> str:
+    """The autocast state on the model's device type, as part of a graph key ("" when autocast is off)."""
+    if not torch.is_autocast_enabled(device.type):
+        return ""
+    return f"autocast-{str(torch.get_autocast_dtype(device.type)).removeprefix('torch.')}"

@@ -1,0 +1,293 @@
+"""transformers' caches: which ones the breaks can update, static layers, mixer state, and a cache's whole state."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import typing
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from transformers import cache_utils
+from transformers.cache_utils import (
+    DynamicCache,
+    DynamicLayer,
+    DynamicSlidingWindowLayer,
+    StaticCache,
+    StaticLayer,
+    StaticSlidingWindowLayer,
+)
+
+from .models import CACHE_ARGUMENTS, cache_argument, forward_parameters
+
+SUPPORTED_CACHES = (DynamicCache, StaticCache)
+# DummyLayer (5.24+) holds the slot of a layer that reads another layer's keys/values and is never updated;
+# LinearAttentionCacheLayerMixin layers hold a mixer's convolution / recurrent state (the mixer updates it itself).
+_SUPPORTED_CACHE_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer, StaticLayer, StaticSlidingWindowLayer,
+                           *([cache_utils.DummyLayer] if hasattr(cache_utils, "DummyLayer") else []),
+                           *([cache_utils.LinearAttentionCacheLayerMixin]
+                             if hasattr(cache_utils, "LinearAttentionCacheLayerMixin") else []))
+
+
+def output_with_cache(output_cls: type, hidden: torch.Tensor, cache: Any) -> Any:
+    """The stack's own output class holding ``hidden`` and the live cache, under whichever field name it uses."""
+    names = {field.name for field in dataclasses.fields(output_cls)}
+    cache_field = next((name for name in CACHE_ARGUMENTS if name in names), None)
+    return output_cls(last_hidden_state=hidden, **({cache_field: cache} if cache_field else {}))
+
+
+def cache_of(output: Any) -> Any:
+    """The cache a stack output holds, under whichever field name it uses (None if none)."""
+    return next((getattr(output, name) for name in CACHE_ARGUMENTS if getattr(output, name, None) is not None), None)
+
+
+
+def cache_state(cache: Any) -> dict[str, Any]:
+    """Every tensor and plain value (number, flag) a cache holds, by path ("layers.3.conv_states.0", "linear_cache.1"):
+    what a call changes, walked rather than named so that state a transformers release adds is covered too."""
+    state: dict[str, Any] = {}
+    if cache is None:
+        return state
+    for i, layer in enumerate(getattr(cache, "layers", ())):
+        _walk(vars(layer), f"layers.{i}", state)
+    _walk({k: v for k, v in vars(cache).items() if k != "layers"}, "cache", state)
+    return state
+
+
+def _walk(values: dict, prefix: str, state: dict[str, Any], depth: int = 2) -> None:
+    for name, value in values.items():
+        path = f"{prefix}.{name}"
+        if isinstance(value, torch.Tensor) or (isinstance(value, (bool, int, float)) and not isinstance(value, type)):
+            state[path] = value
+        elif isinstance(value, (dict, list, tuple)) and depth > 0:
+            _walk(dict(value.items() if isinstance(value, dict) else enumerate(value)), path, state, depth - 1)
+
+
+def copy_cache(cache: Any) -> Any:
+    """A deep copy of ``cache`` whose tensors are compact clones (a view of a large stand-in copies only the view)."""
+    if cache is None:
+        return None
+    with torch.inference_mode(False):
+        memo = {id(t): t.clone() for t in cache_state(cache).values() if isinstance(t, torch.Tensor)}
+        return copy.deepcopy(cache, memo)
+
+
+def stack_cache_class(stack_forward: Callable) -> type:
+    """The cache class a stack makes for itself: the DynamicCache subclass its cache argument is annotated with
+    (MiniMax's MiniMaxCache, which holds its mixers' state), else DynamicCache."""
+    name = cache_argument(stack_forward)
+    annotation = forward_parameters(stack_forward)[name].annotation if name else None
+    if isinstance(annotation, str):  # a modeling file with postponed annotations
+        try:
+            annotation = typing.get_type_hints(inspect.unwrap(stack_forward)).get(name)
+        except Exception:  # an annotation that does not resolve says nothing about the cache
+            annotation = None
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, DynamicCache):
+            return candidate
+    return DynamicCache
+
+
+def new_cache(cache_class: type, config: Any) -> DynamicCache:
+    """The cache a stack creates for itself when called with ``use_cache`` and no cache."""
+    if "config" in forward_parameters(cache_class.__init__):
+        return cache_class(config=config)
+    return cache_class()
+
+
+def unsupported_cache_reason(cache: Any, own_class: type = DynamicCache) -> str | None:
+    """Why the breaks cannot update ``cache`` in place of the model, naming the class; None when they can.
+    ``own_class``: the cache class the model makes for itself (supported: a DynamicCache subclass by construction)."""
+    if cache is None:
+        return None
+    if own_class is not DynamicCache and type(cache) is not own_class:
+        return f"cache class {type(cache).__name__} (this model keeps state in a {own_class.__name__} of its own)"
+    if type(cache) not in SUPPORTED_CACHES and type(cache) is not own_class:
+        return f"cache class {type(cache).__name__} (supported: DynamicCache, StaticCache)"
+    if getattr(cache, "offloading", False):
+        return f"an offloading {type(cache).__name__}"
+    layers = [type(layer).__name__ for layer in getattr(cache, "layers", ())
+              if not isinstance(layer, _SUPPORTED_CACHE_LAYERS)]
+    if layers:
+        return (f"cache layer classes {sorted(set(layers))} (supported: full and sliding, dynamic and static, and "
+                "the linear-attention layers holding a mixer's state)")
+    return None
+
+
+def past_length(cache: Any) -> int | torch.Tensor:
+    return cache.get_seq_length() if cache is not None else 0
+
+
+def update_cache(cache: Any, keys: torch.Tensor, values: torch.Tensor,
+                 layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return cache.update(keys, values, layer_idx)
+
+
+def static_layers(cache: Any, new_tokens: int = 0) -> list | None:
+    """The layers of a StaticCache whose every layer is a static layer, full or sliding, allocated already; None for
+    any other cache. ``new_tokens`` > 0: only when a step of that many tokens per sequence updates nothing but tensors
+    at fixed addresses (keys, values, a length counter), so it can be one graph: every sliding layer has room for them
+    still (a full sliding layer rolls its window instead: its Python-side length picks that path, and the roll builds
+    an index on the host)."""
+    if type(cache) is not StaticCache or getattr(cache, "offloading", False):
+        return None
+    layers = list(cache.layers)
+    if not layers or not all(_static_and_in_place(layer, new_tokens) for layer in layers):
+        return None
+    return layers
+
+
+def _static_and_in_place(layer: Any, new_tokens: int) -> bool:
+    kind = type(layer)
+    if kind is StaticLayer:
+        return layer.is_initialized
+    return (kind is StaticSlidingWindowLayer and layer.is_initialized
+            and (new_tokens == 0 or layer.cumulative_length_int + new_tokens <= layer.max_cache_len))
+
+
+def _sliding_static(layers: Any) -> list:
+    return [layer for layer in layers if type(layer) is StaticSlidingWindowLayer]
+
+
+def host_lengths(layers: list) -> list[tuple[Any, int]]:
+    """The sliding layers among static ``layers`` with the token count each keeps in Python beside its length tensor
+    (a graph's replay advances the tensor, not this count)."""
+    return [(layer, layer.cumulative_length_int) for layer in _sliding_static(layers)]
+
+
+def set_host_lengths(held: list[tuple[Any, int]], added: int) -> None:
+    """Set each layer's Python-side token count to the one held plus ``added``."""
+    for layer, length in held:
+        layer.cumulative_length_int = length + added
+
+
+@contextmanager
+def sliding_lengths_as_tensors(cache: Any) -> Iterator[None]:
+    """While a graph is captured: sliding static layers report their length tensor from ``get_seq_length``, as full
+    static layers do. Masks take their query offset from it; the Python count a sliding layer reports otherwise would
+    stay the capture step's in every replay (a query at position 9 for ever: it never sees the keys it writes after).
+    The tensor equals the count while the layer has room, the only case a full graph runs."""
+    sliding = _sliding_static(getattr(cache, "layers", ()))
+    for layer in sliding:
+        layer.get_seq_length = lambda layer=layer: layer.cumulative_length
+    try:
+        yield
+    finally:
+        for layer in sliding:
+            del layer.get_seq_length
+
+
+def static_layer_tensors(layer: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(keys, values, length counter) of a static cache layer, full or sliding."""
+    return layer.keys, layer.values, layer.cumulative_length
+
+
+def rebind_static_layer(layer: Any, keys: torch.Tensor, values: torch.Tensor, length: torch.Tensor) -> None:
+    """Point a static cache layer at other tensors of the same shapes (what it held must be copied first)."""
+    layer.keys, layer.values, layer.cumulative_length = keys, values, length
+
+
+def full_dynamic_layers(cache: Any) -> list | None:
+    """The layers of a cache whose every layer is a plain (not sliding) dynamic layer holding keys and values of the
+    same length; None for any other cache."""
+    layers = list(getattr(cache, "layers", None) or ())
+    if not layers or getattr(cache, "offloading", False) or any(type(layer) is not DynamicLayer for layer in layers):
+        return None
+    keys = [getattr(layer, "keys", None) for layer in layers]
+    if not all(isinstance(k, torch.Tensor) and k.ndim == 4 for k in keys) or len({k.shape[-2] for k in keys}) != 1:
+        return None
+    return layers
+
+
+def dynamic_layer_tensors(layer: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    return layer.keys, layer.values
+
+
+def rebind_dynamic_layer(layer: Any, keys: torch.Tensor, values: torch.Tensor) -> None:
+    layer.keys, layer.values = keys, values
+
+
+def makes_full_static_caches(config: Any) -> bool:
+    """Whether a StaticCache made from ``config`` has full static layers only (no sliding window, no mixer state)."""
+    try:
+        layers = StaticCache(config=config, max_cache_len=1).layers
+    except Exception:  # a config transformers cannot build a static cache from: no stand-ins, the breaks serve
+        return False
+    return bool(layers) and all(type(layer) is StaticLayer for layer in layers)
+
+
+def static_cache_like(config: Any, layers: list, max_cache_len: int) -> tuple[Any, tuple | None] | None:
+    """A StaticCache of ``max_cache_len`` positions, allocated for the batch, heads and dtypes of ``layers`` (a
+    dynamic cache's), or None when the config does not make every layer a full static one. When the layers' shapes
+    agree, every layer's keys (values) are slices of one tensor, returned beside the cache (else None)."""
+    cache = StaticCache(config=config, max_cache_len=max_cache_len)
+    if len(cache.layers) != len(layers) or any(type(layer) is not StaticLayer for layer in cache.layers):
+        return None
+    shapes = {(layer.keys.shape[:2], layer.keys.shape[-1], layer.values.shape[-1], layer.keys.dtype,
+               layer.values.dtype) for layer in layers}
+    stacked = None
+    if len(shapes) == 1:
+        keys, values = layers[0].keys, layers[0].values
+        stacked = tuple(t.new_zeros(len(layers), *t.shape[:2], max_cache_len, t.shape[-1]) for t in (keys, values))
+    for i, (static, dynamic) in enumerate(zip(cache.layers, layers)):
+        static.lazy_initialization(dynamic.keys, dynamic.values)
+        if stacked is not None:  # the layer's own allocation goes at once: at most one layer's worth extra
+            rebind_static_layer(static, stacked[0][i], stacked[1][i], static.cumulative_length)
+    return cache, stacked
+
+
+_LINEAR_LAYER = getattr(cache_utils, "LinearAttentionCacheLayerMixin", None)
+# A hybrid cache layer's attention part: the break updates it eagerly (dynamic keys/values grow by reassignment).
+_ATTENTION_STATE_NAMES = frozenset({"keys", "values", "cumulative_length"})
+MixerStateName = tuple[str, Any]  # (attribute of the cache layer, key within it or None)
+
+
+def _mixer_layer_tensors(layer: Any) -> Iterator[tuple[MixerStateName, torch.Tensor]]:
+    """Every tensor a mixer's cache layer holds, directly or in a dict / list attribute, except its attention part's:
+    the convolution and recurrent states and whatever else a transformers release adds (5.25 added a token counter the
+    decode step advances in place). Found by walking the layer, not by a list of names."""
+    for attribute, value in vars(layer).items():
+        if attribute in _ATTENTION_STATE_NAMES:
+            continue
+        if isinstance(value, torch.Tensor):
+            yield (attribute, None), value
+        elif isinstance(value, (dict, list)):
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            yield from (((attribute, key), t) for key, t in items if isinstance(t, torch.Tensor))
+
+
+def settled_mixer_states(cache: Any, layer_idx: int) -> dict[MixerStateName, torch.Tensor] | None:
+    """A mixer's cache-layer tensors, by name, when a decode step updates them in place: every state allocated, a
+    previous step recorded, no past being recorded (transformers copies into these tensors "to keep the static address"
+    then). None otherwise: a prefill, a first step, speculative rollback, another cache layer."""
+    layers = getattr(cache, "layers", None)
+    if _LINEAR_LAYER is None or layers is None or layer_idx >= len(layers):
+        return None
+    layer = layers[layer_idx]
+    if not isinstance(layer, _LINEAR_LAYER) or layer.record_past or getattr(cache, "offloading", False):
+        return None
+    if not all(layer.has_previous_state[i] for i in range(layer.number_of_states)):
+        return None
+    return dict(_mixer_layer_tensors(layer)) or None
+
+
+def mixer_state(cache: Any, layer_idx: int, name: MixerStateName) -> Any:
+    """One of a mixer's cache-layer tensors by name, whatever the layer's condition (None if absent)."""
+    attribute, key = name
+    value = getattr(cache.layers[layer_idx], attribute, None)
+    if key is None or value is None:
+        return value
+    return value.get(key) if isinstance(value, dict) else value[key]
+
+
+def rebind_mixer_state(cache: Any, layer_idx: int, name: MixerStateName, tensor: torch.Tensor) -> None:
+    """Point one of a mixer's cache-layer tensors at another of its shape (its contents copied first)."""
+    attribute, key = name
+    layer = cache.layers[layer_idx]
+    if key is None:
+        setattr(layer, attribute, tensor)
+    else:
+        getattr(layer, attribute)[key] = tensor

@@ -1,0 +1,202 @@
+"""transformers' models and stacks: the verified range, signatures, layer types, generate()'s compile check, MoE experts."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from packaging.version import Version
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.models.llama import modeling_llama
+
+from .. import patching
+
+# The oldest and the newest transformers bcg was verified on (CPU suite and GPU suite); pyproject.toml and the README
+# state the same range (tests/test_compat.py checks). Outside it, wrap_model warns and verifies replays itself.
+VERIFIED_TRANSFORMERS = ("5.17.0", "5.25.0")
+
+
+def installed_transformers() -> str:
+    import transformers  # at call time: transformers' lazy module may replace the object bound at bcg's import
+
+    return transformers.__version__
+
+
+def outside_verified_range(version: str | None = None) -> bool:
+    """Whether ``version`` (default: the installed one) lies outside ``VERIFIED_TRANSFORMERS`` (a newer patch release
+    of the newest verified minor counts as inside: patch releases do not rewrite internals)."""
+    release = Version(version or installed_transformers()).release[:2]
+    oldest, newest = (Version(v).release[:2] for v in VERIFIED_TRANSFORMERS)
+    return not oldest <= release <= newest
+
+
+# The KV cache's argument name, newest first: "cache" since 5.24, "past_key_values" before (and deprecated after).
+CACHE_ARGUMENTS = ("cache", "past_key_values")
+# What a stack forward must take for bcg to call it on static inputs and route a call's cache into the breaks.
+REQUIRED_STACK_ARGUMENTS = ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "use_cache")
+
+# Layer types whose token mixer is attention through the AttentionInterface (what a break runs).
+ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
+# Layer types whose token mixer keeps per-sequence state in the cache (linear attention, SSM, short convolution);
+# a "hybrid" layer runs such a mixer and attention, on one cache layer holding both. Not "hybrid_sliding" (Inkling):
+# transformers' mask table gives its attention a full causal mask where the model applies its window.
+STATEFUL_LAYER_TYPES = ("linear_attention", "conv", "hybrid")
+_HYBRID_ATTENTION_MASKS = {"hybrid": "full_attention"}
+# Layers with neither attention nor mixer state (Nemotron-H's MLP layers; 5.17 gives them empty cache layers).
+STATELESS_LAYER_TYPES = ("moe", "mlp")
+# The argument a stateful mixer takes its cache under: 5.24 "cache"; 5.17 "cache_params" or "past_key_values".
+MIXER_CACHE_ARGUMENTS = ("cache", "cache_params", "past_key_values")
+
+# Llama's reference code, which fusion.py recognises in other models by bytecode.
+LLAMA_RMS_NORM_FORWARD = modeling_llama.LlamaRMSNorm.forward
+LLAMA_ROTARY = modeling_llama.apply_rotary_pos_emb
+LLAMA_ROTATE_HALF = modeling_llama.rotate_half
+
+
+def plain_function(obj: Any) -> Callable | None:
+    """The Python function behind a modeling file's function object: itself, or, for a kernelizable function (5.25+
+    with the ``kernels`` package: ``@use_kernel_forward_from_hub`` turns it into a module object whose forward calls
+    the function unless a kernel was mapped in), the function it wraps. None for anything else."""
+    if inspect.isfunction(obj):
+        return obj
+    forward = getattr(type(obj), "forward", None)
+    if getattr(type(obj), "kernel_layer_name", None) is None or not inspect.isfunction(forward):
+        return None
+    wrapped = [v for v in inspect.getclosurevars(forward).nonlocals.values() if inspect.isfunction(v)]
+    return wrapped[0] if len(wrapped) == 1 else None
+
+
+def is_pretrained_model(model: Any) -> bool:
+    return isinstance(model, PreTrainedModel)
+
+
+def decoder_of(model: nn.Module) -> nn.Module | None:
+    return model.get_decoder() if hasattr(model, "get_decoder") else None
+
+
+def num_hidden_layers(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    return getattr(text_config, "num_hidden_layers", None)
+
+
+def uses_attention_interface(model: nn.Module) -> bool:
+    """Whether the model's attention goes through ``ALL_ATTENTION_FUNCTIONS`` (what bcg swaps for its breaks)."""
+    can_set = getattr(type(model), "_can_set_attn_implementation", None)
+    return can_set is None or bool(can_set())
+
+
+def forward_parameters(forward: Callable) -> dict[str, inspect.Parameter]:
+    return dict(inspect.signature(forward).parameters)
+
+
+def cache_argument(forward: Callable, names: tuple[str, ...] = CACHE_ARGUMENTS) -> str | None:
+    """The name under which ``forward`` takes the cache in the installed transformers, or None."""
+    parameters = forward_parameters(forward)
+    return next((name for name in names if name in parameters), None)
+
+
+def mixer_cache_argument(mixer: nn.Module) -> str | None:
+    """The name under which a stateful mixer's class forward takes the cache (an instance hook may hide it)."""
+    return cache_argument(type(mixer).forward, MIXER_CACHE_ARGUMENTS)
+
+
+def code_names(code: Any) -> set[str]:
+    """Every global and attribute name a code object (and the functions nested in it) uses."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if inspect.iscode(const):
+            names |= code_names(const)
+    return names
+
+
+def stateful_layer_indices(config: Any) -> list[int]:
+    """The layers whose type says they hold mixer state (per ``layer_types``)."""
+    return [i for i, t in enumerate(getattr(config, "layer_types", None) or ()) if t in STATEFUL_LAYER_TYPES]
+
+
+def unknown_layer_types(config: Any) -> set[str]:
+    """Layer types that are neither attention, nor a stateful mixer, nor a stateless placeholder."""
+    known = {*ATTENTION_LAYER_TYPES, *STATEFUL_LAYER_TYPES, *STATELESS_LAYER_TYPES}
+    return set(getattr(config, "layer_types", None) or ()) - known
+
+
+def attention_layers(config: Any, num_layers: int) -> int:
+    """How many of the stack's layers run attention (all of them, unless ``layer_types`` names mixer-only ones)."""
+    layer_types = getattr(config, "layer_types", None)
+    if not layer_types:
+        return num_layers
+    return sum(t in ATTENTION_LAYER_TYPES or t in _HYBRID_ATTENTION_MASKS for t in layer_types)
+
+
+def attention_mask_key(layer_type: str) -> str:
+    """The key of an attention layer's mask among the masks transformers builds per layer type."""
+    return _HYBRID_ATTENTION_MASKS.get(layer_type, layer_type)
+
+
+def mixer_mask_key(layer_type: str) -> str:
+    """The key of a stateful mixer's 2D padding mask among the per-layer-type masks ("conv" for LFM2's)."""
+    return layer_type if layer_type == "conv" else "linear_attention"
+
+
+def missing_stack_arguments(forward: Callable) -> list[str]:
+    """Arguments bcg passes to (or reads from) a stack forward that this one does not take."""
+    parameters = forward_parameters(forward)
+    missing = [name for name in REQUIRED_STACK_ARGUMENTS if name not in parameters]
+    if cache_argument(forward) is None:
+        missing.append(" or ".join(CACHE_ARGUMENTS))
+    return missing
+
+
+def caches_latents(config: Any) -> bool:
+    """Multi-head latent attention (DeepSeek-V2/V3, LongCat, ...) caches compressed latents, not the keys/values it
+    hands to the attention function: a break would fill the cache with something else than the model does."""
+    return getattr(config, "kv_lora_rank", None) is not None
+
+
+def kv_sharing(module: nn.Module) -> tuple[bool, bool]:
+    """(reuses, stores): whether this attention module reads another layer's keys/values instead of updating the
+    cache (Gemma 3n / Gemma 4), and whether its own post-update keys/values are what such layers read."""
+    return bool(getattr(module, "is_kv_shared_layer", False)), bool(getattr(module, "store_full_length_kv", False))
+
+
+_AUTO_COMPILE_CHECK = "_valid_auto_compile_criteria"
+
+
+def _never_compile(*args: Any, **kwargs: Any) -> bool:
+    return False
+
+
+def prevent_auto_compile(model: PreTrainedModel) -> bool:
+    """Keep ``generate()`` from compiling the forward (it does for static caches): bcg's graphs must not be traced.
+
+    Shadows the model's compile check on the instance instead of writing ``generation_config``, so nothing reaches
+    ``save_pretrained`` (and copies drop it). Returns False when this transformers has no such check.
+    """
+    if not hasattr(type(model), _AUTO_COMPILE_CHECK):
+        return False
+    patching.patch(model, _AUTO_COMPILE_CHECK, _never_compile)
+    return True
+
+
+def allow_auto_compile(model: PreTrainedModel) -> None:
+    if patching.is_patched(model, _AUTO_COMPILE_CHECK):
+        delattr(model, _AUTO_COMPILE_CHECK)
+
+
+def use_capturable_experts(model: PreTrainedModel) -> str | None:
+    """Switch MoE experts from the eager loop (which syncs on ``nonzero``) to ``grouped_mm``; return what it was."""
+    if getattr(model.config, "_experts_implementation", None) != "eager" or not hasattr(
+            model, "set_experts_implementation"):
+        return None
+    saved = model.get_experts_implementation()
+    model.set_experts_implementation("grouped_mm")
+    return saved
+
+
+def set_experts_implementation(model: PreTrainedModel, implementation: Any) -> None:
+    model.set_experts_implementation(implementation)

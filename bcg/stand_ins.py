@@ -1,0 +1,191 @@
+"""Static stand-ins (``static_cache=True``): a DynamicCache's decode steps as one full graph each.
+
+Before a step the dynamic cache's keys/values are copied into the StaticCache bcg keeps for its shape (batch, layers,
+positions rounded up by ``stand_in_positions``) unless its layers already are views of it; the step replays that
+stand-in's full decode graph (decode.py); then the dynamic cache's layers become views of the stand-in's first
+``length + 1`` positions, so the next step copies nothing. The caller keeps a DynamicCache throughout; its prompts and
+every multi-token call run on it as they would unwrapped. A dynamic cache whose stand-in another cache takes, or that
+bcg lets go, gets copies (binding.py).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from . import hf
+from .binding import Bindings, Storage, same_tensors
+from .call import Call
+from .decode import MAX_STORAGES, MAX_TOKENS_PER_SEQUENCE
+from .errors import BcgFallbackWarning
+
+MIN_POSITIONS = 256
+SHARE_OF_FREE_MEMORY = 0.5  # a stand-in larger than this share of the device's free memory is not made
+
+
+def stand_in_positions(length: int) -> int:
+    """Positions a stand-in holds for a dynamic cache of ``length`` tokens taking one more: the next power of two above
+    ``length``, at least 256 (a few captures per generation; attention over at most twice the tokens)."""
+    return max(MIN_POSITIONS, 1 << length.bit_length())
+
+
+Views = tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]]
+
+
+@dataclass
+class StandIn(Storage):
+    """A StaticCache bcg owns for one shape; its holder is the dynamic cache whose layers are views of it."""
+
+    cache: Any
+    stacked: tuple[torch.Tensor, torch.Tensor] | None = None  # every layer's keys / values in one tensor
+    views: Views = ((), ())  # the keys and the values its holder's layers hold
+    length: int = 0  # tokens the holder held when it was last bound
+
+    @property
+    def positions(self) -> int:
+        return hf.static_layer_tensors(self.cache.layers[0])[0].shape[2]
+
+    def views_of(self, length: int) -> Views:
+        """Every layer's keys and values up to ``length`` positions (one view per layer)."""
+        first_keys = hf.static_layer_tensors(self.cache.layers[0])[0]
+        if self.stacked is not None and first_keys._base is not self.stacked[0]:
+            self.stacked = None  # bound to the tensors an earlier stand-in of its shape left: let its own ones go
+        if self.stacked is not None:  # only bcg rebinds a stand-in, all layers at once: two calls for all layers
+            return tuple(stacked.narrow(3, 0, length).unbind(0) for stacked in self.stacked)
+        tensors = [hf.static_layer_tensors(layer) for layer in self.cache.layers]
+        return [k.narrow(2, 0, length) for k, _, _ in tensors], [v.narrow(2, 0, length) for _, v, _ in tensors]
+
+
+class StandIns:
+    """The StaticCaches that stand in for DynamicCaches in decode steps, bound as binding.py says."""
+
+    def __init__(self, config: Any, max_stand_ins: int = MAX_STORAGES) -> None:
+        self.config = config
+        self.bindings: Bindings[StandIn] = Bindings(self, max_stand_ins)
+        self.possible = hf.makes_full_static_caches(config)  # else (sliding windows, mixers) no stand-in can serve
+        self.warned_memory = False
+
+    def takes(self, call: Call) -> bool:
+        """A decode step on a cache of plain dynamic layers (no sliding windows, no mixer states)."""
+        return (self.possible and call.tokens.shape[1] <= MAX_TOKENS_PER_SEQUENCE
+                and hf.full_dynamic_layers(call.cache) is not None)
+
+    def bind(self, cache: Any) -> StandIn | None:
+        """The stand-in holding the keys, values and length of ``cache`` (one ``takes`` accepted); None when no static
+        cache can stand in."""
+        layers = list(cache.layers)
+        length = layers[0].keys.shape[-2]
+        positions = stand_in_positions(length)
+        latest = self.bindings.latest()  # the common case, the step after a step: the cache holds its views
+        if (latest is not None and latest.held_by(cache) and latest.positions == positions
+                and latest.length + 1 == length and _holds_views(layers, latest.views)):
+            latest.length = length
+            return latest
+        key = (positions, tuple((tuple(layer.keys.shape[:2]), layer.keys.shape[-1], layer.values.shape[-1],
+                                 layer.keys.dtype, layer.keys.device) for layer in layers))
+        if key not in self.bindings.storages and not self._fits(layers, positions):
+            return None
+        stand_in = self.bindings.bind(cache, key, lambda: self._new(layers, positions))
+        if stand_in is not None:
+            stand_in.length = length
+        return stand_in
+
+    def _new(self, layers: list, positions: int) -> StandIn | None:
+        with torch.inference_mode(False):  # they outlive the call
+            made = hf.static_cache_like(self.config, layers, positions)
+        return None if made is None else StandIn(*made)
+
+    def _fits(self, layers: list, positions: int) -> bool:
+        """Whether a stand-in of ``positions`` for these layers leaves the device enough memory (else the breaks serve
+        this shape, with one warning)."""
+        device = layers[0].keys.device
+        free = free_device_memory(device)
+        needed = sum(t[:, :, :1].numel() * t.element_size() * positions
+                     for layer in layers for t in hf.dynamic_layer_tensors(layer))
+        if free is None or needed <= SHARE_OF_FREE_MEMORY * free:
+            return True
+        if not self.warned_memory:
+            self.warned_memory = True
+            warnings.warn(f"bcg: a static stand-in of {positions} positions for batch "
+                          f"{layers[0].keys.shape[0]} needs {needed / 2**20:.0f} MiB, more than half of the "
+                          f"{free / 2**20:.0f} MiB free on {device}; decode steps of such shapes take the breaks "
+                          "(wrap with static_cache=False to avoid the stand-ins altogether)", BcgFallbackWarning,
+                          stacklevel=6)
+        return False
+
+    @staticmethod
+    def settle(cache: Any, stand_in: StandIn) -> None:
+        """After the step ``bind`` prepared: the dynamic cache's layers become views of the stand-in's positions up to
+        its new length."""
+        keys, values = stand_in.views_of(stand_in.length + 1)
+        for layer, k, v in zip(cache.layers, keys, values):
+            hf.rebind_dynamic_layer(layer, k, v)
+        stand_in.views = (keys, values)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The stand-ins' keys and values (and their stacked tensors, while held)."""
+        return [t for stand_in in self.bindings
+                for t in (*(stand_in.stacked or ()), *(t for layer in stand_in.cache.layers
+                                                       for t in hf.static_layer_tensors(layer)[:2]))]
+
+    # ----- Binder -----
+    @staticmethod
+    def copy_in(cache: Any, stand_in: StandIn) -> None:
+        """Copy a new cache's layers (or those reassigned since: beam reordering, crop, an eager step) into the
+        stand-in."""
+        layers = list(cache.layers)
+        held_keys, held_values = stand_in.views if stand_in.held_by(cache) else ((), ())
+        length = layers[0].keys.shape[-2]
+        for i, (layer, static) in enumerate(zip(layers, stand_in.cache.layers)):
+            keys, values = hf.dynamic_layer_tensors(layer)
+            if i < len(held_keys) and keys is held_keys[i] and values is held_values[i]:
+                continue
+            static_keys, static_values, counter = hf.static_layer_tensors(static)
+            static_keys[:, :, :length].copy_(keys)
+            static_values[:, :, :length].copy_(values)
+            counter.fill_(length)
+
+    @staticmethod
+    def hand_back(cache: Any, stand_in: StandIn) -> None:
+        """A dynamic cache whose layers still hold (slices of: a crop) the stand-in's tensors gets tensors of its own."""
+        with torch.inference_mode(False):  # it may be used outside inference mode again
+            for layer, static in zip(getattr(cache, "layers", ()), stand_in.cache.layers):
+                keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+                static_keys, static_values, _ = hf.static_layer_tensors(static)
+                if _shares_storage(keys, static_keys) or _shares_storage(values, static_values):
+                    hf.rebind_dynamic_layer(layer, keys.clone(), values.clone())
+        stand_in.views = ((), ())
+
+    def dropped(self, stand_in: StandIn) -> None:
+        """Its holder's views would see whatever the stand-in's storage holds next: they become copies."""
+        if (holder := stand_in.holder()) is not None:
+            self.hand_back(holder, stand_in)
+
+    def clear(self) -> None:
+        self.bindings.clear()
+
+
+def _holds_views(layers: list, views: Views) -> bool:
+    """Whether each layer still holds the views bcg gave it."""
+    keys, values = zip(*map(hf.dynamic_layer_tensors, layers)) if layers else ((), ())
+    return same_tensors(keys, views[0]) and same_tensors(values, views[1])
+
+
+def held_bytes(tensors: list[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (a stacked stand-in's layers share one)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+def free_device_memory(device: torch.device) -> int | None:
+    """Bytes free on a CUDA device (None elsewhere: no bound)."""
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+
+
+def _shares_storage(tensor: Any, other: torch.Tensor) -> bool:
+    return (isinstance(tensor, torch.Tensor)
+            and tensor.untyped_storage().data_ptr() == other.untyped_storage().data_ptr())
