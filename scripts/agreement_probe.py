@@ -1,10 +1,11 @@
 """Where does bf16 greedy divergence between eager and bcg come from? Pairwise agreement of variants.
 
-    python scripts/agreement_probe.py --model DIR --gguf-file FILE.gguf
+    python scripts/agreement_probe.py --model DIR --gguf-file FILE.gguf > results/agreement_probe/NAME.txt
 
 Variants, all greedy on the same MGSM prompts: eager as loaded; eager with SDPA restricted to flash /
 memory-efficient / math (what bcg's breaks use); eager one prompt at a time (batch composition); bcg; and
-bcg with ``attention_kernels="eager"`` (SDPA left unrestricted). Prints how many generations are identical for each pair.
+bcg with ``attention_kernels="eager"`` (SDPA left unrestricted). Prints how many generations are identical for each
+pair.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import bcg
 
+MGSM_TEST = Path(__file__).resolve().parents[1] / "tasks" / "mgsm_en_local" / "data" / "mgsm_en_test.jsonl"
 RESTRICTED = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
@@ -27,7 +29,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
     parser.add_argument("--gguf-file", default=None)
-    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[1] / ".data/mgsm/mgsm_en_test.jsonl"))
+    parser.add_argument("--data", default=str(MGSM_TEST), help="MGSM JSONL questions (default: the copy shipped with "
+                        "the lm-eval tasks, tasks/mgsm_en_local/data/)")
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=64)
     args = parser.parse_args()

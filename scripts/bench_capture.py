@@ -3,6 +3,8 @@
 Exits non-zero when a size fails to capture (it would run eagerly).
 
     python scripts/bench_capture.py --model qwen3-8b
+
+Writes ``results/capture/capture_<model>.{json,md}`` (``--out-dir``, ``--out-name``) and ends by naming them.
 """
 
 from __future__ import annotations
@@ -16,12 +18,12 @@ import torch
 
 import bcg
 from benchutil import Bench, add_common_arguments, output_stem, speed_caveat, wrap_options
-from report import write_results
+from report import print_written, write_results
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_arguments(parser)
+    add_common_arguments(parser, "capture")
     args = parser.parse_args(argv)
     bench = Bench.start(args, {}, {})
     device, model_name = bench.device, bench.name
@@ -42,10 +44,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "device_mem_used_mib": round((free_before - free_after) / 2**20, 1),
         "failures": len(stats["capture_failures"]),
     }
-    write_results(output_stem(args, "capture", model_name), f"bcg capture of the default ladder: {model_name}", [row],
-                  extra={"stats": stats}, out_dir=args.out_dir, caveat=speed_caveat(device))
+    title = f"bcg capture of the default ladder: {model_name}"
+    written = write_results(output_stem(args, "capture", model_name), title, [row], extra={"stats": stats},
+                            out_dir=args.out_dir, caveat=speed_caveat(device))
     for size, reason in stats["capture_failures"].items():
         print(f"CAPTURE FAILED at {size}: {reason}")
+    print_written(written)
     return 1 if stats["capture_failures"] else 0
 
 

@@ -14,6 +14,8 @@ bandwidth measured here with a large device-to-device copy.
     python scripts/bench_decode.py --batches 32 --contexts 128 --spread 0.5 --new-tokens 128 --skip-compile
                                                            # 32 requests of 64..192 tokens: multi-request generation
     python scripts/bench_decode.py --model tiny --batches 1 2 --contexts 16 --new-tokens 4 --out-dir /tmp/bench
+
+Writes ``results/decode/decode_<model>.{json,md,png}`` (``--out-dir``, ``--out-name``) and ends by naming them.
 """
 
 from __future__ import annotations
@@ -246,7 +248,7 @@ def make_row(contender: Contender, shape: Shape, results: dict[str, dict], floor
     }
 
 
-def plot(rows: list[dict[str, Any]], path: Path, title: str, ran: list[Contender]) -> None:
+def plot(rows: list[dict[str, Any]], path: Path, title: str, ran: list[Contender]) -> Path | None:
     """ms per step against batch: a colour per contender, a line style per context, the floor in black."""
     colors = {contender.name: contender.color for contender in ran}
     series = []
@@ -260,11 +262,11 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str, ran: list[Contender
         if floor:
             series.append(Series(f"floor (weights + KV), ctx {context}", *zip(*floor), style="x" + line,
                                  color="black"))
-    save_plot(path, series, "batch", "ms per decode step", title, logy=True)
+    return save_plot(path, series, "batch", "ms per decode step", title, logy=True)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = bench_parser(__doc__, FULL, QUICK, GRID)
+    parser = bench_parser(__doc__, "decode", FULL, QUICK, GRID)
     parser.add_argument("--skip-compile", action="store_true",
                         help="leave out HF's static cache + torch.compile peer (~40 s of compile per shape)")
     parser.add_argument("--breaks", action="store_true",

@@ -10,7 +10,7 @@ choice and under each backend alone (n/a: that backend refuses), and checked aga
 - ``fold+mask``: the query heads of a group packed along the query axis (transformers 5.24's ``pack_gqa``)
 - ``flash no mask L``: the live positions only, no mask (what a kernel taking per-sequence lengths would reach)
 
-    python scripts/bench_decode_attention.py > results/decode_attention_h200.txt     # needs CUDA
+    python scripts/bench_decode_attention.py > results/decode_attention/decode_attention_h200.txt   # needs CUDA
 """
 
 from __future__ import annotations

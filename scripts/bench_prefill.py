@@ -7,11 +7,13 @@ positions from the mask, and ``logits_to_keep=1`` (generate's prefill computes l
 
     python scripts/bench_prefill.py                                  # qwen3-0.6b, 5 x 4 grid (~2 min on an H100)
                                                                      # no GPU: the quick check (tiny, 2 x 2 grid)
-    python scripts/bench_prefill.py --max-num-tokens 32768                # capture every point (default: 4096)
+    python scripts/bench_prefill.py --max-num-tokens 32768                # capture every point (default: 8192)
     python scripts/bench_prefill.py --model qwen3-8b --requests 1 8 32 --lengths 128 512
     python scripts/bench_prefill.py --requests 8 --lengths 128 --spread 0            # 8 requests of exactly 128
     python scripts/bench_prefill.py --requests 8 --lengths 128 --spread 0 --exact  # + mode="exact"
     python scripts/bench_prefill.py --model tiny --requests 1 4 --lengths 16 --out-dir /tmp/bench   # CPU check
+
+Writes ``results/prefill/prefill_<model>.{json,md,png}`` (``--out-dir``, ``--out-name``) and ends by naming them.
 """
 
 from __future__ import annotations
@@ -202,19 +204,19 @@ def exact_columns(eager: Measurement, exact: Measurement, device: torch.device) 
             "exact_capture_s": exact.first.capture_seconds, "exact_max_abs_diff": diff, "exact_argmax_agree": agree}
 
 
-def plot(rows: list[dict[str, Any]], path: Path, title: str, max_num_tokens: int) -> None:
+def plot(rows: list[dict[str, Any]], path: Path, title: str, max_num_tokens: int) -> Path | None:
     series = []
     for key, label, style in (("bcg_ms", "", "o-"), ("exact_ms", ", exact", "s--")):
         for index, requests in enumerate(sorted({r["requests"] for r in rows if key in r})):
             points = sorted((r["tokens"], r["eager_ms"] / r[key]) for r in rows if r["requests"] == requests)
             series.append(Series(f"R={requests}{label}", [p[0] for p in points], [p[1] for p in points],
                                  style=style, color=f"C{index}"))
-    save_plot(path, series, "tokens per call (padded)", "speedup over eager (x)", title, hline=1.0,
-              vline=(max_num_tokens, "bcg max_num_tokens"))
+    return save_plot(path, series, "tokens per call (padded)", "speedup over eager (x)", title, hline=1.0,
+                     vline=(max_num_tokens, "bcg max_num_tokens"))
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = bench_parser(__doc__, FULL, QUICK, GRID)
+    parser = bench_parser(__doc__, "prefill", FULL, QUICK, GRID)
     parser.add_argument("--spread", type=float, default=0.5,
                         help="lengths uniform in [1 - spread, 1 + spread] x mean; 0: all equal (default %(default)s)")
     args = parser.parse_args(argv)

@@ -19,6 +19,8 @@ bridges' layout), and checks each against per-request causal SDPA on the real to
     python scripts/bench_varlen_attention.py --heads 32 8 --requests 8 --lengths 128 512   # Qwen3-8B's heads
     python scripts/bench_varlen_attention.py --device cpu --requests 3 --lengths 16       # the code path, no speed
 
+Writes ``results/varlen_attention/varlen_attention.{json,md}`` (``--out-dir``, ``--out-name``) and ends by naming them.
+
 Exits 1 when a method that ran differs from the reference by more than the dtype's tolerance.
 """
 
@@ -30,12 +32,11 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from benchutil import announce_device
-from report import RESULTS_DIR, write_results
+from benchutil import add_out_dir, announce_device
+from report import print_written, write_results
 
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
@@ -205,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default=None, help="default bfloat16 on cuda, float32 on cpu")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    add_out_dir(p, "varlen_attention")
     p.add_argument("--out-name", default="varlen_attention")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -224,10 +225,11 @@ def main(argv: list[str] | None = None) -> int:
              "causal SDPA; `ms` the median of the timed calls after the warm-up; `error`: the method is not available "
              "here.".format(*args.heads, args.dim, str(dtype).removeprefix("torch.")))
     caveat = None if device.type == "cuda" else f"NOT speed figures: on {device.type} this checks the methods agree"
-    write_results(args.out_name, "Attention of a packed prefill, by method", rows, notes=notes, out_dir=args.out_dir,
-                  caveat=caveat)
+    written = write_results(args.out_name, "Attention of a packed prefill, by method", rows, notes=notes,
+                            out_dir=args.out_dir, caveat=caveat)
     for failure in failed:
         print(f"MISMATCH: {failure}")
+    print_written(written)
     return 1 if failed else 0
 
 

@@ -20,22 +20,30 @@ from transformers import PreTrainedModel
 import bcg
 from bcg.buckets import DEFAULT_MAX_NUM_TOKENS
 from presets import build_model, describe
-from report import RESULTS_DIR, write_results
+from report import print_written, results_dir, write_results
 
 MIB = 2**20
 T = TypeVar("T")
 
 
-def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+def add_common_arguments(parser: argparse.ArgumentParser, benchmark: str) -> None:
+    """The options every model benchmark takes; ``benchmark`` names its results folder, ``results/<benchmark>/``."""
     parser.add_argument("--model", default=None,
                         help="preset name (see scripts/presets.py) or a HF id/path; default qwen3-0.6b on a GPU, "
                              "else tiny (in bench_prefill/bench_decode: the quick check, a small grid)")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="where results go (default: results/)")
+    add_out_dir(parser, benchmark)
     parser.add_argument("--out-name", default=None, help="results file stem (default <kind>_<model>)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-num-tokens", type=int, default=DEFAULT_MAX_NUM_TOKENS,
                         help="bcg's max_num_tokens; calls with more tokens run eagerly (default: the library's)")
+
+
+def add_out_dir(parser: argparse.ArgumentParser, benchmark: str) -> None:
+    """``--out-dir``, by default the benchmark's own folder ``results/<benchmark>/``."""
+    default = results_dir(benchmark)
+    parser.add_argument("--out-dir", type=Path, default=default,
+                        help=f"where results go (default: {default.relative_to(default.parents[1])}/)")
 
 
 def results_name(kind: str, model: str) -> str:
@@ -71,12 +79,13 @@ def wrap_options(args: argparse.Namespace, device: torch.device) -> dict[str, An
     return {"max_num_tokens": args.max_num_tokens, "backend": bcg_backend(device)}
 
 
-def bench_parser(doc: str | None, full: dict[str, Any], quick: dict[str, Any],
+def bench_parser(doc: str | None, benchmark: str, full: dict[str, Any], quick: dict[str, Any],
                  grid: dict[str, str]) -> argparse.ArgumentParser:
-    """A grid benchmark's command line: the common options, ``--exact``, and one integer option per ``grid``
-    entry (what it means; its default is ``full``'s, or ``quick``'s in the quick check)."""
+    """A grid benchmark's command line: the common options (results in ``results/<benchmark>/``), ``--exact``, and
+    one integer option per ``grid`` entry (what it means; its default is ``full``'s, or ``quick``'s in the quick
+    check)."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_arguments(parser)
+    add_common_arguments(parser, benchmark)
     for option, meaning in grid.items():
         parser.add_argument(f"--{option.replace('_', '-')}", type=int,
                             nargs="+" if isinstance(full[option], list) else None,
@@ -327,7 +336,6 @@ def save_plot(path: Path, series: list[Series], xlabel: str, ylabel: str, title:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
     plt.close(figure)
-    print(f"wrote {path}")
     return path
 
 
@@ -367,11 +375,11 @@ class Bench:
         return results
 
     def finish(self, kind: str, title: str, rows: list[dict[str, Any]], keys: Sequence[str], settings: dict[str, Any],
-               notes: str, plot: Callable[[Path], object], extra: dict[str, Any] | None = None) -> int:
+               notes: str, plot: Callable[[Path], Path | None], extra: dict[str, Any] | None = None) -> int:
         """Plot, write ``<kind>_<model>.json``/``.md`` (rows, model, settings, bcg's final stats), name every row
-        whose ``check`` is not ok by its ``keys`` columns; 1 if there is one, else 0."""
+        whose ``check`` is not ok by its ``keys`` columns, then the files written; 1 if a row is not ok, else 0."""
         stem = output_stem(self.args, kind, self.name)
-        plot(self.args.out_dir / f"{stem}.png")
+        png = plot(self.args.out_dir / f"{stem}.png")
         payload = {
             "model": describe(self.name, self.model),
             "settings": {**settings, "seed": self.args.seed, "max_num_tokens": self.args.max_num_tokens,
@@ -379,10 +387,11 @@ class Bench:
             **(extra or {}),
             "bcg_final_stats": self.final,
         }
-        write_results(stem, title, rows, payload, notes=f"{notes}{CHECK_NOTE}", out_dir=self.args.out_dir,
-                      caveat=speed_caveat(self.device))
+        written = write_results(stem, title, rows, payload, notes=f"{notes}{CHECK_NOTE}", out_dir=self.args.out_dir,
+                                caveat=speed_caveat(self.device))
         flagged = [row for row in rows if row["check"] != "ok"]
         for row in flagged:
             where = ", ".join(f"{key} {row[key]}" for key in keys)
             print(f"{row['check']}: {where}: replays {row['replays']}, rejects {row['rejects']}")
+        print_written([*written, png])
         return 1 if flagged else 0

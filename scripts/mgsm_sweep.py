@@ -1,4 +1,4 @@
-"""MGSM accuracy sweep, eager vs bcg: a thin front of ``python -m bcg.eval compare`` writing ``results/`` files.
+"""MGSM accuracy sweep, eager vs bcg: a thin front of ``python -m bcg.eval compare`` writing ``results/mgsm/`` files.
 
 One model, each batch size run eagerly and then wrapped by bcg, through ``lm_eval.simple_evaluate`` on the local
 MGSM tasks in ``tasks/`` (generation: ``mgsm_direct_en_local``; log-likelihoods: ``mgsm_choice_en_local``, lm-eval's
@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from benchutil import announce_device, results_name, speed_caveat
-from report import RESULTS_DIR, write_results
+from benchutil import add_out_dir, announce_device, results_name, speed_caveat
+from report import print_written, write_results
 
 from bcg.eval import (ACCEPT_MODES, MAX_DISAGREEMENTS, acceptances, accuracy_table, acceptance_failures, compare,
                       compare_modes, markdown, verdict)
@@ -43,7 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "mgsm_native_cot_en_local too, or hub tasks such as mgsm_direct_en when online)")
     p.add_argument("--limit", type=int, help="questions per task (default: all 250)")
     p.add_argument("--batch-sizes", default="1,32", help="comma-separated (default %(default)s)")
-    p.add_argument("--data-dir", type=Path, help="MGSM JSONL folder (default: .data/mgsm or ../shared/data/mgsm)")
+    p.add_argument("--data-dir", type=Path, help="MGSM JSONL folder (default: the copy shipped in "
+                   "tasks/mgsm_en_local/data/)")
     p.add_argument("--dtype", help="torch dtype (default bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--max-gen-toks", type=int, help="override the task's generation length (lm-eval default 256)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -57,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "through the breaks); default: from the mode (fast: true, exact: false)")
     p.add_argument("--accept", choices=ACCEPT_MODES, help="default: each mode's own, exact for exact, score for fast")
     p.add_argument("--out-name", help="results file stem (default mgsm_<model basename>)")
-    p.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="default %(default)s")
+    add_out_dir(p, "mgsm")
     p.add_argument("--log-samples", action="store_true",
                    help="also write every eager and bcg response to <out-name>_samples.json")
     return p.parse_args(argv)
@@ -101,14 +102,15 @@ def main(argv: list[str] | None = None) -> int:
              "rows_detail": comparison.rows, "speed": comparison.speed, "bcg_stats": comparison.bcg_stats,
              "acceptance_failures": failures,
              "disagreements": {k: v[:MAX_DISAGREEMENTS] for k, v in comparison.disagreements.items()}}
-    write_results(name, f"MGSM eager vs bcg: {args.model}", accuracy_table(comparison), extra=extra, notes=notes,
-                  out_dir=args.out_dir, caveat=speed_caveat(device))
+    written = write_results(name, f"MGSM eager vs bcg: {args.model}", accuracy_table(comparison), extra=extra,
+                            notes=notes, out_dir=args.out_dir, caveat=speed_caveat(device))
     print(markdown(comparison.speed))
     if args.log_samples:
-        path = Path(args.out_dir) / f"{name}_samples.json"
-        path.write_text(json.dumps(comparison.responses, indent=1, ensure_ascii=False) + "\n")
-        print(f"wrote {path}")
+        samples = Path(args.out_dir) / f"{name}_samples.json"
+        samples.write_text(json.dumps(comparison.responses, indent=1, ensure_ascii=False) + "\n")
+        written = (*written, samples)
     print(verdict(accept, failures), flush=True)
+    print_written(written)
     return 1 if failures else 0
 
 

@@ -8,6 +8,8 @@
     python scripts/profile_breaks.py --decode --compile   # full-graph decode (the default) beside HF's compiled decode
     python scripts/profile_breaks.py --decode --breaks    # decode steps through the breaks (static_cache=False)
 
+It prints to stdout; kept runs live in ``results/profile/`` (``... > results/profile/profile_<model>_<call>.txt``).
+
 A break body's host time is what a small model's step is made of: this script times every break and every CUDA graph
 segment of one replay on the host, then lists the GPU kernels of eager and bcg side by side (torch.profiler)
 with the GPU busy time per call. ``--decode`` also times a plain forward loop (no generate()) to separate

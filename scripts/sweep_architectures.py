@@ -17,6 +17,8 @@ and the script exits 1 when any type is MISMATCH or CRASH. Each type runs in a f
     python scripts/sweep_architectures.py --types moshi ctrl zamba2 --out-dir /tmp/sweep
     python scripts/sweep_architectures.py --wrap '{"static_cache": true}' --out-name sweep_architectures_static_cache
     python scripts/sweep_architectures.py --device cuda --jobs 8 --out-name sweep_architectures_gpu
+
+Writes ``results/sweep_architectures/<out-name>.{json,md}`` (``--out-dir``) and ends by naming them.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from report import RESULTS_DIR, write_results
+from benchutil import add_out_dir
+from report import print_written, write_results
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -191,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--types", nargs="+", help="model types (default: every causal-LM type of this transformers)")
     parser.add_argument("--timeout", type=int, default=60, help="seconds per type (default %(default)s)")
-    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    add_out_dir(parser, "sweep_architectures")
     parser.add_argument("--out-name", default="sweep_architectures")
     parser.add_argument("--wrap", type=json.loads, default={},
                         help='more bcg.wrap_model options as JSON, e.g. \'{"static_cache": true}\'')
@@ -216,10 +219,11 @@ def main(argv: list[str] | None = None) -> int:
     bad = [r["model_type"] for r in rows if r["outcome"] in ("MISMATCH", "CRASH")]
     notes = f"Outcomes: {counts}. MISMATCH or CRASH: {bad or 'none'}."
     how = "eager backend" if args.device == "cpu" else "CUDA graphs"
-    write_results(args.out_name, f"Causal-LM types, eager vs bcg ({how}, fp32, tiny random models)", rows,
-                  extra={"counts": counts}, notes=notes, out_dir=args.out_dir,
-                  caveat=f"{args.device.upper()} correctness sweep ({how}): NOT speed figures")
+    written = write_results(args.out_name, f"Causal-LM types, eager vs bcg ({how}, fp32, tiny random models)", rows,
+                            extra={"counts": counts}, notes=notes, out_dir=args.out_dir,
+                            caveat=f"{args.device.upper()} correctness sweep ({how}): NOT speed figures")
     print(notes)
+    print_written(written)
     return 1 if bad else 0
 
 

@@ -1,9 +1,12 @@
 """The benchmark scripts run end to end on the tiny preset (CPU, bcg's eager backend) and write sane results."""
 
+import importlib
 import importlib.util
 import json
 import sys
 from pathlib import Path
+
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
@@ -28,10 +31,20 @@ def _plotted(path: Path) -> bool:
     return path.exists() or importlib.util.find_spec("matplotlib") is None
 
 
-def test_bench_prefill_tiny(tmp_path):
+def _written(printed: str) -> list[str]:
+    """The paths a run names at its end, after its ``results written:`` line (nothing may follow them)."""
+    tail = printed.rstrip("\n").split("results written:\n")[-1].splitlines()
+    assert tail and all(line.startswith("  ") for line in tail), printed[-500:]
+    return [line.strip() for line in tail]
+
+
+def test_bench_prefill_tiny(tmp_path, capsys):
     code = bench_prefill.main(["--model", "tiny", "--device", "cpu", "--requests", "1", "3", "--lengths", "8",
                                "--warmup", "2", "--repeats", "1", "--out-dir", str(tmp_path)])
     assert code == 0
+    names = ["prefill_tiny.json", "prefill_tiny.md"] + (["prefill_tiny.png"] if (tmp_path / "prefill_tiny.png").exists()
+                                                        else [])
+    assert _written(capsys.readouterr().out) == [str(tmp_path / name) for name in names]
     rows = _rows(tmp_path / "prefill_tiny.json")
     assert [(r["requests"], r["mean_len"]) for r in rows] == [(1, 8), (3, 8)]
     for row in rows:  # all inside the captured range: every call replays, none is rejected
@@ -111,10 +124,22 @@ def test_bench_decode_multi_request_prompts_of_spread_lengths(tmp_path):
         assert row["contender"] == "eager" or (row["rejects"] == "0" and row["replays"] == 4)
 
 
-def test_bench_capture_tiny(tmp_path):
+def test_bench_capture_tiny(tmp_path, capsys):
     assert bench_capture.main(["--model", "tiny", "--device", "cpu", "--out-dir", str(tmp_path)]) == 0
     (row,) = _rows(tmp_path / "capture_tiny.json")
     assert row["failures"] == 0 and row["sizes"] > 0
+    assert _written(capsys.readouterr().out) == [str(tmp_path / f"capture_tiny.{ext}") for ext in ("json", "md")]
+
+
+@pytest.mark.parametrize("script, folder", [
+    ("bench_prefill", "prefill"), ("bench_decode", "decode"), ("bench_capture", "capture"), ("mgsm_sweep", "mgsm"),
+    ("bench_varlen_attention", "varlen_attention"), ("sweep_architectures", "sweep_architectures"),
+])
+def test_each_benchmark_writes_to_its_own_results_folder_by_default(script, folder, capsys):
+    """results/ holds one folder per benchmark (scripts/index_results.py indexes them): each script's --out-dir."""
+    with pytest.raises(SystemExit):
+        importlib.import_module(script).main(["--help"])
+    assert f"(default: results/{folder}/)" in " ".join(capsys.readouterr().out.split())
 
 
 def test_bench_prefill_without_gpu_defaults_to_the_quick_check(tmp_path, capsys):
@@ -129,6 +154,7 @@ def test_bench_prefill_without_gpu_defaults_to_the_quick_check(tmp_path, capsys)
     assert all(r["check"] == "ok" and "speedup" not in r for r in payload["rows"])
     printed, markdown = capsys.readouterr().out, (tmp_path / "prefill_tiny.md").read_text()
     assert "quick check" in printed
+    assert str(tmp_path / "prefill_tiny.json") in _written(printed)  # the newcomer's first run says where it wrote
     for text in (payload["caveat"], payload["title"], markdown, printed):
         assert "NOT speed figures" in text
     assert "speedup |" not in markdown and "speedup |" not in printed  # no speedup column in the tables

@@ -1,7 +1,7 @@
 """bcg.eval on CPU: the ``bcg`` lm-eval model type through ``python -m bcg.eval``, and the eager-vs-bcg comparison.
 
 A tiny random Llama and a tokenizer trained in-process are saved to a temporary folder, so lm-eval loads them the
-way it loads any model; the local MGSM tasks in ``tasks/`` read the JSONL files beside the checkout.
+way it loads any model; the local MGSM tasks in ``tasks/`` read the JSONL files shipped beside them.
 """
 
 from __future__ import annotations
@@ -113,6 +113,14 @@ def test_local_tasks_read_the_files() -> None:
         assert len(set(doc["choices"])) == 4 and doc["choices"][doc["gold"]] == str(doc["answer_number"])
     with pytest.raises(FileNotFoundError, match="data_dir"):
         mgsm_local.load_mgsm_en(data_dir="/nonexistent")
+
+
+def test_a_fresh_clone_reads_the_shipped_data() -> None:
+    """The README's eval example runs as written: the tasks find MGSM in the checkout, its license beside it."""
+    shipped = TASKS_DIR / "mgsm_en_local" / "data"
+    assert DATA_DIR == shipped == mgsm_local.DEFAULT_DATA_DIRS[0]
+    assert "Attribution 4.0" in (shipped / "LICENSE").read_text()
+    assert "CC BY 4.0" in (shipped / "README.md").read_text()
 
 
 def test_cli_run_writes_scores_and_bcg_stats(model_dir: Path, tmp_path: Path) -> None:

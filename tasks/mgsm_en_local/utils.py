@@ -1,8 +1,9 @@
 """Local MGSM English for lm-eval: the tasks in this folder read the JSONL files, never the hub.
 
 The data folder is ``--metadata data_dir=DIR`` when given (lm-eval passes task metadata to ``custom_dataset``),
-else the first of ``<repo>/.data/mgsm`` and ``<repo>/../shared/data/mgsm`` that holds ``mgsm_en_test.jsonl``:
-paths are found from this file, so the tasks work from any working directory.
+else the first of ``data/`` beside this file (shipped with the tasks: MGSM English, CC BY 4.0, see data/README.md),
+``<repo>/.data/mgsm`` and ``<repo>/../shared/data/mgsm`` that holds ``mgsm_en_test.jsonl``: paths are found from
+this file, so the tasks work from any working directory.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from typing import Any
 
 import datasets
 
-REPO = Path(__file__).resolve().parents[2]
-DEFAULT_DATA_DIRS = (REPO / ".data" / "mgsm", REPO.parent / "shared" / "data" / "mgsm")
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+# The shipped copy first, so a fresh clone needs nothing else; the other two are older local layouts.
+DEFAULT_DATA_DIRS = (HERE / "data", REPO / ".data" / "mgsm", REPO.parent / "shared" / "data" / "mgsm")
 SPLITS = ("test", "train")  # 250 questions; 8 exemplars for few-shot
 # Explicit types: the test split's all-null ``answer`` would otherwise not cast to the train split's strings.
 FEATURES = datasets.Features({
