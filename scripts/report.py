@@ -4,6 +4,7 @@ and versions (scripts/index_results.py indexes them in results/README.md)."""
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shlex
 import subprocess
@@ -63,8 +64,11 @@ def command() -> str:
 
 
 def commit() -> str | None:
-    """The checkout's short commit hash, ``+dirty`` when tracked files differ from it; None outside a git checkout
-    (a copy of the tree on a GPU machine may carry no ``.git``)."""
+    """``BCG_COMMIT`` when set (a copy of the tree on a GPU machine may carry no ``.git``, or a stale one: the device
+    tool copies the working tree beside the ``.git`` of the session's start), else the checkout's short commit hash,
+    ``+dirty`` when tracked files differ from it; None outside a git checkout."""
+    if os.environ.get("BCG_COMMIT"):
+        return os.environ["BCG_COMMIT"]
     try:
         head = _git("rev-parse", "--short", "HEAD")
         dirty = _git("status", "--porcelain", "--untracked-files=no")
