@@ -17,6 +17,7 @@ class Call:
     arguments: dict[str, Any]
     extra: dict[str, Any] = field(default_factory=dict)
     autocast: str = ""  # the autocast state the call runs under ("" when off): graphs are captured per state
+    experts: str | None = None  # the MoE experts implementation it runs under (None: no switchable experts)
 
     def get(self, name: str) -> Any:
         return self.arguments.get(name)
@@ -45,17 +46,17 @@ class Call:
         """The same call on another cache (under the caller's argument name)."""
         old = self.cache
         return Call({name: cache if value is old and old is not None else value
-                     for name, value in self.arguments.items()}, self.extra, self.autocast)
+                     for name, value in self.arguments.items()}, self.extra, self.autocast, self.experts)
 
 
 def bind_call(parameter_names: list[str], args: tuple, kwargs: dict, known: frozenset[str],
-              device: torch.device) -> Call:
+              device: torch.device, experts: str | None = None) -> Call:
     """A stack forward's arguments by name (``parameter_names``: those a caller may pass by position); those not in
-    ``known`` and set go to ``extra``; the autocast state on the model's device type."""
+    ``known`` and set go to ``extra``; the autocast state on the model's device type, the experts implementation."""
     arguments = dict(zip(parameter_names, args))
     arguments.update(kwargs)
     extra = {k: v for k, v in arguments.items() if k not in known and v is not None and v is not False}
-    return Call(arguments, extra, _autocast_state(device))
+    return Call(arguments, extra, _autocast_state(device), experts)
 
 
 def positional_parameters(forward: Any) -> list[str]:

@@ -39,10 +39,15 @@ class GraphKey:
     autocast: str = ""  # "" or "autocast-bfloat16", ...
     fast: bool = False  # decode steps' and packed prompts' graphs: fast attention kernels and fused kernels
     mixers: int | None = None  # a hybrid's decode step: the mixer-state storage its mixers read inside the graph
+    # MoE experts' implementation (generate() switches grouped_mm to batched_mm for decode steps): a capture that
+    # failed under one is tried again under another
+    experts: str | None = None
 
     def __str__(self) -> str:
-        """As ``stats()["captured_graphs"]`` names it: "ids", "ids/fast", "embeds@autocast-bfloat16/mixers0/fast"."""
+        """As ``stats()["captured_graphs"]`` names it: "ids", "ids/fast", "embeds@autocast-bfloat16/mixers0/fast",
+        "ids[batched_mm]/fast"."""
         return (self.inputs + (f"@{self.autocast}" if self.autocast else "")
+                + (f"[{self.experts}]" if self.experts is not None else "")
                 + (f"/mixers{self.mixers}" if self.mixers is not None else "") + ("/fast" if self.fast else ""))
 
     def with_mixers(self, storage: int | None) -> GraphKey:
@@ -98,7 +103,7 @@ def plan_call(call: Call, target: Target, settings: Settings, failed: Container[
         return Plan.eager(Reject.PADDING_WASTE)
     decode = call.is_decode_step
     fast = (settings.fast_decode and decode) or (settings.fast_padded and rows is not None)
-    key = GraphKey(call.inputs, call.autocast, fast)
+    key = GraphKey(call.inputs, call.autocast, fast, experts=call.experts)
     if (key, bucket) in failed:
         return Plan.eager(Reject.CAPTURE_FAILED)
     path = Path.BREAKABLE

@@ -42,6 +42,7 @@ class StackRunner:
         self.config = stack.config
         self.original_forward = stack.module.forward
         self._parameter_names = positional_parameters(self.original_forward)
+        self._moe = hf.has_switchable_experts(model)
         first = next(stack.module.parameters())
         self.device = first.device
         self.mixers = mixers or []  # stateful token mixers (hybrid models): breaks like attention
@@ -82,7 +83,8 @@ class StackRunner:
         if getattr(self._local, "active", False):
             self.stats.count_reject(Reject.REENTRANT.value)
             return self.original_forward(*args, **kwargs)
-        call = bind_call(self._parameter_names, args, kwargs, KNOWN_ARGUMENTS, self.device)
+        experts = hf.experts_implementation(self.config) if self._moe else None
+        call = bind_call(self._parameter_names, args, kwargs, KNOWN_ARGUMENTS, self.device, experts)
         with self._lock:  # static buffers and the attention switch are shared: one call at a time
             self._local.active = True
             try:
@@ -177,7 +179,9 @@ class StackRunner:
     def capture_all(self) -> None:
         """Capture every size now (prompts' graphs and, in the fast mode, decode steps' own), largest first, so
         smaller buckets reuse the pool the largest one grew."""
-        keys = [GraphKey("ids"), GraphKey("ids", fast=True)] if self.settings.fast_decode else [GraphKey("ids")]
+        experts = hf.experts_implementation(self.config) if self._moe else None
+        keys = [GraphKey("ids", experts=experts)] + ([GraphKey("ids", fast=True, experts=experts)]
+                                                      if self.settings.fast_decode else [])
         for size in reversed(self.sizes):
             for key in keys:
                 with self._lock:

@@ -70,3 +70,8 @@ def replace_stack_forward(handle, forward) -> None:
 def in_a_break(handle, active: bool) -> None:
     """As if a break of this runner were running (a re-entrant call)."""
     handle.runner._local.active = active
+
+
+def backend(handle):
+    """The graph backend (backends.py) the breakable graphs capture with."""
+    return handle.runner.backend

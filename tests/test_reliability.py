@@ -267,3 +267,29 @@ def test_a_model_that_changes_its_own_buffers_every_call_is_left_eager_after_thr
     assert all(same) and not handle.stats()["ready"]
     assert any("changed on 3 calls in a row" in str(w.message) for w in caught)
     assert handle.stats()["invalidations"] == 3
+
+
+def test_a_capture_that_failed_under_one_experts_implementation_is_tried_under_another(monkeypatch):
+    """generate() switches MoE experts from grouped_mm to batched_mm for its decode steps on a GPU; a capture that
+    failed under one (fp32 grouped_mm copies from the host) must not keep the other's calls eager. Simulated on CPU: a
+    backend that cannot capture under grouped_mm."""
+    model = tiny_model("qwen3_moe")
+    handle = bcg.wrap_model(model, backend="eager", static_cache=False)
+    backend = internals.backend(handle)
+    capture = backend.capture
+
+    def capture_unless_grouped_mm(run, reset=None):
+        if model.config._experts_implementation == "grouped_mm":
+            raise RuntimeError("Cannot copy between CPU and CUDA tensors during CUDA graph capture")
+        return capture(run, reset)
+
+    monkeypatch.setattr(backend, "capture", capture_unless_grouped_mm)
+    ids, _ = left_padded_batch(pads=(0, 0, 0))
+    with pytest.warns(bcg.BcgCaptureWarning), torch.no_grad():
+        expected = model(ids).logits  # capture fails under grouped_mm: eager
+    model.set_experts_implementation("batched_mm")
+    with torch.no_grad():
+        got = model(ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert handle.stats()["replays"] == 1 and handle.stats()["rejects"] == {"capture_failed": 1}
+    assert [key.split(":")[0] for key in handle.stats()["captured_graphs"]] == ["ids[batched_mm]"]

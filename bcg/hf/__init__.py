@@ -25,6 +25,8 @@ from .models import (  # noqa: F401
     cache_argument,
     caches_latents,
     code_names,
+    experts_implementation,
+    has_switchable_experts,
     decoder_of,
     forward_parameters,
     installed_transformers,

@@ -198,5 +198,16 @@ def use_capturable_experts(model: PreTrainedModel) -> str | None:
     return saved
 
 
+def has_switchable_experts(model: PreTrainedModel) -> bool:
+    """Whether the model's MoE experts run an implementation chosen at run time (generate() switches it)."""
+    check = getattr(type(model), "_can_set_experts_implementation", None)
+    return bool(check()) if callable(check) else False
+
+
+def experts_implementation(config: Any) -> str | None:
+    """The experts implementation the stack runs now (generate() switches grouped_mm to batched_mm for decode)."""
+    return getattr(config, "_experts_implementation", None)
+
+
 def set_experts_implementation(model: PreTrainedModel, implementation: Any) -> None:
     model.set_experts_implementation(implementation)
