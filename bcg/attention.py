@@ -173,6 +173,8 @@ class StackRun:
     break_fn: Callable[[Slot], None]
     mask_windows: dict[str, int | None]  # hf.mask_windows: which masks varlen.py can reproduce, and their windows
     layer_of: dict[int, int] = field(default_factory=dict)  # id(module) -> index of the stack layer holding it
+    configs: list = field(default_factory=list)  # the configs the attention implementation is switched on
+    attending: frozenset = frozenset()  # ids of the attention modules that are breaks of their own (mixers.py)
     # A hybrid model's decode step with its mixers inside the graph (mixer_states.py): the cache bound to bcg's state
     # tensors, and the number of sequences (the flat run's first rows).
     mixer_cache: Any = None

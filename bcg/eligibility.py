@@ -169,8 +169,6 @@ def model_unsupported_reason(model: Any, config: Any, stack_forward: Any) -> str
         return f"the model is split across devices {sorted(placements)}; bcg captures single-device models"
     if unknown := hf.unknown_layer_types(config):
         return f"layer types {sorted(unknown)} are neither attention nor a stateful mixer bcg knows"
-    if hf.caches_latents(config):
-        return "multi-head latent attention caches compressed latents, not the keys/values bcg's breaks would cache"
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     rope_sets = rope.values() if all(isinstance(v, dict) for v in rope.values()) and rope else [rope]
     if any(isinstance(r, dict) and r.get("rope_type", r.get("type")) in ("dynamic", "longrope") for r in rope_sets):

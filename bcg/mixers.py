@@ -12,8 +12,8 @@ allocated states) therefore runs per call, never baked into a graph. MLPs, norms
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -50,25 +50,32 @@ class MixerSlot:
     out: torch.Tensor
     returns_tuple: bool = False  # the mixer returns (hidden, extra): the model gets (bridge, None)
     graph_tensors: dict = field(default_factory=dict)  # bucket -> tensor arguments that graph computed
+    # an attention module that is a break of its own (MLA: it caches latents): the layer's attention mask, and its
+    # attention function the model's own, not bcg's (``configs`` switched back while it runs)
+    attends: bool = False
+    configs: list = field(default_factory=list)
+    implementation: str | None = None
 
     @property
     def mask_key(self) -> str:
-        return hf.mixer_mask_key(self.layer_type)
+        return hf.attention_mask_key(self.layer_type) if self.attends else hf.mixer_mask_key(self.layer_type)
 
     def run(self) -> None:
-        """The mixer's own forward on the live tokens, cache and 2D padding mask."""
+        """The module's own forward on the live tokens, cache and mask (a mixer's: the 2D padding mask)."""
         live = LIVE.get()
         kwargs = dict(self.kwargs)
         if "attention_mask" in self.live_arguments:
-            kwargs["attention_mask"] = _padding_mask(live.mask_for(self.mask_key))
+            mask = live.mask_for(self.mask_key)
+            kwargs["attention_mask"] = mask if self.attends else _padding_mask(mask)
         if "use_cache" in self.live_arguments:
             kwargs["use_cache"] = live.cache is not None
         if "position_ids" in self.live_arguments:
             kwargs["position_ids"] = live.position_ids
         for name, value in self.graph_tensors.get(live.bucket, {}).items():
             kwargs[name] = _relaid(value, live)
-        result = self.forward(hidden_states=live.token_input(self.hidden), **kwargs,
-                              **{self.cache_argument: live.cache})
+        with _own_attention(self):
+            result = self.forward(hidden_states=live.token_input(self.hidden), **kwargs,
+                                  **{self.cache_argument: live.cache})
         if isinstance(result, tuple) and result:
             self.returns_tuple, result = True, result[0]
         if not isinstance(result, torch.Tensor) or result.shape[-1] != self.out.shape[-1]:
@@ -77,23 +84,55 @@ class MixerSlot:
         live.write_output(self.out, result)
 
 
+@contextmanager
+def _own_attention(slot: MixerSlot) -> Iterator[None]:
+    """While an attention module runs as a break (also inside a capture or an eager-backend replay, where bcg's
+    attention function is switched in), its attention is the model's own."""
+    if not slot.attends:
+        yield
+        return
+    token = ACTIVE_RUN.set(None)
+    try:
+        with hf.attention_implementation(slot.configs, slot.implementation):
+            yield
+    finally:
+        ACTIVE_RUN.reset(token)
+
+
 def _padding_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
     """What transformers hands a mixer: the 2D padding mask, or None (a caller's prepared 4D mask says nothing a
     mixer can use: transformers gives it None then too)."""
     return mask if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
 
 
-def find_mixers(stack: Stack, device: torch.device) -> tuple[list[nn.Module], str | None]:
-    """The stack's stateful mixers, in module order, found by running it once (probe.py); and why the model must stay
+@dataclass(frozen=True)
+class ModuleBreaks:
+    """The modules that run as breaks of their own (probe.module_breaks): stateful mixers, and attention modules that
+    cache something else than what they attend to (``attending``: their ids)."""
+
+    modules: list[nn.Module] = field(default_factory=list)
+    attending: frozenset[int] = frozenset()
+
+    @property
+    def mixers_only(self) -> bool:
+        """Only stateful mixers: a decode step may run them inside the graph (mixer_states.py)."""
+        return not self.attending
+
+
+def find_module_breaks(stack: Stack, device: torch.device) -> tuple[ModuleBreaks, str | None]:
+    """The stack's module breaks, in module order, found by running it once (probe.py); and why the model must stay
     eager instead, if it must (the probe failed, or a layer that keeps mixer state showed no mixer)."""
     cache_argument = hf.cache_argument(stack.module.forward)
     try:
         uses = probe.cache_uses(stack.module, stack.config, hf.stack_cache_class(stack.module.forward), cache_argument,
                                 device)
     except Exception as error:  # a model that cannot run this probe could not run bcg's capture either
-        return [], f"running the stack once to see how it uses the cache failed ({type(error).__name__}: {error})"
-    mixers = [m for m in probe.stateful_mixers(uses) if hf.mixer_cache_argument(m) is not None]
-    return mixers, unrecognised_mixers_reason(stack.config, {m.layer_idx for m in mixers})
+        return ModuleBreaks(), (f"running the stack once to see how it uses the cache failed "
+                                f"({type(error).__name__}: {error})")
+    modules = [m for m in probe.module_breaks(uses) if hf.mixer_cache_argument(m) is not None]
+    attending = frozenset(id(use.module) for use in uses if use.calls_attention and use.module in modules)
+    found = ModuleBreaks(modules, attending)
+    return found, unrecognised_mixers_reason(stack.config, {m.layer_idx for m in modules})
 
 
 def _mixer_forward(module: nn.Module, forward: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -169,6 +208,9 @@ def _new_slot(run: StackRun, module: nn.Module, forward: Callable, hidden_states
     width, dtype = hidden_states.shape[-1], hidden_states.dtype
     return MixerSlot(
         module=module,
+        attends=id(module) in run.attending,
+        configs=run.configs,
+        implementation=run.original_implementation,
         layer_idx=module.layer_idx,
         layer_type=run.layer_type(module.layer_idx),
         forward=forward,

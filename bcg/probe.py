@@ -4,8 +4,9 @@ transformers moves the code that touches a mixer's state from release to release
 convolution into a module-level ``causal_conv1d_forward``), so names in a class's code say little. Instead bcg runs the
 stack's own forward eagerly on a two-token prompt and a one-token step, with a cache whose every attribute access is
 recorded against the innermost module running at that moment, and with an attention function that records which
-modules call it. A module whose own code reads or writes the cache, that received the cache as an argument, and that
-is not an attention call site, is a stateful mixer: its forward becomes a break.
+modules call it and with which keys. A module whose own code reads or writes the cache, that received the cache as an
+argument, and that is not a plain attention call site (one that attends to the keys its cache update returned) runs
+as a break of its own: a stateful mixer, or an attention module that caches compressed latents (MLA).
 """
 
 from __future__ import annotations
@@ -32,6 +33,15 @@ class CacheUse:
     argument: str | None = None  # the parameter of its forward the cache arrived under (None: not passed to it)
     touched: set[str] = field(default_factory=set)  # cache attributes its own code used (not its submodules')
     calls_attention: bool = False  # it called the attention function (an AttentionInterface call site)
+    # its attention read keys/values other than the ones its cache update returned (multi-head latent attention
+    # caches compressed latents and expands them after): attention's break would cache the wrong tensors
+    attends_elsewhere: bool = False
+    _updated: list = field(default_factory=list, repr=False)  # what its cache updates returned
+
+    @property
+    def plain_attention(self) -> bool:
+        """An AttentionInterface call site whose cache update bcg's attention break can make in its place."""
+        return self.calls_attention and not self.attends_elsewhere
 
 
 @dataclass
@@ -59,6 +69,11 @@ class _Recorder:
         if self.running and self.running[-1] is not self.stack:
             self.use(self.running[-1]).touched.add(name)
 
+    def updated(self, result: Any) -> None:
+        """A cache update's (keys, values) as the module that made it got them back."""
+        if self.running and self.running[-1] is not self.stack:
+            self.use(self.running[-1])._updated.extend(t for t in result if isinstance(t, torch.Tensor))
+
 
 def _argument_holding(module: nn.Module, cache: Any, args: tuple, kwargs: dict) -> str | None:
     for name, value in kwargs.items():
@@ -80,10 +95,22 @@ def _spied(cache: Any, recorder: _Recorder) -> None:
     def __getattribute__(self: Any, name: str) -> Any:
         if not name.startswith("__"):
             recorder.touched(name)
-        return object.__getattribute__(self, name)
+        value = object.__getattribute__(self, name)
+        if name == "update" and callable(value):
+            return _recording_update(value, recorder)
+        return value
 
     cache.__class__ = type(klass.__name__, (klass,), {"__getattribute__": __getattribute__,
                                                        "__module__": klass.__module__})
+
+
+def _recording_update(update: Callable, recorder: _Recorder) -> Callable:
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        result = update(*args, **kwargs)
+        recorder.updated(result if isinstance(result, tuple) else (result,))
+        return result
+
+    return recorded
 
 
 @contextmanager
@@ -100,9 +127,13 @@ def _hooks(stack: nn.Module, recorder: _Recorder) -> Iterator[None]:
 
 
 def _recording_attention(recorder: _Recorder, original: str | None) -> Callable:
-    def attention(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        recorder.use(module).calls_attention = True
-        return hf.attention_function(original, module)(module, *args, **kwargs)
+    def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any,
+                  **kwargs: Any) -> Any:
+        use = recorder.use(module)
+        use.calls_attention = True
+        if use._updated and not any(key is t for t in use._updated):
+            use.attends_elsewhere = True
+        return hf.attention_function(original, module)(module, query, key, value, *args, **kwargs)
 
     return attention
 
@@ -126,11 +157,13 @@ def cache_uses(stack: nn.Module, config: Any, cache_class: type, cache_argument:
     return sorted(recorder.uses.values(), key=lambda use: order.get(id(use.module), len(order)))
 
 
-def stateful_mixers(uses: list[CacheUse]) -> list[nn.Module]:
-    """The modules whose own code touched the cache, that received it as an argument, and that are not attention call
-    sites (whose cache update bcg's attention break makes); the innermost where one holds another."""
+def module_breaks(uses: list[CacheUse]) -> list[nn.Module]:
+    """The modules that must run eagerly as a break of their own: their own code touched the cache, they received it
+    as an argument, and they are no plain attention call site (whose cache update bcg's attention break makes in their
+    place): stateful mixers, and attention that caches something else than what it attends to. The innermost where
+    one holds another."""
     candidates = [use.module for use in uses
-                  if use.touched and use.argument is not None and not use.calls_attention
+                  if use.touched and use.argument is not None and not use.plain_attention
                   and isinstance(getattr(use.module, "layer_idx", None), int)
                   and not isinstance(use.module.layer_idx, bool)]
     found = {id(module) for module in candidates}

@@ -21,7 +21,7 @@ from .graphs import GraphTable
 from .full_graphs import FullGraphDecode
 from .live import ContextBuilder
 from .mixer_states import MixerStates
-from .mixers import padded_mixer_types
+from .mixers import ModuleBreaks, padded_mixer_types
 from .plan import DecodePaths, GraphKey, Path, Plan, Settings, plan_call
 from .resolve import Stack
 from .segments import BreakableStack
@@ -36,7 +36,7 @@ class StackRunner:
 
     def __init__(self, model: torch.nn.Module, stack: Stack, backend: Backend, sizes: list[int],
                  debug: bool | str = False, fusions: Fusions | None = None, fast_decode: bool = False,
-                 mixers: list[torch.nn.Module] | None = None, static_cache: bool = False,
+                 breaks: ModuleBreaks | None = None, static_cache: bool = False,
                  varlen_prompts: bool = False, verify_replays: bool = False) -> None:
         self.model, self.stack, self.backend, self.sizes = model, stack, backend, sizes
         self.config = stack.config
@@ -45,9 +45,10 @@ class StackRunner:
         self._moe = hf.has_switchable_experts(model)
         first = next(stack.module.parameters())
         self.device = first.device
-        self.mixers = mixers or []  # stateful token mixers (hybrid models): breaks like attention
-        self.segments = BreakableStack(stack, self.original_forward, self.mixers, fusions, backend, sizes,
-                                       first.dtype, self.device)
+        breaks = breaks or ModuleBreaks()
+        self.mixers = breaks.modules  # stateful mixers and latent attention modules: breaks of their own
+        self.segments = BreakableStack(stack, self.original_forward, breaks, fusions, backend, sizes, first.dtype,
+                                       self.device)
         self.cache_argument = self.segments.cache_argument
         self.target = Target(stack.module, self.config, self.device, first.dtype, sizes,
                              hf.stack_cache_class(self.original_forward))
@@ -56,7 +57,7 @@ class StackRunner:
         self.table = GraphTable(backend, self.stats)
         # ... except in decode steps, where the mixers run inside the graph on state tensors bcg owns
         self.mixer_states = (MixerStates([m.layer_idx for m in self.mixers], self._mixer_storage_dropped)
-                             if self.mixers else None)
+                             if self.mixers and breaks.mixers_only else None)
         self.contexts = ContextBuilder(self.target, hf.builds_full_masks_only(self.config, self.original_forward),
                                        varlen_prompts)
         self.full_graphs = FullGraphDecode(backend, self.segments, self.contexts, self.stats, static_cache)

@@ -21,7 +21,7 @@ from .attention import Bridges, Slot, StackRun, StructureError, run_break, run_s
 from .backends import Backend, Graph
 from .fusion import Fusions
 from .live import LIVE, LiveContext, capture_context
-from .mixers import mixers_routed
+from .mixers import ModuleBreaks, mixers_routed
 from .plan import GraphKey
 from .resolve import Stack
 
@@ -29,11 +29,12 @@ from .resolve import Stack
 class BreakableStack:
     """What every breakable graph of one stack shares: static inputs, bridges, per-key break slots."""
 
-    def __init__(self, stack: Stack, original_forward: Any, mixers: list[torch.nn.Module], fusions: Fusions | None,
+    def __init__(self, stack: Stack, original_forward: Any, breaks: ModuleBreaks, fusions: Fusions | None,
                  backend: Backend, sizes: list[int], dtype: torch.dtype, device: torch.device) -> None:
         self.stack = stack
         self.original_forward = original_forward
-        self.mixers = mixers
+        self.breaks = breaks
+        self.mixers = breaks.modules
         self.fusions = fusions
         self.backend = backend
         self.dtype, self.device = dtype, device
@@ -43,7 +44,9 @@ class BreakableStack:
         self.original_implementation = hf.attention_implementation_of(config)
         self.configs = hf.attention_configs(stack.module)
         self.layer_types = getattr(config, "layer_types", None)
-        self.expected_breaks = hf.attention_layers(config, len(stack.layers)) + len(mixers)
+        # one break per attention layer and per module break (an attending one is its layer's attention break)
+        self.expected_breaks = (hf.attention_layers(config, len(stack.layers)) + len(breaks.modules)
+                                - len(breaks.attending))
         self.layer_of = {id(module): i for i, layer in enumerate(stack.layers) for module in layer.modules()}
         self.bridges = Bridges(sizes[-1], device)
         with torch.inference_mode(False):  # wrap_model may be called under inference mode; these outlive it
@@ -77,7 +80,7 @@ class BreakableStack:
     def _run(self, key: GraphKey, bucket: int) -> torch.Tensor:
         """One run of the original stack forward on the static inputs, attention routed through the breaks."""
         run = StackRun(self.slots.setdefault(key, []), self.bridges, self.original_implementation, self.layer_types,
-                       self.break_fn, self.mask_windows, self.layer_of)
+                       self.break_fn, self.mask_windows, self.layer_of, self.configs, self.breaks.attending)
         expected_breaks = self.expected_breaks
         if key.mixers is not None:  # the mixers run inside the graph, on the cache bound to bcg's state tensors
             run.mixer_cache, run.decode_batch = LIVE.get().inline_mixers()
@@ -88,11 +91,12 @@ class BreakableStack:
             output = self.original_forward(**inputs, position_ids=self.static_positions[:, :bucket],
                                            attention_mask=None, use_cache=False, **{self.cache_argument: None})
         if run.breaks != expected_breaks:
-            attention = self.expected_breaks - len(self.mixers)
+            modules = len(self.mixers)
             raise StructureError(
-                f"{run.breaks} attention / mixer calls went through bcg's breaks where its layer types promise "
-                f"{attention} attention and {len(self.mixers)} mixer calls; the rest would be captured inside a "
-                "graph (a layer type or mixer bcg does not know: please report it with the transformers version)"
+                f"{run.breaks} attention / module calls went through bcg's breaks where its layer types promise "
+                f"{self.expected_breaks - modules} attention and {modules} module calls; the rest would be captured "
+                "inside a graph (a layer type or module bcg does not know: please report it with the transformers "
+                "version)"
             )
         self.output_cls = type(output)
         return output[0]

@@ -15,7 +15,7 @@ from .buckets import DEFAULT_MAX_NUM_TOKENS, resolve_capture_sizes, validate_max
 from .eligibility import model_unsupported_reason
 from .errors import BcgFallbackWarning, BcgVersionWarning, BcgWarning
 from .fusion import Fusions, find_fusions, unavailable_reason
-from .mixers import find_mixers
+from .mixers import ModuleBreaks, find_module_breaks
 from .resolve import Stack, find_stack
 from .runner import StackRunner
 from .stats import Stats
@@ -249,21 +249,21 @@ def wrap_model(
 
     restore = _Restore()
     stack = find_stack(model)
-    mixers: list[torch.nn.Module] = []
+    breaks = ModuleBreaks()
     reason = "no layer stack found (no module holds a ModuleList of num_hidden_layers layers)" if stack is None else (
         model_unsupported_reason(model, stack.config, stack.module.forward)
     )
     if reason is None:
-        mixers, reason = find_mixers(stack, device)
+        breaks, reason = find_module_breaks(stack, device)
     if reason is not None:
         warnings.warn(f"bcg: {type(model).__name__} stays eager: {reason}", BcgFallbackWarning, stacklevel=2)
         handle = BcgHandle(model, None, backend_name, reason, restore, choices)
     else:
         graph_backend = make_backend(backend_name, device, choices.attention_kernels)
-        runner = _patch_stack(model, stack, mixers, restore, graph_backend, sizes, debug, choices, verify)
+        runner = _patch_stack(model, stack, breaks, restore, graph_backend, sizes, debug, choices, verify)
         handle = BcgHandle(model, runner, backend_name, None, restore, choices)
-        logger.info("bcg: wrapped %s at '%s' (%d layers, %d mixers), backend=%s, mode=%s, sizes=%s",
-                    type(model).__name__, stack.path, len(stack.layers), len(mixers), backend_name, choices.mode,
+        logger.info("bcg: wrapped %s at '%s' (%d layers, %d module breaks), backend=%s, mode=%s, sizes=%s",
+                    type(model).__name__, stack.path, len(stack.layers), len(breaks.modules), backend_name, choices.mode,
                     sizes)
     setattr(model, _HANDLE_ATTRIBUTE, handle)
     if handle.runner is not None and not lazy:
@@ -287,7 +287,7 @@ def _verify_replays(verify: bool | None) -> bool:
     return verify is not False
 
 
-def _patch_stack(model: Any, stack: Stack, mixers: list[torch.nn.Module], restore: _Restore, backend: Backend,
+def _patch_stack(model: Any, stack: Stack, breaks: ModuleBreaks, restore: _Restore, backend: Backend,
                  sizes: list[int], debug: bool | str, choices: SpeedChoices, verify: bool) -> StackRunner:
     """Build the runner and patch the stack's forward to it (and keep generate() from compiling it); what is changed
     goes into ``restore``."""
@@ -295,7 +295,7 @@ def _patch_stack(model: Any, stack: Stack, mixers: list[torch.nn.Module], restor
         _use_capturable_experts(model, restore)
     fusions = _fusions(stack.module, choices.fused_asked) if choices.fused_kernels else None
     runner = StackRunner(model, stack, backend, sizes, debug=debug, fusions=fusions, fast_decode=choices.fast_decode,
-                         mixers=mixers, static_cache=choices.static_cache, varlen_prompts=choices.varlen_prompts,
+                         breaks=breaks, static_cache=choices.static_cache, varlen_prompts=choices.varlen_prompts,
                          verify_replays=verify)
     restore.stack = stack.module
     restore.instance_forward = stack.module.__dict__.get("forward")

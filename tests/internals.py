@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 
@@ -11,9 +12,15 @@ def breakable_graphs(handle) -> dict[tuple[str, int], Any]:
     return {(str(key), bucket): graph for (key, bucket), graph in handle.runner.table.graphs.items()}
 
 
+def without_experts(name: str) -> str:
+    """A graph's name as stats() gives it, without the MoE experts implementation ("ids[grouped_mm]/fast" ->
+    "ids/fast")."""
+    return re.sub(r"\[[^]]*\]", "", name)
+
+
 def slots(handle, key: str) -> list:
-    """The break slots of the graphs of ``key`` (as stats() names it)."""
-    return next(s for k, s in handle.runner.segments.slots.items() if str(k) == key)
+    """The break slots of the graphs of ``key`` (as stats() names it, the experts implementation left out)."""
+    return next(s for k, s in handle.runner.segments.slots.items() if without_experts(str(k)) == key)
 
 
 def bridges(handle) -> dict:

@@ -145,9 +145,6 @@ def _from_config(model_type, **kwargs):
     return build
 
 
-_MLA = _from_config("deepseek_v3", num_hidden_layers=2, first_k_dense_replace=2, num_key_value_heads=4, q_lora_rank=32,
-                    kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, moe_intermediate_size=32,
-                    n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1)
 # Two attention sublayers per decoder layer (and latent attention): no ModuleList holds num_hidden_layers layers.
 _TWO_ATTENTIONS_PER_LAYER = _from_config("longcat_flash", num_layers=2, q_lora_rank=32, kv_lora_rank=16,
                                          qk_nope_head_dim=8, qk_rope_head_dim=8, head_dim=8, v_head_dim=8,
@@ -160,7 +157,7 @@ _LOOPED_LAYERS = _from_config("dory", num_hidden_layers=6, n_input_layers=2, n_o
 
 
 @pytest.mark.parametrize("build, match", [
-    (_bloom, "AttentionInterface"), (_dynamic_rope_llama, "dynamic RoPE"), (_MLA, "latent"),
+    (_bloom, "AttentionInterface"), (_dynamic_rope_llama, "dynamic RoPE"),
     (_CYCLED_STACKS, "no layer stack"), (_LOOPED_LAYERS, "several times per forward"),
     (_TWO_ATTENTIONS_PER_LAYER, "no layer stack"),
 ])

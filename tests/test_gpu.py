@@ -577,3 +577,18 @@ def test_verification_passes_every_kind_on_real_graphs(arch):
     verified = handle.stats()["verify"]
     assert verified["failed"] == {} and len(verified["checked"]) >= 3, verified
     assert handle.stats()["replays"] > len(verified["checked"])
+
+
+@pytest.mark.parametrize("model_type", ["minicpm3", "deepseek_v3"])
+def test_latent_attention_on_real_graphs(model_type):
+    """Multi-head latent attention modules as breaks of their own on real graphs (fp32; the sweep's DeepSeek-V3 config
+    has dense layers only: fp32 MoE experts cannot be captured): eager's tokens and logits over a second turn and
+    k-token continuations, decode steps as one graph on a stand-in."""
+    from test_continuation import check_continuations
+    from test_latent_attention import _pair
+
+    reference, model = (m.to("cuda") for m in _pair(model_type))
+    assert getattr(model.config, "first_k_dense_replace", 0) >= model.config.num_hidden_layers or model_type == "minicpm3"
+    handle = check_continuations(reference, model, device="cuda")
+    stats = handle.stats()
+    assert stats["backend"] == "cuda" and stats["rejects"] == {} and stats["full_graph_replays"] > 0, stats

@@ -23,7 +23,6 @@ from .models import (  # noqa: F401
     attention_layers,
     attention_mask_key,
     cache_argument,
-    caches_latents,
     code_names,
     experts_implementation,
     has_switchable_experts,

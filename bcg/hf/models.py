@@ -152,12 +152,6 @@ def missing_stack_arguments(forward: Callable) -> list[str]:
     return missing
 
 
-def caches_latents(config: Any) -> bool:
-    """Multi-head latent attention (DeepSeek-V2/V3, LongCat, ...) caches compressed latents, not the keys/values it
-    hands to the attention function: a break would fill the cache with something else than the model does."""
-    return getattr(config, "kv_lora_rank", None) is not None
-
-
 def kv_sharing(module: nn.Module) -> tuple[bool, bool]:
     """(reuses, stores): whether this attention module reads another layer's keys/values instead of updating the
     cache (Gemma 3n / Gemma 4), and whether its own post-update keys/values are what such layers read."""

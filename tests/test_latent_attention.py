@@ -1,0 +1,71 @@
+"""Multi-head latent attention (DeepSeek-V3, MiniCPM3, GLM-4-MoE-Lite, Kimi-Linear, ...) on CPU (eager backend, fp32).
+
+Such an attention module caches compressed latents and expands them into keys and values after the cache update, so
+bcg's attention break (which caches what the attention function receives) cannot stand in for its update. The probe
+sees it attend to other tensors than its cache update returned, and the whole module becomes a break of its own:
+projections, norms and MoE around it stay in the graph. Every family listed replays with eager's logits and tokens,
+also when a returned cache is continued, with zero rejects.
+"""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+import bcg
+import internals
+from test_continuation import check_continuations
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+from sweep_architectures import left_padded_batch, small_config  # noqa: E402
+
+LATENT_ATTENTION = ["deepseek_v3", "minicpm3", "glm4_moe_lite", "kimi_linear", "youtu", "bailing_hybrid"]
+GENERATE = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+
+
+def _pair(model_type: str):
+    if model_type not in CONFIG_MAPPING:
+        pytest.skip(f"this transformers has no {model_type}")
+    config = small_config(model_type)
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(AutoModelForCausalLM.from_config(config).eval())
+    return models
+
+
+@pytest.mark.parametrize("model_type", LATENT_ATTENTION)
+def test_latent_attention_is_a_break_of_its_own_and_equals_eager(model_type):
+    reference, model = _pair(model_type)
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        expected = reference(input_ids=ids, attention_mask=mask).logits
+    expected_tokens = reference.generate(ids, attention_mask=mask, **GENERATE)
+
+    handle = bcg.wrap_model(model, backend="eager")
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    tokens = model.generate(ids, attention_mask=mask, **GENERATE)
+
+    real = mask.bool()
+    torch.testing.assert_close(logits[real], expected[real], atol=1e-4, rtol=1e-4)
+    assert torch.equal(tokens, expected_tokens)
+    stats = handle.stats()
+    assert stats["ready"] and stats["rejects"] == {} and stats["replays"] == 1 + GENERATE["max_new_tokens"]
+    slots = internals.slots(handle, internals.without_experts(stats["captured_graphs"][0].split(":")[0]))
+    attending = [s for s in slots if getattr(s, "attends", False)]
+    assert attending and all("Attention" in type(s.module).__name__ for s in attending)
+
+
+@pytest.mark.parametrize("model_type", ["deepseek_v3", "kimi_linear"])
+@pytest.mark.parametrize("options", [{}, {"static_cache": False}])
+def test_latent_attention_continuations_equal_eager(model_type, options):
+    """A second generate() turn and k-token calls on a past; decode steps as one graph on a stand-in (default) or
+    through the breaks."""
+    reference, model = _pair(model_type)
+    handle = check_continuations(reference, model, backend="eager", **options)
+    assert handle.stats()["rejects"] == {}
+    assert (handle.stats()["full_graph_replays"] > 0) == (not options and model_type == "deepseek_v3")
