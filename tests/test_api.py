@@ -108,16 +108,23 @@ def _bloom():
     return AutoModelForCausalLM.from_config(config).eval()
 
 
+def _wrapped_and_called(model, ids, mask, calls: int = 1):
+    """Wrap (eager backend) and call ``calls`` times, every warning recorded: the handle, the first logits, the
+    warnings."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        handle = bcg.wrap_model(model, backend="eager")
+        with torch.no_grad():
+            logits = [model(ids, attention_mask=mask).logits for _ in range(calls)]
+    return handle, logits[0], caught
+
+
 def test_falcon_replays_where_its_attention_goes_through_the_interface_and_stays_eager_where_not():
     """transformers 5.25 moved Falcon's attention onto the AttentionInterface: there it replays with eager's logits;
     before, it stays eager with one warning naming the interface."""
     reference, model = _falcon(), _falcon()
     ids, mask = left_padded_batch()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        handle = bcg.wrap_model(model, backend="eager")
-        with torch.no_grad():
-            got = model(ids, attention_mask=mask).logits
+    handle, got, caught = _wrapped_and_called(model, ids, mask)
     with torch.no_grad():
         expected = reference(ids, attention_mask=mask).logits
     fallback = [str(w.message) for w in caught if issubclass(w.category, bcg.BcgFallbackWarning)]
@@ -164,12 +171,7 @@ _LOOPED_LAYERS = _from_config("dory", num_hidden_layers=6, n_input_layers=2, n_o
 def test_unsupported_models_warn_once_and_stay_correct(build, match):
     reference, model = build(), build()
     ids, mask = left_padded_batch()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        handle = bcg.wrap_model(model, backend="eager")
-        with torch.no_grad():
-            got = model(ids, attention_mask=mask).logits
-            model(ids, attention_mask=mask)
+    handle, got, caught = _wrapped_and_called(model, ids, mask, calls=2)
     fallback = [w for w in caught if issubclass(w.category, bcg.BcgFallbackWarning)]
     assert len(fallback) == 1 and match in str(fallback[0].message)
     with torch.no_grad():

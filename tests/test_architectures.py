@@ -14,23 +14,30 @@ def arch(request):
     return request.param
 
 
+def wrapped_equals_eager(reference, model, ids, mask, generate: dict = GENERATE, **wrap):
+    """Eager logits and greedy tokens of ``reference``, then ``model`` wrapped (eager backend): logits equal on the
+    real tokens, tokens identical. The handle, and the replays the forward call alone made."""
+    with torch.no_grad():
+        expected = reference(input_ids=ids, attention_mask=mask).logits
+    expected_tokens = reference.generate(ids, attention_mask=mask, **generate)
+    handle = bcg.wrap_model(model, backend="eager", **wrap)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    replays_after_forward = handle.stats()["replays"]
+    tokens = model.generate(ids, attention_mask=mask, **generate)
+    real = mask.bool()
+    torch.testing.assert_close(logits[real], expected[real], atol=1e-4, rtol=1e-4)
+    assert torch.equal(tokens, expected_tokens)
+    return handle, replays_after_forward
+
+
 def test_wrapped_matches_eager(arch):
     model = tiny_model(arch)
     ids, mask = left_padded_batch()
     with torch.no_grad():
         reference = model(input_ids=ids, attention_mask=mask).logits
-    reference_tokens = model.generate(ids, attention_mask=mask, **GENERATE)
-
-    handle = bcg.wrap_model(model, backend="eager")
-    with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask).logits
-    replays_after_forward = handle.stats()["replays"]
-    tokens = model.generate(ids, attention_mask=mask, **GENERATE)
+    handle, replays_after_forward = wrapped_equals_eager(model, model, ids, mask)
     stats = handle.stats()
-
-    real = mask.bool()
-    torch.testing.assert_close(logits[real], reference[real], atol=1e-4, rtol=1e-4)
-    assert torch.equal(tokens, reference_tokens)
     assert replays_after_forward == 1
     assert stats["replays"] == 1 + GENERATE["max_new_tokens"]  # prefill + one replay per decode step
     assert stats["rejects"] == {}

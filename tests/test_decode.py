@@ -36,16 +36,20 @@ def _assert_same_cache(got, expected):
         assert int(a.get_seq_length()) == int(b.get_seq_length())
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "gpt2", "opt", "qwen2_moe"])
-def test_static_cache_decode_steps_are_full_graphs_and_match_eager(arch):
-    reference, model = tiny_model(arch), tiny_model(arch)
+def _static_generate_equals_eager(reference, model) -> dict:
+    """generate() on a StaticCache, wrapped (eager backend) and not: the same tokens and cache; the wrapped stats."""
     handle = bcg.wrap_model(model, backend="eager")
     ids, mask = left_padded_batch()
     kwargs = dict(attention_mask=mask, cache_implementation="static", **GENERATE)
     expected, got = reference.generate(ids, **kwargs), model.generate(ids, **kwargs)
     assert torch.equal(got.sequences, expected.sequences)
     _assert_same_cache(_cache_of(got), _cache_of(expected))
-    stats = handle.stats()
+    return handle.stats()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gpt2", "opt", "qwen2_moe"])
+def test_static_cache_decode_steps_are_full_graphs_and_match_eager(arch):
+    stats = _static_generate_equals_eager(tiny_model(arch), tiny_model(arch))
     assert stats["replays"] == 1 + STEPS and stats["full_graph_replays"] == STEPS and stats["rejects"] == {}
 
 
@@ -145,14 +149,7 @@ def test_sliding_window_static_caches_decode_as_full_graphs_until_the_window_is_
     """A sliding layer updates in place until its window is full (a 9-token prompt, window 12: three steps), then rolls
     it (an index built on the host: the breaks). Tokens, cache and its lengths equal eager's either way, with capture
     running cuda's warm-ups (each must find the cache as the step did, Python-side counts included)."""
-    reference, model = tiny_model(arch, sliding_window=window), tiny_model(arch, sliding_window=window)
-    handle = bcg.wrap_model(model, backend="eager")
-    ids, mask = left_padded_batch()
-    kwargs = dict(attention_mask=mask, cache_implementation="static", **GENERATE)
-    expected, got = reference.generate(ids, **kwargs), model.generate(ids, **kwargs)
-    assert torch.equal(got.sequences, expected.sequences)
-    _assert_same_cache(_cache_of(got), _cache_of(expected))
-    stats = handle.stats()
+    stats = _static_generate_equals_eager(tiny_model(arch, sliding_window=window), tiny_model(arch, sliding_window=window))
     assert stats["full_graph_replays"] == full_graph_steps and stats["replays"] == 1 + STEPS
     assert stats["rejects"] == {} and stats["capture_failures"] == {}
 

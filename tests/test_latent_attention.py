@@ -15,8 +15,8 @@ import torch
 from transformers import AutoModelForCausalLM
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-import bcg
 import internals
+from test_architectures import wrapped_equals_eager
 from test_continuation import check_continuations
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
@@ -41,18 +41,7 @@ def _pair(model_type: str):
 def test_latent_attention_is_a_break_of_its_own_and_equals_eager(model_type):
     reference, model = _pair(model_type)
     ids, mask = left_padded_batch()
-    with torch.no_grad():
-        expected = reference(input_ids=ids, attention_mask=mask).logits
-    expected_tokens = reference.generate(ids, attention_mask=mask, **GENERATE)
-
-    handle = bcg.wrap_model(model, backend="eager")
-    with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask).logits
-    tokens = model.generate(ids, attention_mask=mask, **GENERATE)
-
-    real = mask.bool()
-    torch.testing.assert_close(logits[real], expected[real], atol=1e-4, rtol=1e-4)
-    assert torch.equal(tokens, expected_tokens)
+    handle, _ = wrapped_equals_eager(reference, model, ids, mask, GENERATE)
     stats = handle.stats()
     assert stats["ready"] and stats["rejects"] == {} and stats["replays"] == 1 + GENERATE["max_new_tokens"]
     slots = internals.slots(handle, internals.without_experts(stats["captured_graphs"][0].split(":")[0]))
