@@ -76,6 +76,17 @@ PRESETS: dict[str, Preset] = {
         num_key_value_heads=4, linear_num_value_heads=32, tie_word_embeddings=False,
     ), source="transformers' Qwen3_5TextConfig defaults (random init)",
         notes="hybrid: 24 Gated DeltaNet + 8 attention layers"),
+    # Multi-head latent attention + 64 routed experts (2 shared, 6 per token; the first layer dense): DeepSeek-V2-Lite's
+    # published config, random init (15.7 B parameters, ~31 GB in bf16).
+    "deepseek-v2-lite-like": Preset("deepseek_v2", dict(
+        vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408, num_hidden_layers=27,
+        num_attention_heads=16, num_key_value_heads=16, n_shared_experts=2, n_routed_experts=64, num_experts_per_tok=6,
+        first_k_dense_replace=1, kv_lora_rank=512, q_lora_rank=None, qk_nope_head_dim=128, qk_rope_head_dim=64,
+        v_head_dim=128, topk_method="greedy", n_group=1, topk_group=1, routed_scaling_factor=1.0,
+        norm_topk_prob=False, max_position_embeddings=163840, rms_norm_eps=1e-6, bos_token_id=100000,
+        eos_token_id=100001, tie_word_embeddings=False,
+    ), source="deepseek-ai/DeepSeek-V2-Lite (config values, random init)",
+        notes="MLA (latent KV cache) + MoE, ~31 GB of bf16 weights"),
 }
 
 
