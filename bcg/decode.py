@@ -8,7 +8,8 @@ every generate() call makes a new StaticCache, and each one replays the same gra
 length: generate() grows the length to the longest call yet) holds a full set of keys and values: bcg keeps the
 ``MAX_STORAGES`` most recently used and frees the graphs of one it drops. Graphs are keyed by the call's graph key
 (inputs, autocast, fast), batch, tokens per sequence, the masks' layout and the cache shape; anything else (a dynamic
-cache, a full sliding window, a prefill) takes the breakable path. A step's 2D padding mask (or none) goes into the graph as it is and transformers' own mask functions
+cache, a full sliding window, a prefill) takes the breakable path. A step's 2D padding mask (or none) goes into the
+graph as it is and transformers' own mask functions
 run inside it (``PaddingMask``): building the masks on the host cost ~0.5 ms a step on an H200's host, more
 than the rest of the step's host work together.
 """
@@ -121,7 +122,7 @@ def _widest(storage_key: tuple) -> int:
 
 
 class StaticDecoder:
-    """Owns the full decode graphs of one wrapped stack and the cache tensors they read (the binder of static caches)."""
+    """Owns the full decode graphs of one wrapped stack and the cache tensors they read (static caches' binder)."""
 
     def __init__(self, backend: Backend, run_stack: Callable[..., torch.Tensor], cache_argument: str,
                  build_masks: BuildMasks) -> None:

@@ -35,8 +35,10 @@ class FullGraphDecode:
         self.stand_ins = StandIns(contexts.config) if static_cache else None
         self.stand_in_decoder = decoder() if static_cache else None
 
-    def takes_static(self, call: Call) -> bool:
-        return StaticDecoder.layers_for(call) is not None
+    @staticmethod
+    def static_layers(call: Call) -> list | None:
+        """A decode step's StaticCache layers when one graph can update them in place (decode.StaticDecoder)."""
+        return StaticDecoder.layers_for(call)
 
     def takes_stand_in(self, call: Call, key: GraphKey) -> bool:
         """A decode step a stand-in can serve, unless its full graph failed to capture for this batch."""
@@ -48,7 +50,7 @@ class FullGraphDecode:
         live = self.contexts.build(call, plan.num_tokens, plan.num_tokens, full_graph=True)
         if isinstance(live, Rejection):
             return None
-        hidden = self._step(self.decoder, call, plan, live, StaticDecoder.layers_for(call))
+        hidden = self._step(self.decoder, call, plan, live, plan.found)
         return None if hidden is None else hf.output_with_cache(self.segments.output_cls, hidden, live.cache)
 
     def on_stand_in(self, call: Call, plan: Plan) -> Any | None:

@@ -61,7 +61,8 @@ class MixerStates:
 
     def _new(self, states: States) -> _States:
         with torch.inference_mode(False):  # they outlive the call
-            tensors = {layer: {name: torch.zeros_like(t) for name, t in named.items()} for layer, named in states.items()}
+            tensors = {layer: {name: torch.zeros_like(t) for name, t in named.items()}
+                       for layer, named in states.items()}
         self._made += 1
         return _States(number=self._made - 1, tensors=tensors)
 

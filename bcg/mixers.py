@@ -1,13 +1,16 @@
-"""A stateful-mixer break: linear attention, SSM and convolution mixers run eagerly on the live cache, like attention.
+"""A module break: a stateful mixer (linear attention, SSM, convolution) or a latent-attention module runs eagerly on
+the live cache, as a break of its own.
 
 Hybrid models (Qwen3.5 / Qwen3-Next, OLMo-hybrid, Granite 4, Jamba, Bamba, Falcon-H1, LFM2) mix attention layers with
-token mixers that keep per-sequence state in the cache (a convolution window, a recurrent state). Such a mixer is
-found by what it does when the stack runs once (probe.py: it receives the cache and reads or writes it, and it is no
-attention call site), not from a list of families or names. While a stack runs under bcg its ``forward`` is routed here: the hidden states go into an owned bridge,
-the segment ends with a break, and the break body calls the mixer's own forward on the live ``[B, S, hidden]``
-tokens with the live cache and 2D padding mask, then writes the result into the output bridge the next segment
-reads. Every prefill / decode choice the mixer makes in Python (``has_previous_state``, ``seq_len == 1``, lazily
-allocated states) therefore runs per call, never baked into a graph. MLPs, norms and projections stay in segments.
+token mixers that keep per-sequence state in the cache (a convolution window, a recurrent state); multi-head latent
+attention caches latents it expands after the update. Such a module is found by what it does when the stack runs once
+(probe.py: it receives the cache and reads or writes it, and it is no plain attention call site), not from a list of
+families or names. While a stack runs under bcg its ``forward`` is routed here: the hidden states go into an owned
+bridge, the segment ends with a break, and the break body calls the module's own forward on the live
+``[B, S, hidden]`` tokens with the live cache and mask (a mixer's: the 2D padding mask), then writes the result into
+the output bridge the next segment reads. Every prefill / decode choice the mixer makes in Python
+(``has_previous_state``, ``seq_len == 1``, lazily allocated states) therefore runs per call, never baked into a graph.
+MLPs, norms and projections stay in segments.
 """
 
 from __future__ import annotations

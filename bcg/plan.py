@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Container
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -60,7 +61,6 @@ class Settings:
 
     fast_decode: bool = False  # decode steps replay fast graphs
     fast_padded: bool = False  # packed prompts replay fast graphs (varlen attention)
-    full_graphs: bool = True  # decode steps may run as one full graph (not in debug="numerics")
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,7 @@ class Plan:
     num_tokens: int = 0  # tokens the graph segments compute: a packed call's real ones, else batch x sequence
     rows: torch.Tensor | None = None  # a padded multi-token call: its real tokens' flat indices (live.real_rows)
     rejection: Rejection | None = None
+    found: Any = None  # what the path's check found, for the path to use: a StaticCache's layers, a hybrid's states
 
     @staticmethod
     def eager(reason: Reject, detail: str = "") -> Plan:
@@ -79,11 +80,12 @@ class Plan:
 
 @dataclass(frozen=True)
 class DecodePaths:
-    """Which one-graph paths a decode step can take, asked of the runner's parts (pure questions)."""
+    """Which one-graph paths a decode step can take, asked of the runner's parts (pure questions; the first and the
+    last answer with what they found, None for no)."""
 
-    full_static: Callable[[Call], bool]
+    full_static: Callable[[Call], Any]  # the StaticCache's layers, updated in place
     stand_in: Callable[[Call, GraphKey], bool]
-    mixers_inline: Callable[[Call], bool]
+    mixers_inline: Callable[[Call], Any]  # the cache's mixer states, settled
 
 
 def plan_call(call: Call, target: Target, settings: Settings, failed: Container[tuple[GraphKey, int]],
@@ -106,11 +108,12 @@ def plan_call(call: Call, target: Target, settings: Settings, failed: Container[
     key = GraphKey(call.inputs, call.autocast, fast, experts=call.experts)
     if (key, bucket) in failed:
         return Plan.eager(Reject.CAPTURE_FAILED)
-    path = Path.BREAKABLE
-    if decode and settings.full_graphs and paths.full_static(call):
-        path = Path.FULL_STATIC
-    elif decode and settings.full_graphs and paths.stand_in(call, key):
-        path = Path.STAND_IN
-    elif decode and paths.mixers_inline(call):
-        path = Path.MIXERS_INLINE
-    return Plan(path, key, bucket, num_tokens, rows)
+    path, found = Path.BREAKABLE, None
+    if decode:
+        if (found := paths.full_static(call)) is not None:
+            path = Path.FULL_STATIC
+        elif paths.stand_in(call, key):
+            path = Path.STAND_IN
+        elif (found := paths.mixers_inline(call)) is not None:
+            path = Path.MIXERS_INLINE
+    return Plan(path, key, bucket, num_tokens, rows, found=found)

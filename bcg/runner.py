@@ -62,9 +62,8 @@ class StackRunner:
                                        varlen_prompts)
         self.full_graphs = FullGraphDecode(backend, self.segments, self.contexts, self.stats, static_cache)
         self.paths = DecodePaths(
-            full_static=self.full_graphs.takes_static, stand_in=self.full_graphs.takes_stand_in,
-            mixers_inline=lambda call: self.mixer_states is not None
-            and self.mixer_states.settled(call.cache) is not None)
+            full_static=self.full_graphs.static_layers, stand_in=self.full_graphs.takes_stand_in,
+            mixers_inline=lambda call: self.mixer_states.settled(call.cache) if self.mixer_states else None)
         self.watch = StateWatch(stack.module, self.config, debug in (True, "addresses"), self.segments.buffers)
         self.verifier = (verify.Verifier(first.dtype, self.stats, type(model).__name__, every_call=debug == "numerics")
                          if verify_replays or debug == "numerics" else None)
@@ -144,7 +143,7 @@ class StackRunner:
     def _replay_breakable(self, call: Call, plan: Plan) -> Any | Rejection:
         key, mixer_cache = plan.key, None
         if plan.path is Path.MIXERS_INLINE:  # bind the cache's mixer states to bcg's: the mixers run in the graph
-            inline = key.with_mixers(self.mixer_states.bind(call.cache, self.mixer_states.settled(call.cache)))
+            inline = key.with_mixers(self.mixer_states.bind(call.cache, plan.found))
             if (inline, plan.bucket) not in self.table.failed:
                 key, mixer_cache = inline, (call.cache, call.tokens.shape[0])
         try:

@@ -151,7 +151,7 @@ class StandIns:
 
     @staticmethod
     def hand_back(cache: Any, stand_in: StandIn) -> None:
-        """A dynamic cache whose layers still hold (slices of: a crop) the stand-in's tensors gets tensors of its own."""
+        """A dynamic cache whose layers still hold (slices of: a crop) the stand-in's tensors gets its own."""
         with torch.inference_mode(False):  # it may be used outside inference mode again
             for layer, static in zip(getattr(cache, "layers", ()), stand_in.cache.layers):
                 keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)

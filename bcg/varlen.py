@@ -6,8 +6,9 @@ padding mask (exact mode: eager's kernel on eager's shapes), or, here, attend ea
 itself without ever building the padded query or mask: torch's own flash kernel over cumulative offsets
 (``torch.nn.attention.varlen.varlen_attn``, the same algorithm transformers' flash-attention path runs on unpadded
 tokens) where it runs, one causal SDPA per request elsewhere (CPU, fp32). Measured on an H200
-(``results/varlen_attention/varlen_attention_qwen3-*.md``): 0.21-0.32 ms against the padded path's 0.32-0.58 ms at 8 and 32 requests
-of ~128 tokens; nested-tensor SDPA (3.7-6.2 ms) and FlexAttention (6-8 ms with its per-call block mask) lose.
+(``results/varlen_attention/varlen_attention_qwen3-*.md``): 0.21-0.32 ms against the padded path's 0.32-0.58 ms at 8
+and 32 requests of ~128 tokens; nested-tensor SDPA (3.7-6.2 ms) and FlexAttention (6-8 ms with its per-call block
+mask) lose.
 
 Eligible: a call on an empty cache whose every request's real tokens are one contiguous run (left or right padding),
 and attention that transformers' flash path could run from its kwargs alone (causal, optional sliding window and

@@ -114,11 +114,9 @@ class Verifier:
 
 def phase_of(tokens: torch.Tensor, cache: Any) -> Phase:
     """A prompt (no past), a decode step (one token per sequence on a past) or a continuation (several on a past)."""
-    if tokens.shape[1] == 1 and cache is not None and hf.past_length(cache) > 0:
-        return Phase.DECODE
     if cache is None or hf.past_length(cache) == 0:
         return Phase.PROMPT
-    return Phase.CONTINUATION
+    return Phase.DECODE if tokens.shape[1] == 1 else Phase.CONTINUATION
 
 
 def difference(graph_output: Any, eager_output: Any, mask: Any) -> Difference:

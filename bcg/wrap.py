@@ -210,8 +210,8 @@ def wrap_model(
             instead of 8-10). A padded prompt replays those graphs too and attends each
             request on its real tokens with a variable-length kernel (varlen.py); unpadded prompts and calls without
             a padding mask (log-likelihoods) run eager's kernels as in ``"exact"``: their outputs are exact mode's;
-            generated bf16 text can fork from eager's by rounding (docs/benchmarks.md: MGSM). ``"exact"``: eager's kernels
-            everywhere (MGSM on a real model: identical text and log-likelihoods; bf16 near-ties may still flip
+            generated bf16 text can fork from eager's by rounding (docs/benchmarks.md: MGSM). ``"exact"``: eager's
+            kernels everywhere (MGSM on a real model: identical text and log-likelihoods; bf16 near-ties may still flip
             where a bucket's flat token run changes a matmul's shape).
         static_cache: decode steps on a dynamic cache (``generate()``'s default) replay as one graph, attention and
             cache update included (no breaks), on a static cache bcg keeps for the shape (positions rounded up to a
@@ -263,7 +263,8 @@ def wrap_model(
         runner = _patch_stack(model, stack, breaks, restore, graph_backend, sizes, debug, choices, verify)
         handle = BcgHandle(model, runner, backend_name, None, restore, choices)
         logger.info("bcg: wrapped %s at '%s' (%d layers, %d module breaks), backend=%s, mode=%s, sizes=%s",
-                    type(model).__name__, stack.path, len(stack.layers), len(breaks.modules), backend_name, choices.mode,
+                    type(model).__name__, stack.path, len(stack.layers), len(breaks.modules), backend_name,
+                    choices.mode,
                     sizes)
     setattr(model, _HANDLE_ATTRIBUTE, handle)
     if handle.runner is not None and not lazy:

@@ -1,4 +1,4 @@
-"""transformers' attention functions: the registry bcg adds its break to, the functions a model calls, SDPA's GQA choice."""
+"""transformers' attention functions: the registry bcg adds its break to, the functions a model calls, SDPA's GQA."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""transformers' models and stacks: the verified range, signatures, layer types, generate()'s compile check, MoE experts."""
+"""transformers' models and stacks: verified range, signatures, layer types, generate()'s compile check, MoE experts."""
 
 from __future__ import annotations
 
