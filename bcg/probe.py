@@ -46,7 +46,7 @@ class CacheUse:
 
 @dataclass
 class _Recorder:
-    stack: nn.Module
+    stack: nn.Module | None
     cache: Any = None
     running: list[nn.Module] = field(default_factory=list)
     uses: dict[int, CacheUse] = field(default_factory=dict)
@@ -148,13 +148,20 @@ def cache_uses(stack: nn.Module, config: Any, cache_class: type, cache_argument:
     cache = hf.new_cache(cache_class, config)
     _spied(cache, recorder)
     recorder.cache = cache
-    with torch.no_grad(), _hooks(stack, recorder), hf.attention_implementation(hf.attention_configs(stack),
-                                                                                PROBE_ATTENTION_NAME):
-        for tokens in (2, 1):
-            ids = torch.zeros(1, tokens, dtype=torch.long, device=device)
-            stack(input_ids=ids, use_cache=True, **{cache_argument: cache})
-    order = {id(module): i for i, module in enumerate(stack.modules())}
-    return sorted(recorder.uses.values(), key=lambda use: order.get(id(use.module), len(order)))
+    try:
+        with torch.no_grad(), _hooks(stack, recorder), hf.attention_implementation(hf.attention_configs(stack),
+                                                                                    PROBE_ATTENTION_NAME):
+            for tokens in (2, 1):
+                ids = torch.zeros(1, tokens, dtype=torch.long, device=device)
+                stack(input_ids=ids, use_cache=True, **{cache_argument: cache})
+        order = {id(module): i for i, module in enumerate(stack.modules())}
+        uses = sorted(recorder.uses.values(), key=lambda use: order.get(id(use.module), len(order)))
+    finally:
+        # The registered attention function outlives the probe: it must not keep this model or its cache alive.
+        recorder.uses, recorder.cache, recorder.running, recorder.stack = {}, None, [], None
+    for use in uses:
+        use._updated.clear()  # the probe's tensors
+    return uses
 
 
 def module_breaks(uses: list[CacheUse]) -> list[nn.Module]:

@@ -293,3 +293,20 @@ def test_a_capture_that_failed_under_one_experts_implementation_is_tried_under_a
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     assert handle.stats()["replays"] == 1 and handle.stats()["rejects"] == {"capture_failed": 1}
     assert [key.split(":")[0] for key in handle.stats()["captured_graphs"]] == ["ids[batched_mm]"]
+
+
+def test_an_unwrapped_model_is_freed():
+    """Nothing bcg keeps process-wide (the probe's registered attention function, warning registries, hooks) holds a
+    model after unwrap_model."""
+    import gc
+    import weakref
+
+    model = tiny_model("qwen3_5_text")
+    bcg.wrap_model(model, backend="eager")
+    ids, mask = left_padded_batch()
+    model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    bcg.unwrap_model(model)
+    alive = [weakref.ref(model), weakref.ref(model.model), weakref.ref(model.model.layers[0].linear_attn)]
+    del model
+    gc.collect()
+    assert [ref() is None for ref in alive] == [True, True, True]  # the stack and a mixer, with their weights
