@@ -156,7 +156,9 @@ def _owned(states: torch.Tensor, given: torch.Tensor) -> torch.Tensor:
 
 
 def is_per_call(value: Any) -> bool:
-    """A tensor (or tuple of tensors) that is not a weight: it may change from call to call."""
+    """A tensor (or a tuple or dict holding one) that is not a weight: it may change from call to call."""
+    if isinstance(value, dict):
+        value = list(value.values())
     if isinstance(value, (tuple, list)):
         return any(is_per_call(v) for v in value)
     return isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter)

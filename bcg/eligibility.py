@@ -167,8 +167,9 @@ def model_unsupported_reason(model: Any, config: Any, stack_forward: Any) -> str
         return "accelerate offloads weights to cpu/disk; graphs need every weight resident on one GPU"
     if len(placements) > 1:
         return f"the model is split across devices {sorted(placements)}; bcg captures single-device models"
-    if unknown := hf.unknown_layer_types(config):
-        return f"layer types {sorted(unknown)} are neither attention nor a stateful mixer bcg knows"
+    if mismasked := set(getattr(config, "layer_types", None) or ()) & set(hf.MISMASKED_LAYER_TYPES):
+        return (f"layer types {sorted(mismasked)}: transformers' mask table gives their attention a full causal mask "
+                "where the model applies its window")
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     rope_sets = rope.values() if all(isinstance(v, dict) for v in rope.values()) and rope else [rope]
     if any(isinstance(r, dict) and r.get("rope_type", r.get("type")) in ("dynamic", "longrope") for r in rope_sets):
@@ -188,10 +189,12 @@ def model_unsupported_reason(model: Any, config: Any, stack_forward: Any) -> str
     return None
 
 
-def unrecognised_mixers_reason(config: Any, mixer_layers: set[int]) -> str | None:
-    """Why a hybrid model must stay eager: layers whose type says they keep mixer state, with no mixer found there."""
-    if missing := [i for i in hf.stateful_layer_indices(config) if i not in mixer_layers]:
+def uncovered_layers_reason(config: Any, break_layers: set[int]) -> str | None:
+    """Why a model must stay eager: layers whose type says they keep mixer state, or whose type bcg does not know,
+    with no module break found there."""
+    if missing := [i for i in hf.layers_needing_breaks(config) if i not in break_layers]:
         types = sorted({config.layer_types[i] for i in missing})
-        return (f"layers {missing} ({', '.join(types)}) have no token mixer bcg recognises (a module that received "
-                "the cache and read or wrote its state when the stack ran once)")
+        return (f"layers {missing} ({', '.join(types)}) are no plain attention, and running the stack once found no "
+                "module there that bcg can run as a break of its own (one that received the cache and read or wrote "
+                "it)")
     return None

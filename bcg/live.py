@@ -53,6 +53,7 @@ class LiveContext:
     # while a decode graph with inline mixers is captured: (the cache bound to bcg's mixer states, sequences)
     capture_mixers: tuple[Any, int] | None = None
     shared_kv: dict = field(default_factory=dict, repr=False)  # layer type -> keys/values a storing layer left
+    returned: dict = field(default_factory=dict, repr=False)  # id(module break's slot) -> what it returned besides
     _views: dict = field(default_factory=dict, repr=False)
 
     def inline_mixers(self) -> tuple[Any, int]:
@@ -127,10 +128,13 @@ def real_rows(attention_mask: Any, batch: int, seq: int) -> torch.Tensor | None:
 LIVE: ContextVar[LiveContext | None] = ContextVar("bcg_live_context", default=None)
 
 
-def capture_context(bucket: int, mixers: tuple[Any, int] | None = None) -> LiveContext:
+def capture_context(bucket: int, mixers: tuple[Any, int] | None = None, masks: torch.Tensor | dict | None = None,
+                    positions: torch.Tensor | None = None) -> LiveContext:
     """The context breaks see while a graph is warmed up or captured: one flat causal run, no cache (``mixers``: the
-    cache a decode graph's inline mixers update, and its sequences)."""
-    return LiveContext(batch=1, seq=bucket, num_tokens=bucket, bucket=bucket, capture_mixers=mixers)
+    cache a decode graph's inline mixers update, and its sequences; ``masks`` and ``positions``: that run's, for module
+    breaks that read them themselves)."""
+    return LiveContext(batch=1, seq=bucket, num_tokens=bucket, bucket=bucket, masks=masks, position_ids=positions,
+                       capture_mixers=mixers)
 
 
 def default_position_ids(

@@ -26,7 +26,7 @@ from torch import nn
 
 from . import hf, patching, probe
 from .attention import ACTIVE_RUN, StackRun, StructureError, is_per_call
-from .eligibility import unrecognised_mixers_reason
+from .eligibility import uncovered_layers_reason
 from .live import LIVE
 from .resolve import Stack
 
@@ -51,7 +51,10 @@ class MixerSlot:
     live_arguments: frozenset  # per-call arguments the model passed, refilled from the live context
     hidden: torch.Tensor
     out: torch.Tensor
-    returns_tuple: bool = False  # the mixer returns (hidden, extra): the model gets (bridge, None)
+    returns_tuple: bool = False  # the module returns (hidden, *extras): the model gets (bridge, *extras passed on)
+    # arguments an earlier break returned besides its hidden states (DSA's top-k indices, shared with later layers):
+    # name -> (that break's slot, index among its extras)
+    fed: dict = field(default_factory=dict)
     graph_tensors: dict = field(default_factory=dict)  # bucket -> tensor arguments that graph computed
     # an attention module that is a break of its own (MLA: it caches latents): the layer's attention mask, and its
     # attention function the model's own, not bcg's (``configs`` switched back while it runs)
@@ -76,10 +79,13 @@ class MixerSlot:
             kwargs["position_ids"] = live.position_ids
         for name, value in self.graph_tensors.get(live.bucket, {}).items():
             kwargs[name] = _relaid(value, live)
+        for name, (source, index) in self.fed.items():
+            kwargs[name] = live.returned[id(source)][index]
         with _own_attention(self):
             result = self.forward(hidden_states=live.token_input(self.hidden), **kwargs,
                                   **{self.cache_argument: live.cache})
         if isinstance(result, tuple) and result:
+            live.returned[id(self)] = result[1:]
             self.returns_tuple, result = True, result[0]
         if not isinstance(result, torch.Tensor) or result.shape[-1] != self.out.shape[-1]:
             raise StructureError(f"{type(self.module).__name__} (layer {self.layer_idx}) returned "
@@ -135,7 +141,7 @@ def find_module_breaks(stack: Stack, device: torch.device) -> tuple[ModuleBreaks
     modules = [m for m in probe.module_breaks(uses) if hf.mixer_cache_argument(m) is not None]
     attending = frozenset(id(use.module) for use in uses if use.calls_attention and use.module in modules)
     found = ModuleBreaks(modules, attending)
-    return found, unrecognised_mixers_reason(stack.config, {m.layer_idx for m in modules})
+    return found, uncovered_layers_reason(stack.config, {m.layer_idx for m in modules})
 
 
 def _mixer_forward(module: nn.Module, forward: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -162,7 +168,41 @@ def _mixer_forward(module: nn.Module, forward: Callable, *args: Any, **kwargs: A
     # A copy: the next mixer's break rewrites the shared output bridge, and a module may hold this output across it
     # (Inkling's attention runs one short convolution for its keys, then another for its values).
     output = slot.out[:n].unsqueeze(0).clone()
-    return (output, None) if slot.returns_tuple else output
+    return (output, *_passed_on(slot)) if slot.returns_tuple else output
+
+
+class BreakReturned(torch.Tensor):
+    """A tensor a module break returned besides its hidden states, as the stack's captured code sees it: that code may
+    hand it on to a later break (which gets the live one), and may read its shape, but any computation on it would be
+    baked into a graph with this run's values, so it raises and the model stays eager."""
+
+    source: tuple[MixerSlot, int]
+
+    @classmethod
+    def __torch_function__(cls, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if func not in _METADATA:
+            slot, _ = args[0].source if args and isinstance(args[0], BreakReturned) else (None, None)
+            where = f" of {type(slot.module).__name__} (layer {slot.layer_idx})" if slot is not None else ""
+            raise StructureError(f"the stack computes on a tensor a module break{where} returned ({func.__name__}), "
+                                 "which a graph would replay with stale values")
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **(kwargs or {}))
+
+
+_METADATA = frozenset({torch.Tensor.shape.__get__, torch.Tensor.dtype.__get__, torch.Tensor.device.__get__,
+                       torch.Tensor.ndim.__get__, torch.Tensor.size, torch.Tensor.dim})
+
+
+def _passed_on(slot: MixerSlot) -> tuple:
+    """What the model gets besides the hidden states from a module break: what the module returned this run, each
+    tensor as a ``BreakReturned`` that later breaks map back to the live one."""
+    passed = []
+    for index, value in enumerate(LIVE.get().returned.get(id(slot), ())):
+        if isinstance(value, torch.Tensor):
+            value = value.as_subclass(BreakReturned)
+            value.source = (slot, index)
+        passed.append(value)
+    return tuple(passed)
 
 
 def _decode_step_inline(module: nn.Module, forward: Callable, hidden_states: torch.Tensor, kwargs: dict,
@@ -191,6 +231,8 @@ def _decode_step_inline(module: nn.Module, forward: Callable, hidden_states: tor
 def _decode_layout(value: Any, batch: int, tokens: int, module: nn.Module) -> Any:
     """A tensor argument the graph computed per token of its flat run (``[1, tokens, ...]``) as the decode step's
     ``[B, 1, ...]``; other values as they are."""
+    if isinstance(value, dict):
+        return {k: _decode_layout(v, batch, tokens, module) for k, v in value.items()}
     if isinstance(value, (tuple, list)):
         return type(value)(_decode_layout(v, batch, tokens, module) for v in value)
     if not is_per_call(value):
@@ -203,7 +245,8 @@ def _decode_layout(value: Any, batch: int, tokens: int, module: nn.Module) -> An
 
 def _new_slot(run: StackRun, module: nn.Module, forward: Callable, hidden_states: torch.Tensor,
               kwargs: dict) -> MixerSlot:
-    per_call = sorted(k for k, v in kwargs.items() if k not in _LIVE_ARGUMENTS and is_per_call(v))
+    fed = {k: v.source for k, v in kwargs.items() if isinstance(v, BreakReturned)}
+    per_call = sorted(k for k, v in kwargs.items() if k not in _LIVE_ARGUMENTS and k not in fed and is_per_call(v))
     unsupplied = [k for k in per_call if k not in _GRAPH_ARGUMENTS or not _per_token(kwargs[k], hidden_states.shape[1])]
     if unsupplied:
         raise StructureError(f"{type(module).__name__} (layer {module.layer_idx}) takes {unsupplied} per call, which "
@@ -219,6 +262,7 @@ def _new_slot(run: StackRun, module: nn.Module, forward: Callable, hidden_states
         forward=forward,
         cache_argument=hf.mixer_cache_argument(module),
         kwargs={k: v for k, v in kwargs.items() if k not in _LIVE_ARGUMENTS and not is_per_call(v)},
+        fed=fed,
         live_arguments=frozenset(kwargs) & _LIVE_ARGUMENTS,
         hidden=run.bridges.get("hidden", (width,), dtype),
         out=run.bridges.get("out", (width,), dtype),
@@ -228,6 +272,8 @@ def _new_slot(run: StackRun, module: nn.Module, forward: Callable, hidden_states
 def _relaid(value: Any, live: Any) -> Any:
     """A graph-computed per-token argument (tensors ``[1, bucket, ...]``, checked at first capture) in the live
     call's ``[B, S]`` layout."""
+    if isinstance(value, dict):
+        return {k: _relaid(v, live) for k, v in value.items()}
     if isinstance(value, (tuple, list)):
         return type(value)(_relaid(v, live) for v in value)
     return live.relayout(value)
@@ -235,6 +281,8 @@ def _relaid(value: Any, live: Any) -> Any:
 
 def _per_token(value: Any, tokens: int) -> bool:
     """Every tensor in ``value`` is laid out ``[1, tokens, ...]``, as the flat token run the graph computes."""
+    if isinstance(value, dict):
+        value = list(value.values())
     if isinstance(value, (tuple, list)):
         return bool(value) and all(_per_token(v, tokens) for v in value)
     return isinstance(value, torch.Tensor) and value.ndim >= 2 and tuple(value.shape[:2]) == (1, tokens)

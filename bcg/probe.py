@@ -144,7 +144,7 @@ def cache_uses(stack: nn.Module, config: Any, cache_class: type, cache_argument:
     module that received the cache, touched it or called attention, in module order."""
     recorder = _Recorder(stack)
     implementation = hf.attention_implementation_of(config)
-    hf.register_attention(PROBE_ATTENTION_NAME, _recording_attention(recorder, implementation))
+    hf.register_attention(PROBE_ATTENTION_NAME, _recording_attention(recorder, implementation), implementation)
     cache = hf.new_cache(cache_class, config)
     _spied(cache, recorder)
     recorder.cache = cache
@@ -167,12 +167,16 @@ def cache_uses(stack: nn.Module, config: Any, cache_class: type, cache_argument:
 def module_breaks(uses: list[CacheUse]) -> list[nn.Module]:
     """The modules that must run eagerly as a break of their own: their own code touched the cache, they received it
     as an argument, and they are no plain attention call site (whose cache update bcg's attention break makes in their
-    place): stateful mixers, and attention that caches something else than what it attends to. The innermost where
-    one holds another."""
-    candidates = [use.module for use in uses
+    place): stateful mixers, and attention that caches something else than what it attends to. Such an attention
+    module runs whole, with the modules inside it that touch the cache too (a sparse-attention indexer); otherwise the
+    innermost where one holds another (a layer whose own code touches its mixer's state stays captured around it)."""
+    candidates = [use for use in uses
                   if use.touched and use.argument is not None and not use.plain_attention
                   and isinstance(getattr(use.module, "layer_idx", None), int)
                   and not isinstance(use.module.layer_idx, bool)]
-    found = {id(module) for module in candidates}
-    return [module for module in candidates
+    inside_attention = {id(sub) for use in candidates if use.calls_attention
+                        for sub in use.module.modules() if sub is not use.module}
+    modules = [use.module for use in candidates if id(use.module) not in inside_attention]
+    found = {id(module) for module in modules}
+    return [module for module in modules
             if not any(id(sub) in found for sub in module.modules() if sub is not module)]

@@ -40,13 +40,16 @@ class BreakableStack:
         self.dtype, self.device = dtype, device
         config = stack.config
         self.cache_argument = hf.cache_argument(original_forward)
-        self.mask_windows = hf.mask_windows(config, hf.builds_full_masks_only(config, original_forward))
+        self.full_masks_only = hf.builds_full_masks_only(config, original_forward)
+        self.mask_windows = hf.mask_windows(config, self.full_masks_only)
         self.original_implementation = hf.attention_implementation_of(config)
         self.configs = hf.attention_configs(stack.module)
         self.layer_types = getattr(config, "layer_types", None)
-        # one break per attention layer and per module break (an attending one is its layer's attention break)
-        self.expected_breaks = (hf.attention_layers(config, len(stack.layers)) + len(breaks.modules)
-                                - len(breaks.attending))
+        # one break per attention layer and per module break (an attending one in an attention layer is that layer's
+        # attention break)
+        self.expected_breaks = hf.attention_layers(config, len(stack.layers)) + sum(
+            not (id(module) in breaks.attending and hf.runs_attention(config, module.layer_idx))
+            for module in breaks.modules)
         self.layer_of = {id(module): i for i, layer in enumerate(stack.layers) for module in layer.modules()}
         self.bridges = Bridges(sizes[-1], device)
         with torch.inference_mode(False):  # wrap_model may be called under inference mode; these outlive it
@@ -68,7 +71,8 @@ class BreakableStack:
     def capture(self, key: GraphKey, bucket: int, mixer_cache: tuple[Any, int] | None = None) -> Graph:
         """Capture the graph of ``key`` and ``bucket``; ``mixer_cache``: (cache bound to bcg's mixer states, sequences)
         for a decode step's graph with the mixers inside."""
-        token = LIVE.set(capture_context(bucket, mixer_cache))
+        positions = torch.arange(bucket, device=self.device).unsqueeze(0)
+        token = LIVE.set(capture_context(bucket, mixer_cache, self._capture_masks(positions), positions))
         try:
             if key.inputs == "embeds" and self.static_embeds is None:
                 shape = (1, self.bridges.max_tokens, self.stack.config.hidden_size)
@@ -76,6 +80,15 @@ class BreakableStack:
             return self.backend.capture(partial(self._run, key, bucket))
         finally:
             LIVE.reset(token)
+
+    def _capture_masks(self, positions: torch.Tensor) -> torch.Tensor | dict | None:
+        """The masks of one flat causal run, for attention modules that run as breaks of their own (indexed attention
+        reads its mask itself); None where there are none."""
+        if not self.breaks.attending:
+            return None
+        bucket = positions.shape[1]
+        return hf.create_masks(self.stack.config, None, None, positions, 1, bucket, self.dtype, self.device,
+                               self.full_masks_only)
 
     def _run(self, key: GraphKey, bucket: int) -> torch.Tensor:
         """One run of the original stack forward on the static inputs, attention routed through the breaks."""

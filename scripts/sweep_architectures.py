@@ -56,12 +56,15 @@ IF_PRESENT = dict(num_key_value_heads=2, head_dim=16, num_experts=4, num_local_e
 _ENCODER_DECODER = dict(decoder_layers=2, encoder_layers=2, d_model=64, decoder_attention_heads=4,
                         encoder_attention_heads=4, decoder_ffn_dim=128, encoder_ffn_dim=128)
 _LATENT = ({}, ("head_dim", "n_group", "topk_group", "num_key_value_heads"))  # multi-head latent attention sizes
+# indexed (DSA) attention: a small indexer that keeps 4 of the past tokens, so the sparse selection bites
+_INDEXED = (dict(index_topk=4, index_n_heads=4, index_head_dim=64), ("head_dim", "num_key_value_heads"))
 _LINEAR_AND_FULL = ["linear_attention", "full_attention"] * 2
 OVERRIDES: dict[str, tuple[dict, tuple]] = {
     **{t: (_ENCODER_DECODER, ()) for t in ("bart", "mbart", "blenderbot", "blenderbot-small", "marian", "mvp",
                                             "pegasus", "bigbird_pegasus", "plbart", "whisper")},
-    **{t: _LATENT for t in ("axk1", "axk2", "deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite",
-                            "glm_moe_dsa", "minicpm3", "sarvam_mla", "longcat_flash", "youtu")},
+    **{t: _LATENT for t in ("axk1", "deepseek_v2", "deepseek_v3", "glm4_moe_lite", "minicpm3", "sarvam_mla",
+                            "longcat_flash", "youtu")},
+    **{t: _INDEXED for t in ("axk2", "deepseek_v32", "glm_moe_dsa", "hy_v4")},
     "codegen": (dict(rotary_dim=8), ()),
     "gptj": (dict(rotary_dim=8), ()),
     "dory": ({}, ("sliding_window",)),

@@ -184,7 +184,7 @@ def test_a_hybrid_whose_mixer_bcg_does_not_recognise_stays_eager_naming_the_laye
     ids, mask = left_padded_batch()
     expected = reference.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
     monkeypatch.setattr(probe, "module_breaks", lambda uses: [])
-    with pytest.warns(bcg.BcgFallbackWarning, match=r"layers \[0, 1, 3\] \(linear_attention\) have no token mixer"):
+    with pytest.warns(bcg.BcgFallbackWarning, match=r"layers \[0, 1, 3\] \(linear_attention\) are no plain attention"):
         handle = bcg.wrap_model(model, backend="eager")
     tokens = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert handle.stats()["replays"] == 0 and torch.equal(tokens, expected)

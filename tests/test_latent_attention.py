@@ -26,10 +26,13 @@ LATENT_ATTENTION = ["deepseek_v3", "minicpm3", "glm4_moe_lite", "kimi_linear", "
 GENERATE = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
 
 
-def _pair(model_type: str):
+def _pair(model_type: str, **fields):
+    """Two equal models of the sweep's small config of ``model_type`` (``fields`` set on that config)."""
     if model_type not in CONFIG_MAPPING:
         pytest.skip(f"this transformers has no {model_type}")
     config = small_config(model_type)
+    for name, value in fields.items():
+        setattr(config, name, value)
     models = []
     for _ in range(2):
         torch.manual_seed(0)

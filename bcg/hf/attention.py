@@ -12,11 +12,17 @@ import torch
 from torch import nn
 from transformers import AttentionInterface
 from transformers.integrations import sdpa_attention
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 
-def register_attention(name: str, function: Callable) -> None:
+def register_attention(name: str, function: Callable, masks_of: str | None = None) -> None:
+    """Register ``function`` as attention implementation ``name``; ``masks_of``: the implementation whose mask function
+    the stack should use under ``name`` (without one transformers builds no mask, which models that read the mask
+    themselves, as indexed attention does, cannot run on)."""
     AttentionInterface.register(name, function)
+    if (masks := ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(masks_of)) is not None:
+        AttentionMaskInterface.register(name, masks)
 
 
 def attention_function(implementation: str | None, module: nn.Module) -> Callable:

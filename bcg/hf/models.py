@@ -40,9 +40,11 @@ REQUIRED_STACK_ARGUMENTS = ("input_ids", "inputs_embeds", "attention_mask", "pos
 # Layer types whose token mixer is attention through the AttentionInterface (what a break runs).
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
 # Layer types whose token mixer keeps per-sequence state in the cache (linear attention, SSM, short convolution);
-# a "hybrid" layer runs such a mixer and attention, on one cache layer holding both. Not "hybrid_sliding" (Inkling):
-# transformers' mask table gives its attention a full causal mask where the model applies its window.
+# a "hybrid" layer runs such a mixer and attention, on one cache layer holding both.
 STATEFUL_LAYER_TYPES = ("linear_attention", "conv", "hybrid")
+# Layer types whose masks bcg cannot build as the model does: transformers' mask table gives Inkling's
+# "hybrid_sliding" attention a full causal mask where the model applies its window.
+MISMASKED_LAYER_TYPES = ("hybrid_sliding",)
 _HYBRID_ATTENTION_MASKS = {"hybrid": "full_attention"}
 # Layers with neither attention nor mixer state (Nemotron-H's MLP layers; 5.17 gives them empty cache layers).
 STATELESS_LAYER_TYPES = ("moe", "mlp")
@@ -114,23 +116,25 @@ def code_names(code: Any) -> set[str]:
     return names
 
 
-def stateful_layer_indices(config: Any) -> list[int]:
-    """The layers whose type says they hold mixer state (per ``layer_types``)."""
-    return [i for i, t in enumerate(getattr(config, "layer_types", None) or ()) if t in STATEFUL_LAYER_TYPES]
-
-
-def unknown_layer_types(config: Any) -> set[str]:
-    """Layer types that are neither attention, nor a stateful mixer, nor a stateless placeholder."""
-    known = {*ATTENTION_LAYER_TYPES, *STATEFUL_LAYER_TYPES, *STATELESS_LAYER_TYPES}
-    return set(getattr(config, "layer_types", None) or ()) - known
+def layers_needing_breaks(config: Any) -> list[int]:
+    """The layers that bcg replays only where running the stack once found a module break there (per
+    ``layer_types``): those whose type says they hold mixer state, and those of a type bcg does not know (indexed,
+    compressed or custom attention)."""
+    plain = {*ATTENTION_LAYER_TYPES, *STATELESS_LAYER_TYPES}
+    return [i for i, t in enumerate(getattr(config, "layer_types", None) or ()) if t not in plain]
 
 
 def attention_layers(config: Any, num_layers: int) -> int:
-    """How many of the stack's layers run attention (all of them, unless ``layer_types`` names mixer-only ones)."""
+    """How many of the stack's layers run plain attention (all of them, unless ``layer_types`` names others)."""
+    return sum(runs_attention(config, i) for i in range(num_layers))
+
+
+def runs_attention(config: Any, layer_idx: int) -> bool:
+    """Whether a layer runs plain attention (every layer does, unless ``layer_types`` says otherwise)."""
     layer_types = getattr(config, "layer_types", None)
     if not layer_types:
-        return num_layers
-    return sum(t in ATTENTION_LAYER_TYPES or t in _HYBRID_ATTENTION_MASKS for t in layer_types)
+        return True
+    return layer_types[layer_idx] in ATTENTION_LAYER_TYPES or layer_types[layer_idx] in _HYBRID_ATTENTION_MASKS
 
 
 def attention_mask_key(layer_type: str) -> str:

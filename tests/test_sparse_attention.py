@@ -1,0 +1,71 @@
+"""Indexed / sparse attention (DeepSeek-V3.2, GLM-MoE-DSA, HY-V4, AXK2) and DeepSeek-V4's compressed attention on CPU
+(eager backend, fp32).
+
+Such an attention module runs an indexer that caches keys of its own and picks the past tokens each query attends to
+(here 4 of them, so the selection bites); DeepSeek-V4's compressor caches compressed blocks. The probe sees the
+attention module attend to other tensors than its cache update returned, and the whole module, its indexer or
+compressor inside, becomes a break of its own; the rest of the layer is captured. Where a layer reuses an earlier
+layer's top-k selection (GLM-MoE-DSA and HY-V4 "shared" layers), the selection goes from break to break, never
+through a graph.
+"""
+
+import pytest
+import torch
+
+import bcg
+import internals
+from test_architectures import wrapped_equals_eager
+from test_continuation import check_continuations
+from test_latent_attention import _pair
+
+from sweep_architectures import left_padded_batch  # noqa: E402  (test_latent_attention put scripts/ on the path)
+
+SPARSE_ATTENTION = ["deepseek_v32", "glm_moe_dsa", "hy_v4", "axk2", "deepseek_v4"]
+GENERATE = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+
+
+@pytest.mark.parametrize("model_type", SPARSE_ATTENTION)
+def test_sparse_attention_is_a_break_of_its_own_and_equals_eager(model_type):
+    reference, model = _pair(model_type)
+    ids, mask = left_padded_batch()
+    handle, _ = wrapped_equals_eager(reference, model, ids, mask, GENERATE)
+    stats = handle.stats()
+    assert stats["ready"] and stats["rejects"] == {} and stats["replays"] == 1 + GENERATE["max_new_tokens"]
+    slots = internals.slots(handle, internals.without_experts(stats["captured_graphs"][0].split(":")[0]))
+    # one break per layer, each the whole attention module (its indexer or compressor inside it, not a break)
+    assert len(slots) == model.config.num_hidden_layers
+    assert all(s.attends and "Attention" in type(s.module).__name__ for s in slots)
+
+
+@pytest.mark.parametrize("model_type", ["glm_moe_dsa", "hy_v4"])
+def test_a_shared_top_k_selection_goes_from_break_to_break(model_type):
+    """Layers 1 and 3 reuse the selection of the layer before (every layer after the first is handed it): a second turn
+    and continuations equal eager's."""
+    indexers = ["full", "shared", "full", "shared"]
+    reference, model = _pair(model_type, indexer_types=indexers)
+    handle = check_continuations(reference, model, backend="eager")
+    assert handle.stats()["rejects"] == {}
+    slots = internals.slots(handle, internals.without_experts(handle.stats()["captured_graphs"][0].split(":")[0]))
+    assert [s.layer_idx for s in slots if s.fed] == [1, 2, 3]
+
+
+def test_a_stack_computing_on_a_selection_a_break_returned_stays_eager(monkeypatch):
+    """A graph would replay such a computation with the capture's selection: bcg refuses loudly instead."""
+    reference, model = _pair("hy_v4")
+    layer_class = type(model.model.layers[0])
+    original = layer_class.forward
+
+    def forward(self, *args, **kwargs):
+        hidden, topk = original(self, *args, **kwargs)
+        return hidden, topk.clone()
+
+    monkeypatch.setattr(layer_class, "forward", forward)
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        expected = reference(input_ids=ids, attention_mask=mask).logits
+    handle = bcg.wrap_model(model, backend="eager")
+    with pytest.warns(bcg.BcgFallbackWarning, match="computes on a tensor a module break of HYV4Attention"):
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask).logits
+    assert handle.stats()["replays"] == 0
+    torch.testing.assert_close(logits[mask.bool()], expected[mask.bool()], atol=1e-4, rtol=1e-4)
