@@ -87,6 +87,18 @@ PRESETS: dict[str, Preset] = {
         eos_token_id=100001, tie_word_embeddings=False,
     ), source="deepseek-ai/DeepSeek-V2-Lite (config values, random init)",
         notes="MLA (latent KV cache) + MoE, ~31 GB of bf16 weights"),
+    # DeepSeek Sparse Attention: DeepSeek-V3.2's attention per layer (MLA latents, q_lora_rank 1536, a 64-head x 128
+    # indexer keeping the top 2048 past tokens) on DeepSeek-V2-Lite's body (27 layers, hidden 2048, 16 heads, 64 routed
+    # experts, 6 per token): V3.2 itself (671 B) fits no single GPU. Random init.
+    "deepseek-v3.2-small-like": Preset("deepseek_v32", dict(
+        vocab_size=129280, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408, num_hidden_layers=27,
+        num_attention_heads=16, num_key_value_heads=16, n_shared_experts=2, n_routed_experts=64, num_experts_per_tok=6,
+        first_k_dense_replace=1, kv_lora_rank=512, q_lora_rank=1536, qk_nope_head_dim=128, qk_rope_head_dim=64,
+        v_head_dim=128, n_group=1, topk_group=1, routed_scaling_factor=2.5, index_n_heads=64, index_head_dim=128,
+        index_topk=2048, max_position_embeddings=163840, rms_norm_eps=1e-6, bos_token_id=0, eos_token_id=1,
+        tie_word_embeddings=False,
+    ), source="deepseek-ai/DeepSeek-V3.2 attention and indexer sizes on DeepSeek-V2-Lite's body (random init)",
+        notes="DSA (indexer + sparse MLA) + MoE, ~32 GB of bf16 weights"),
 }
 
 

@@ -592,3 +592,20 @@ def test_latent_attention_on_real_graphs(model_type):
     handle = check_continuations(reference, model, device="cuda")
     stats = handle.stats()
     assert stats["backend"] == "cuda" and stats["rejects"] == {} and stats["full_graph_replays"] > 0, stats
+
+
+@pytest.mark.parametrize("model_type", ["deepseek_v32", "glm_moe_dsa", "hy_v4", "axk2"])
+def test_sparse_attention_on_real_graphs(model_type):
+    """Indexed attention modules, their indexers inside, as breaks of their own on real graphs (fp32, dense MLPs:
+    fp32 MoE experts cannot be captured; GLM-MoE-DSA and HY-V4 with layers reusing the selection of the layer before):
+    eager's tokens and logits over a second turn and k-token continuations, decode steps through the breaks."""
+    from test_continuation import check_continuations
+    from test_latent_attention import _pair
+
+    fields = dict(mlp_layer_types=["dense"] * 4)
+    if model_type in ("glm_moe_dsa", "hy_v4"):
+        fields["indexer_types"] = ["full", "shared", "full", "shared"]
+    reference, model = (m.to("cuda") for m in _pair(model_type, **fields))
+    handle = check_continuations(reference, model, device="cuda")
+    stats = handle.stats()
+    assert stats["backend"] == "cuda" and stats["rejects"] == {} and stats["replays"] >= 12, stats
