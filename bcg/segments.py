@@ -100,7 +100,8 @@ class BreakableStack:
             expected_breaks -= len(self.mixers)
         inputs = ({"input_ids": self.static_ids[:, :bucket]} if key.inputs == "ids"
                   else {"inputs_embeds": self.static_embeds[:, :bucket]})
-        with torch.no_grad(), run_stack_under_bcg(run, self.configs), mixers_routed(self.mixers), self.fused(key):
+        with torch.no_grad(), run_stack_under_bcg(run, self.configs), mixers_routed(self.mixers), self.fused(key), \
+                hf.experts_running(self.stack.module, key.experts):
             output = self.original_forward(**inputs, position_ids=self.static_positions[:, :bucket],
                                            attention_mask=None, use_cache=False, **{self.cache_argument: None})
         if run.breaks != expected_breaks:
@@ -118,7 +119,7 @@ class BreakableStack:
         """One run of the original stack forward, attention included (a full decode graph: no breaks); a fast one's
         masked SDPA takes grouped keys/values as they are."""
         gqa = hf.masked_gqa_in_sdpa() if key.fast else nullcontext()
-        with torch.no_grad(), self.fused(key), gqa:
+        with torch.no_grad(), self.fused(key), gqa, hf.experts_running(self.stack.module, key.experts):
             output = self.original_forward(**inputs)
         self.output_cls = type(output)
         return output[0]

@@ -310,3 +310,22 @@ def test_an_unwrapped_model_is_freed():
     del model
     gc.collect()
     assert [ref() is None for ref in alive] == [True, True, True]  # the stack and a mixer, with their weights
+
+
+@pytest.mark.parametrize("mode", ["fast", "exact"])
+def test_fast_decode_graphs_run_bf16_experts_grouped(mode):
+    """generate() switches bf16 MoE experts to batched_mm for decode steps on a GPU (fewer launches), which copies every
+    selected expert's weights per token; graphs make launches free, so a fast decode graph runs grouped_mm (eager's
+    other implementation, its tokens), an exact one eager's batched_mm. The model's own setting stays as it was."""
+    reference, model = tiny_model("qwen3_moe").to(torch.bfloat16), tiny_model("qwen3_moe").to(torch.bfloat16)
+    ids, mask = left_padded_batch(pads=(0, 0, 0))
+    options = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    reference.set_experts_implementation("grouped_mm" if mode == "fast" else "batched_mm")
+    expected = reference.generate(ids, **options)
+    handle = bcg.wrap_model(model, backend="eager", mode=mode, static_cache=False)
+    model.set_experts_implementation("batched_mm")  # as generate() on a GPU
+    tokens = model.generate(ids, **options)
+    assert torch.equal(tokens, expected) and model.config._experts_implementation == "batched_mm"
+    graphs = handle.stats()["captured_graphs"]
+    decode_graph = min(graphs, key=lambda name: int(name.split(":")[1])).split(":")[0]  # 3 tokens: the smallest
+    assert decode_graph == ("ids[grouped_mm]/fast" if mode == "fast" else "ids[batched_mm]"), graphs

@@ -26,6 +26,7 @@ from .models import (  # noqa: F401
     cache_argument,
     code_names,
     experts_implementation,
+    experts_running,
     has_switchable_experts,
     decoder_of,
     forward_parameters,

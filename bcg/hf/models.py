@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from packaging.version import Version
@@ -209,3 +210,17 @@ def experts_implementation(config: Any) -> str | None:
 
 def set_experts_implementation(model: PreTrainedModel, implementation: Any) -> None:
     model.set_experts_implementation(implementation)
+
+
+@contextmanager
+def experts_running(module: nn.Module, implementation: str | None) -> Iterator[None]:
+    """The stack's MoE experts run ``implementation`` for the duration (None: as they are)."""
+    current = experts_implementation(getattr(module, "config", None))
+    if implementation is None or current == implementation or not hasattr(module, "set_experts_implementation"):
+        yield
+        return
+    module.set_experts_implementation(implementation)
+    try:
+        yield
+    finally:
+        module.set_experts_implementation(current)
