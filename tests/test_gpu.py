@@ -600,12 +600,12 @@ def test_sparse_attention_on_real_graphs(model_type):
     fp32 MoE experts cannot be captured; GLM-MoE-DSA and HY-V4 with layers reusing the selection of the layer before):
     eager's tokens and logits over a second turn and k-token continuations, decode steps through the breaks."""
     from test_continuation import check_continuations
-    from test_latent_attention import _pair
+    from test_sparse_attention import _indexed_pair
 
     fields = dict(mlp_layer_types=["dense"] * 4)
     if model_type in ("glm_moe_dsa", "hy_v4"):
         fields["indexer_types"] = ["full", "shared", "full", "shared"]
-    reference, model = (m.to("cuda") for m in _pair(model_type, **fields))
+    reference, model = (m.to("cuda") for m in _indexed_pair(model_type, **fields))
     handle = check_continuations(reference, model, device="cuda")
     stats = handle.stats()
     assert stats["backend"] == "cuda" and stats["rejects"] == {} and stats["replays"] >= 12, stats

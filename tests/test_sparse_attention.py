@@ -11,6 +11,7 @@ through a graph.
 
 import pytest
 import torch
+from transformers.masking_utils import LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING
 
 import bcg
 import internals
@@ -21,12 +22,21 @@ from test_latent_attention import _pair
 from sweep_architectures import left_padded_batch  # noqa: E402  (test_latent_attention put scripts/ on the path)
 
 SPARSE_ATTENTION = ["deepseek_v32", "glm_moe_dsa", "hy_v4", "axk2", "deepseek_v4"]
+# Before 5.25 these families' indexed layers have another layer type and mask function: their captures fail and they
+# stay eager with a warning (not yet supported there).
+INDEXED_MASKS = "indexed_attention" in LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING
+
+
+def _indexed_pair(model_type: str, **fields):
+    if model_type != "deepseek_v4" and not INDEXED_MASKS:
+        pytest.skip("this transformers has no indexed_attention mask function (before 5.25): a warned fallback")
+    return _pair(model_type, **fields)
 GENERATE = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
 
 
 @pytest.mark.parametrize("model_type", SPARSE_ATTENTION)
 def test_sparse_attention_is_a_break_of_its_own_and_equals_eager(model_type):
-    reference, model = _pair(model_type)
+    reference, model = _indexed_pair(model_type)
     ids, mask = left_padded_batch()
     handle, _ = wrapped_equals_eager(reference, model, ids, mask, GENERATE)
     stats = handle.stats()
@@ -42,7 +52,7 @@ def test_a_shared_top_k_selection_goes_from_break_to_break(model_type):
     """Layers 1 and 3 reuse the selection of the layer before (every layer after the first is handed it): a second turn
     and continuations equal eager's."""
     indexers = ["full", "shared", "full", "shared"]
-    reference, model = _pair(model_type, indexer_types=indexers)
+    reference, model = _indexed_pair(model_type, indexer_types=indexers)
     handle = check_continuations(reference, model, backend="eager")
     assert handle.stats()["rejects"] == {}
     slots = internals.slots(handle, internals.without_experts(handle.stats()["captured_graphs"][0].split(":")[0]))
@@ -51,7 +61,7 @@ def test_a_shared_top_k_selection_goes_from_break_to_break(model_type):
 
 def test_a_stack_computing_on_a_selection_a_break_returned_stays_eager(monkeypatch):
     """A graph would replay such a computation with the capture's selection: bcg refuses loudly instead."""
-    reference, model = _pair("hy_v4")
+    reference, model = _indexed_pair("hy_v4")
     layer_class = type(model.model.layers[0])
     original = layer_class.forward
 
