@@ -40,14 +40,24 @@ def _pair(model_type: str, **fields):
     return models
 
 
-@pytest.mark.parametrize("model_type", LATENT_ATTENTION)
-def test_latent_attention_is_a_break_of_its_own_and_equals_eager(model_type):
-    reference, model = _pair(model_type)
+def first_graph_slots(handle) -> list:
+    """The break slots of the first graph the handle captured."""
+    return internals.slots(handle, internals.without_experts(handle.stats()["captured_graphs"][0].split(":")[0]))
+
+
+def replayed_equal_to_eager(reference, model) -> list:
+    """``model`` wrapped gives ``reference``'s logits and tokens on the padded batch, every call replayed with no
+    rejects; the break slots of its first graph."""
     ids, mask = left_padded_batch()
     handle, _ = wrapped_equals_eager(reference, model, ids, mask, GENERATE)
     stats = handle.stats()
     assert stats["ready"] and stats["rejects"] == {} and stats["replays"] == 1 + GENERATE["max_new_tokens"]
-    slots = internals.slots(handle, internals.without_experts(stats["captured_graphs"][0].split(":")[0]))
+    return first_graph_slots(handle)
+
+
+@pytest.mark.parametrize("model_type", LATENT_ATTENTION)
+def test_latent_attention_is_a_break_of_its_own_and_equals_eager(model_type):
+    slots = replayed_equal_to_eager(*_pair(model_type))
     attending = [s for s in slots if getattr(s, "attends", False)]
     assert attending and all("Attention" in type(s.module).__name__ for s in attending)
 

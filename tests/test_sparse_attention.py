@@ -14,10 +14,8 @@ import torch
 from transformers.masking_utils import LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING
 
 import bcg
-import internals
-from test_architectures import wrapped_equals_eager
 from test_continuation import check_continuations
-from test_latent_attention import _pair
+from test_latent_attention import _pair, first_graph_slots, replayed_equal_to_eager
 
 from sweep_architectures import left_padded_batch  # noqa: E402  (test_latent_attention put scripts/ on the path)
 
@@ -31,17 +29,12 @@ def _indexed_pair(model_type: str, **fields):
     if model_type != "deepseek_v4" and not INDEXED_MASKS:
         pytest.skip("this transformers has no indexed_attention mask function (before 5.25): a warned fallback")
     return _pair(model_type, **fields)
-GENERATE = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
 
 
 @pytest.mark.parametrize("model_type", SPARSE_ATTENTION)
 def test_sparse_attention_is_a_break_of_its_own_and_equals_eager(model_type):
     reference, model = _indexed_pair(model_type)
-    ids, mask = left_padded_batch()
-    handle, _ = wrapped_equals_eager(reference, model, ids, mask, GENERATE)
-    stats = handle.stats()
-    assert stats["ready"] and stats["rejects"] == {} and stats["replays"] == 1 + GENERATE["max_new_tokens"]
-    slots = internals.slots(handle, internals.without_experts(stats["captured_graphs"][0].split(":")[0]))
+    slots = replayed_equal_to_eager(reference, model)
     # one break per layer, each the whole attention module (its indexer or compressor inside it, not a break)
     assert len(slots) == model.config.num_hidden_layers
     assert all(s.attends and "Attention" in type(s.module).__name__ for s in slots)
@@ -55,8 +48,7 @@ def test_a_shared_top_k_selection_goes_from_break_to_break(model_type):
     reference, model = _indexed_pair(model_type, indexer_types=indexers)
     handle = check_continuations(reference, model, backend="eager")
     assert handle.stats()["rejects"] == {}
-    slots = internals.slots(handle, internals.without_experts(handle.stats()["captured_graphs"][0].split(":")[0]))
-    assert [s.layer_idx for s in slots if s.fed] == [1, 2, 3]
+    assert [s.layer_idx for s in first_graph_slots(handle) if s.fed] == [1, 2, 3]
 
 
 def test_a_stack_computing_on_a_selection_a_break_returned_stays_eager(monkeypatch):
