@@ -53,7 +53,7 @@ class LiveContext:
     # while a decode graph with inline mixers is captured: (the cache bound to bcg's mixer states, sequences)
     capture_mixers: tuple[Any, int] | None = None
     shared_kv: dict = field(default_factory=dict, repr=False)  # layer type -> keys/values a storing layer left
-    returned: dict = field(default_factory=dict, repr=False)  # id(module break's slot) -> what it returned besides
+    returned: dict = field(default_factory=dict, repr=False)  # id(module break slot) -> what it returned after hidden
     _views: dict = field(default_factory=dict, repr=False)
 
     def inline_mixers(self) -> tuple[Any, int]:
