@@ -21,6 +21,8 @@ real graphs a replay returns before the GPU is done: what a call costs the host)
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import statistics
 import time
 from collections import defaultdict
@@ -57,16 +59,21 @@ class _Timed:
         self.segment.reset()
 
 
-def time_stack_calls(handle: bcg.BcgHandle) -> None:
-    """Record the host time of every patched stack call (eligibility, masks, copies, replay launch, output)."""
+def time_stack_calls(handle: bcg.BcgHandle, profiler: cProfile.Profile | None = None) -> None:
+    """Record the host time of every patched stack call (eligibility, masks, copies, replay launch, output); with
+    ``profiler``, profile those calls only (their own host work, where a real replay only launches)."""
     runner = handle.runner
     forward_locked = runner._forward_locked
 
     def timed(*args: Any) -> Any:
         start = time.perf_counter()
+        if profiler is not None:
+            profiler.enable()
         try:
             return forward_locked(*args)
         finally:
+            if profiler is not None:
+                profiler.disable()
             _host_times["stack call"].append(time.perf_counter() - start)
 
     runner._forward_locked = timed
@@ -75,9 +82,12 @@ def time_stack_calls(handle: bcg.BcgHandle) -> None:
 def instrument(handle: bcg.BcgHandle) -> None:
     """Time every segment of every captured graph; breaks are labelled by the module they stand for (attention, or
     a hybrid model's mixer class), in the order the runner's slots record them."""
-    for (kind, _), graph in handle.runner.graphs.items():
-        slots = handle.runner.slots.get(kind, [])
-        segments = graph._graph._segments
+    runner = handle.runner
+    for (key, _), graph in runner.table.graphs.items():
+        slots = runner.segments.slots.get(key, [])
+        segments = getattr(graph._graph, "_segments", None)
+        if segments is None:  # the eager backend replays by running the stack: nothing to time per segment
+            continue
         breaks = 0
         for i, segment in enumerate(segments):
             inner = segment.segment if isinstance(segment, _Timed) else segment
@@ -149,6 +159,9 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true",
                         help="with --decode: also profile HF's static cache + torch.compile generate() (a compile "
                              "of ~40 s first)")
+    parser.add_argument("--host-profile", action="store_true",
+                        help="also profile bcg's stack calls with cProfile (slows them: their timings are then "
+                             "not the figures to quote) and list the functions with the most own host time")
     args = parser.parse_args()
 
     model = build_model(args.model, torch.device("cuda"))
@@ -184,6 +197,7 @@ def main() -> None:
             call()
         instrument(handle)
         time_stack_calls(handle)
+        host_profile = None
         _host_times.clear()
         for name, call in calls.items():
             bcg_ms = median_ms(call)
@@ -193,6 +207,11 @@ def main() -> None:
             _host_times.clear()
             _host_times.update(timed_calls)
             rows.append((name, *eager[name], bcg_ms, bcg_gpu))
+        if args.host_profile:
+            host_profile = cProfile.Profile()
+            time_stack_calls(handle, host_profile)
+            calls[next(iter(calls))]()
+            _host_times.pop("stack call")  # slowed by the profiler
     print(f"\nbcg rejects {handle.stats()['rejects']}, replays {handle.stats()['replays']}")
     header = f"{'call':<14}{'eager ms':>10}{'eager GPU ms':>14}{'bcg ms':>10}{'bcg GPU ms':>12}"
     print(f"{header}   (per call; /{steps} steps)")
@@ -200,6 +219,10 @@ def main() -> None:
         print(f"{name:<14}" + "".join(f"{f:>{w}.2f}" for f, w in zip(figures, (10, 14, 10, 12))))
     for label, times in _host_times.items():
         print(f"host {label}: {statistics.median(times) * 1e6:.1f} µs median over {len(times)}")
+    if host_profile is not None:
+        print(f"\n== bcg's stack calls of one {next(iter(calls))} under cProfile: most own host time ==")
+        pstats.Stats(host_profile).sort_stats("tottime").print_stats(30)
+        pstats.Stats(host_profile).sort_stats("cumulative").print_stats("bcg", 30)
 
 
 if __name__ == "__main__":
