@@ -29,9 +29,10 @@ def tensor_slots(module: nn.Module) -> list[tuple[str, dict, str]]:
     return slots
 
 
-def fingerprint(slots: list[tuple[str, dict, str]]) -> tuple:
-    """Storage address and dtype of each slot's current tensor (a move to another device changes the address)."""
-    return tuple(None if (t := store[name]) is None else (t.data_ptr(), t.dtype) for _, store, name in slots)
+def fingerprint(slots: list[tuple[str, dict, str]]) -> list:
+    """Storage address and dtype of each slot's current tensor (a move to another device changes the address); a
+    list comprehension, as it runs before every replay."""
+    return [None if (t := store[name]) is None else (t.data_ptr(), t.dtype) for _, store, name in slots]
 
 
 class AddressWatch:

@@ -13,13 +13,11 @@ pointed at bcg's tensors) is its ``Binder``.
 
 from __future__ import annotations
 
-import operator
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
-import torch
 
 
 @dataclass
@@ -47,11 +45,6 @@ class Binder(Protocol[S]):
 
     def dropped(self, storage: S) -> None:
         """The storage was let go: free what reads it (graphs capture its addresses)."""
-
-
-def same_tensors(these: Sequence[torch.Tensor], those: Sequence[torch.Tensor]) -> bool:
-    """The same tensor objects, pairwise (an identity check per tensor: a bound cache's every step runs one)."""
-    return len(these) == len(those) and all(map(operator.is_, these, those))
 
 
 class Bindings(Generic[S]):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,12 +23,13 @@ class Call:
     def get(self, name: str) -> Any:
         return self.arguments.get(name)
 
-    @property
+    # Read several times by every step's plan: worked out once per call (the arguments are read-only).
+    @functools.cached_property
     def cache(self) -> Any:
         """The KV cache, under whichever name the caller used (``cache`` or the older ``past_key_values``)."""
         return next((self.arguments[n] for n in hf.CACHE_ARGUMENTS if self.arguments.get(n) is not None), None)
 
-    @property
+    @functools.cached_property
     def tokens(self) -> torch.Tensor | None:
         ids = self.get("input_ids")
         return ids if ids is not None else self.get("inputs_embeds")

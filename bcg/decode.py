@@ -16,6 +16,7 @@ than the rest of the step's host work together.
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from collections.abc import Callable
@@ -26,7 +27,7 @@ import torch
 
 from . import hf
 from .backends import Backend, Graph
-from .binding import Bindings, Storage, same_tensors
+from .binding import Bindings, Storage
 from .call import Call
 from .errors import BcgCaptureWarning
 from .live import LiveContext, PaddingMask
@@ -59,6 +60,7 @@ class _Entry:
     tokens: torch.Tensor
     positions: torch.Tensor
     masks: torch.Tensor | dict | None
+    mask_width: int = 0  # a padding mask's columns that may hold ones (those past it are zeros)
     graph: Graph | None = None
     cache: Any = None  # the bound cache, only while a run is under way (a CUDA graph reads bcg's tensors anyway)
 
@@ -84,12 +86,17 @@ def _prepared_layout(masks: Any) -> tuple | None:
     return None
 
 
-def _copy_masks(target: torch.Tensor | dict | None, source: Any) -> None:
+def _copy_masks(entry: _Entry, source: Any) -> None:
+    target = entry.masks
     if isinstance(source, PaddingMask):
-        if target is not None:  # the columns past the mask's are padding, as transformers pads a short mask
+        if target is not None:
             width = source.mask.shape[1]
             target[:, :width].copy_(source.mask)
-            target[:, width:].zero_()
+            # The columns past the mask's are padding, as transformers pads a short mask: zeroed where an earlier
+            # step's wider mask wrote (a decode step's mask grows by one column: no launch for it)
+            if width < entry.mask_width:
+                target[:, width:entry.mask_width].zero_()
+            entry.mask_width = width
     elif isinstance(target, torch.Tensor):
         target.copy_(source)
     else:
@@ -108,14 +115,28 @@ def _static_masks(masks: Any, cache_length: int) -> torch.Tensor | dict | None:
 
 def _holds_storage(layers: list, storage: _CacheTensors) -> bool:
     """Whether every layer holds the storage's tensors (a graph reads only those)."""
-    held = list(zip(*map(hf.static_layer_tensors, layers))) or [(), (), ()]
-    return all(map(same_tensors, held, (storage.keys, storage.values, storage.lengths)))
+    return len(layers) == len(storage.keys) and all(
+        keys is k and values is v and length is n
+        for (keys, values, length), k, v, n in zip(map(hf.static_layer_tensors, layers), storage.keys, storage.values,
+                                                   storage.lengths))
+
+
+class _HashedOnce(tuple):
+    """A tuple that computes its hash once: a cache shape's key is part of every decode step's graph key."""
+
+    @functools.cached_property
+    def _hash(self) -> int:
+        return tuple.__hash__(self)
+
+    def __hash__(self) -> int:
+        return self._hash
 
 
 def _storage_key(layers: list) -> tuple:
-    return tuple((tuple(k.shape), tuple(v.shape), k.dtype) for k, v, _ in map(hf.static_layer_tensors, layers))
+    return _HashedOnce((tuple(k.shape), tuple(v.shape), k.dtype) for k, v, _ in map(hf.static_layer_tensors, layers))
 
 
+@functools.lru_cache(maxsize=64)
 def _widest(storage_key: tuple) -> int:
     """The most positions a layer of the cache holds (sliding layers may hold fewer): a padding mask's width."""
     return max(keys_shape[2] for keys_shape, _, _ in storage_key)
@@ -167,7 +188,7 @@ class StaticDecoder:
                 return None
         entry.tokens.copy_(tokens)
         entry.positions.copy_(live.position_ids)
-        _copy_masks(entry.masks, live.masks)
+        _copy_masks(entry, live.masks)
         held = hf.host_lengths(layers)
         entry.cache = live.cache
         try:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from . import hf
-from .binding import Bindings, Storage, same_tensors
+from .binding import Bindings, Storage
 from .call import Call
 from .decode import MAX_STORAGES, MAX_TOKENS_PER_SEQUENCE
 from .errors import BcgFallbackWarning
@@ -72,19 +72,26 @@ class StandIns:
     def takes(self, call: Call) -> bool:
         """A decode step on a cache of plain dynamic layers (no sliding windows, no mixer states)."""
         return (self.possible and call.tokens.shape[1] <= MAX_TOKENS_PER_SEQUENCE
-                and hf.full_dynamic_layers(call.cache) is not None)
+                and (self._continued(call.cache) is not None or hf.full_dynamic_layers(call.cache) is not None))
+
+    def _continued(self, cache: Any) -> StandIn | None:
+        """The stand-in whose views ``cache`` holds from the step before, with room for one more token: the common
+        case, the step after a step, is told by identity checks alone (no scan of the layers)."""
+        latest = self.bindings.latest()
+        if (latest is not None and latest.held_by(cache) and stand_in_positions(latest.length + 1) == latest.positions
+                and _holds_views(cache.layers, latest.views)):
+            return latest
+        return None
 
     def bind(self, cache: Any) -> StandIn | None:
         """The stand-in holding the keys, values and length of ``cache`` (one ``takes`` accepted); None when no static
         cache can stand in."""
+        if (continued := self._continued(cache)) is not None:
+            continued.length += 1
+            return continued
         layers = list(cache.layers)
         length = layers[0].keys.shape[-2]
         positions = stand_in_positions(length)
-        latest = self.bindings.latest()  # the common case, the step after a step: the cache holds its views
-        if (latest is not None and latest.held_by(cache) and latest.positions == positions
-                and latest.length + 1 == length and _holds_views(layers, latest.views)):
-            latest.length = length
-            return latest
         key = (positions, tuple((tuple(layer.keys.shape[:2]), layer.keys.shape[-1], layer.values.shape[-1],
                                  layer.keys.dtype, layer.keys.device) for layer in layers))
         if key not in self.bindings.storages and not self._fits(layers, positions):
@@ -171,8 +178,9 @@ class StandIns:
 
 def _holds_views(layers: list, views: Views) -> bool:
     """Whether each layer still holds the views bcg gave it."""
-    keys, values = zip(*map(hf.dynamic_layer_tensors, layers)) if layers else ((), ())
-    return same_tensors(keys, views[0]) and same_tensors(values, views[1])
+    keys, values = views
+    return (len(layers) == len(keys) == len(values)
+            and all(layer.keys is k and layer.values is v for layer, k, v in zip(layers, keys, values)))
 
 
 def held_bytes(tensors: list[torch.Tensor]) -> int:

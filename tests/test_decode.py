@@ -570,3 +570,26 @@ def test_stats_report_the_static_cache_memory_bcg_holds():
         ids, mask = left_padded_batch(batch=batch)
         model.generate(ids, attention_mask=mask, **GENERATE)
         assert handle.stats()["static_cache_bytes"] == held * per_sequence
+
+
+def test_a_step_with_a_mask_narrower_than_the_cache_does_not_see_an_earlier_wider_masks_columns():
+    """A stand-in's graph reads one padding-mask buffer as wide as the cache, written only as far as each step's mask
+    reaches (a decode step's mask grows by a column: nothing to clear). A mask shorter than the cache masks the
+    positions past it, as transformers pads it, so the ones a wider mask left there must be cleared: eager's logits."""
+    reference, model = tiny_model("qwen3"), tiny_model("qwen3")
+    handle = bcg.wrap_model(model, backend="eager", static_cache=True)
+    (ids, mask), name = left_padded_batch(), hf.cache_argument(type(model).forward.__get__(model))
+    ones = torch.ones_like(ids[:, :1])
+    widths = (1, 2, 3, 2)  # columns past the prompt's mask; the last step's mask ends two positions short
+    results = []
+    for m in (reference, model):
+        logits = []
+        with torch.no_grad():
+            cache = m(ids, attention_mask=mask, use_cache=True)[name]
+            for width in widths:
+                step_mask = torch.cat([mask, ones.expand(-1, width)], dim=1)
+                logits.append(m(ids[:, -1:], attention_mask=step_mask, use_cache=True, **{name: cache}).logits)
+        results.append(logits)
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert handle.stats()["full_graph_replays"] == len(widths) and handle.stats()["rejects"] == {}

@@ -609,3 +609,30 @@ def test_sparse_attention_on_real_graphs(model_type):
     handle = check_continuations(reference, model, device="cuda")
     stats = handle.stats()
     assert stats["backend"] == "cuda" and stats["rejects"] == {} and stats["replays"] >= 12, stats
+
+
+@pytest.mark.parametrize("arch, static_cache", [("qwen3", True), ("qwen3", False), ("qwen3_5_text", None)])
+def test_a_replayed_decode_step_never_synchronizes_the_device(arch, static_cache, monkeypatch):
+    """generate() waits for the GPU once per step (its stopping check); bcg's part of a decode step (a full graph on a
+    stand-in, a breakable graph, a hybrid's graph with the mixers inside) must add no wait, or the host's work after
+    it leaves the GPU idle. CUDA's sync debug mode raises on any synchronizing call inside bcg's stack call."""
+    model = tiny_model(arch, device="cuda", dtype=torch.bfloat16)
+    handle = bcg.wrap_model(model, static_cache=static_cache)
+    ids, mask = left_padded_batch(device="cuda")
+    model.generate(ids, attention_mask=mask, **GENERATE)  # captures the step's graphs (capture itself synchronizes)
+    runner, replays = handle.runner, handle.stats()["replays"]
+    forward = runner._forward_locked
+
+    def decode_steps_may_not_sync(call):
+        if not call.is_decode_step:
+            return forward(call)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return forward(call)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    monkeypatch.setattr(runner, "_forward_locked", decode_steps_may_not_sync)
+    model.generate(ids, attention_mask=mask, **GENERATE)
+    stats = handle.stats()
+    assert stats["replays"] - replays == GENERATE["max_new_tokens"] and stats["rejects"] == {}  # prefill + 7 steps

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import inspect
 import typing
 from collections.abc import Callable, Iterator
@@ -34,9 +35,14 @@ _SUPPORTED_CACHE_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer, StaticLayer,
 
 def output_with_cache(output_cls: type, hidden: torch.Tensor, cache: Any) -> Any:
     """The stack's own output class holding ``hidden`` and the live cache, under whichever field name it uses."""
-    names = {field.name for field in dataclasses.fields(output_cls)}
-    cache_field = next((name for name in CACHE_ARGUMENTS if name in names), None)
+    cache_field = _cache_field(output_cls)
     return output_cls(last_hidden_state=hidden, **({cache_field: cache} if cache_field else {}))
+
+
+@functools.cache
+def _cache_field(output_cls: type) -> str | None:
+    names = {field.name for field in dataclasses.fields(output_cls)}
+    return next((name for name in CACHE_ARGUMENTS if name in names), None)
 
 
 def cache_of(output: Any) -> Any:
