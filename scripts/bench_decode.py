@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 from torch._dynamo.utils import counters
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
 from tqdm import tqdm
 from transformers import CompileConfig, PreTrainedModel, StaticCache
 
@@ -109,6 +111,7 @@ class Measurement:
     peak_mib: float | None
     stats: StatsDelta | None  # bcg: the timed calls
     dynamo_graphs: int  # graphs torch.compile built for this shape (0: an earlier shape's graph was reused)
+    kernels_per_step: float | None  # GPU kernels a decode step runs (None on CPU)
     compiled: bool = False  # generate() took HF's compiled forward
 
     def per_token_ms(self, new_tokens: int) -> float:
@@ -163,7 +166,25 @@ def measure(generate: Generate, new_tokens: int, repeats: int, device: torch.dev
         n_times.append(timed(partial(generate, new_tokens), device)[0])
         one_times.append(timed(partial(generate, 1), device)[0])
     return Measurement(first_s, statistics.median(n_times), statistics.median(one_times), tokens.cpu(),
-                       peak_memory_mib(device), stats_since(handle, before), dynamo_graphs() - graphs_before)
+                       peak_memory_mib(device), stats_since(handle, before), dynamo_graphs() - graphs_before,
+                       kernels_per_step(generate, new_tokens, device))
+
+
+def kernels_per_step(generate: Generate, new_tokens: int, device: torch.device) -> float | None:
+    """GPU kernels one decode step runs, those inside graph replays included (copies and fills not counted):
+    (kernels of generate(N) - kernels of generate(1)) / (N - 1), so the prefill cancels out. After the timed calls:
+    the profiler slows the host."""
+    if device.type != "cuda":
+        return None
+
+    def kernels(n: int) -> int:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            generate(n)
+            torch.cuda.synchronize(device)
+        return sum(1 for e in prof.events()
+                   if e.device_type == DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset")))
+
+    return (kernels(new_tokens) - kernels(1)) / (new_tokens - 1)
 
 
 def run_contender(contender: Contender, handle: bcg.BcgHandle | None, model: PreTrainedModel, shapes: list[Shape],
@@ -244,6 +265,7 @@ def make_row(contender: Contender, shape: Shape, results: dict[str, dict], floor
         "replays": m.stats.replays if m.stats else None,
         "rejects": format_rejects(m.stats.rejects) if m.stats else None,
         "dynamo_graphs": m.dynamo_graphs if contender is COMPILED else None,
+        "kernels_per_step": m.kernels_per_step,
         "check": decode_check(contender, m, same_tokens, shape, args, device),
     }
 
