@@ -1,9 +1,10 @@
 """Static stand-ins (``static_cache=True``): a DynamicCache's decode steps as one full graph each.
 
 Before a step the dynamic cache's keys/values are copied into the StaticCache bcg keeps for its shape (batch, layers,
-positions rounded up by ``stand_in_positions``) unless its layers already are views of it; the step replays that
-stand-in's full decode graph (decode.py); then the dynamic cache's layers become views of the stand-in's first
-``length + 1`` positions, so the next step copies nothing. The caller keeps a DynamicCache throughout; its prompts and
+positions rounded up by ``stand_in_positions``) unless its layers read it already; the step replays that
+stand-in's full decode graph (decode.py); then the dynamic cache's layers read the stand-in's first ``length + 1``
+positions (``hf.StandInLayer``: views made when read, so a step moves one count), and the next step copies nothing.
+The caller keeps a DynamicCache throughout; its prompts and
 every multi-token call run on it as they would unwrapped. A dynamic cache whose stand-in another cache takes, or that
 bcg lets go, gets copies (binding.py).
 """
@@ -11,7 +12,6 @@ bcg lets go, gets copies (binding.py).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,31 +33,27 @@ def stand_in_positions(length: int) -> int:
     return max(MIN_POSITIONS, 1 << length.bit_length())
 
 
-Views = tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]]
-
-
 @dataclass
 class StandIn(Storage):
-    """A StaticCache bcg owns for one shape; its holder is the dynamic cache whose layers are views of it."""
+    """A StaticCache bcg owns for one shape; its holder is the dynamic cache whose layers read it (hf.StandInLayer)."""
 
     cache: Any
     stacked: tuple[torch.Tensor, torch.Tensor] | None = None  # every layer's keys / values in one tensor
-    views: Views = ((), ())  # the keys and the values its holder's layers hold
-    length: int = 0  # tokens the holder held when it was last bound
+    length: int = 0  # the positions its holder's layers show
 
     @property
     def positions(self) -> int:
         return hf.static_layer_tensors(self.cache.layers[0])[0].shape[2]
 
-    def views_of(self, length: int) -> Views:
-        """Every layer's keys and values up to ``length`` positions (one view per layer)."""
-        first_keys = hf.static_layer_tensors(self.cache.layers[0])[0]
-        if self.stacked is not None and first_keys._base is not self.stacked[0]:
-            self.stacked = None  # bound to the tensors an earlier stand-in of its shape left: let its own ones go
-        if self.stacked is not None:  # only bcg rebinds a stand-in, all layers at once: two calls for all layers
-            return tuple(stacked.narrow(3, 0, length).unbind(0) for stacked in self.stacked)
-        tensors = [hf.static_layer_tensors(layer) for layer in self.cache.layers]
-        return [k.narrow(2, 0, length) for k, _, _ in tensors], [v.narrow(2, 0, length) for _, v, _ in tensors]
+    def view(self, which: int, index: int) -> torch.Tensor:
+        """Layer ``index``'s keys (``which`` 0) or values (1) up to ``length`` positions: what its holder's layer
+        shows."""
+        return hf.static_layer_tensors(self.cache.layers[index])[which].narrow(2, 0, self.length)
+
+    def let_unread_stack_go(self) -> None:
+        """Bound to the tensors an earlier stand-in of its shape left (decode.py): its own stacked ones go."""
+        if self.stacked is not None and hf.static_layer_tensors(self.cache.layers[0])[0]._base is not self.stacked[0]:
+            self.stacked = None
 
 
 class StandIns:
@@ -75,11 +71,11 @@ class StandIns:
                 and (self._continued(call.cache) is not None or hf.full_dynamic_layers(call.cache) is not None))
 
     def _continued(self, cache: Any) -> StandIn | None:
-        """The stand-in whose views ``cache`` holds from the step before, with room for one more token: the common
-        case, the step after a step, is told by identity checks alone (no scan of the layers)."""
+        """The stand-in ``cache``'s layers read from the step before, with room for one more token: the common case,
+        the step after a step, is told by identity checks alone."""
         latest = self.bindings.latest()
-        if (latest is not None and latest.held_by(cache) and stand_in_positions(latest.length + 1) == latest.positions
-                and _holds_views(cache.layers, latest.views)):
+        if (latest is not None and latest.held_by(cache) and stand_in_positions(latest.length) == latest.positions
+                and _all_read(cache.layers, latest)):
             return latest
         return None
 
@@ -87,7 +83,6 @@ class StandIns:
         """The stand-in holding the keys, values and length of ``cache`` (one ``takes`` accepted); None when no static
         cache can stand in."""
         if (continued := self._continued(cache)) is not None:
-            continued.length += 1
             return continued
         layers = list(cache.layers)
         length = layers[0].keys.shape[-2]
@@ -126,12 +121,13 @@ class StandIns:
 
     @staticmethod
     def settle(cache: Any, stand_in: StandIn) -> None:
-        """After the step ``bind`` prepared: the dynamic cache's layers become views of the stand-in's positions up to
-        its new length."""
-        keys, values = stand_in.views_of(stand_in.length + 1)
-        for layer, k, v in zip(cache.layers, keys, values):
-            hf.rebind_dynamic_layer(layer, k, v)
-        stand_in.views = (keys, values)
+        """After the step ``bind`` prepared: the dynamic cache's layers show the stand-in's positions up to its new
+        length (after the first step, by moving that count alone)."""
+        stand_in.length += 1
+        if not _all_read(cache.layers, stand_in):
+            for i, layer in enumerate(cache.layers):
+                hf.read_from(layer, stand_in, i)
+        stand_in.let_unread_stack_go()
 
     def tensors(self) -> list[torch.Tensor]:
         """The stand-ins' keys and values (and their stacked tensors, while held)."""
@@ -145,12 +141,11 @@ class StandIns:
         """Copy a new cache's layers (or those reassigned since: beam reordering, crop, an eager step) into the
         stand-in."""
         layers = list(cache.layers)
-        held_keys, held_values = stand_in.views if stand_in.held_by(cache) else ((), ())
         length = layers[0].keys.shape[-2]
-        for i, (layer, static) in enumerate(zip(layers, stand_in.cache.layers)):
-            keys, values = hf.dynamic_layer_tensors(layer)
-            if i < len(held_keys) and keys is held_keys[i] and values is held_values[i]:
+        for layer, static in zip(layers, stand_in.cache.layers):
+            if hf.reads_from(layer, stand_in):
                 continue
+            keys, values = hf.dynamic_layer_tensors(layer)
             static_keys, static_values, counter = hf.static_layer_tensors(static)
             static_keys[:, :, :length].copy_(keys)
             static_values[:, :, :length].copy_(values)
@@ -158,14 +153,16 @@ class StandIns:
 
     @staticmethod
     def hand_back(cache: Any, stand_in: StandIn) -> None:
-        """A dynamic cache whose layers still hold (slices of: a crop) the stand-in's tensors gets its own."""
+        """A dynamic cache whose layers still read the stand-in, or hold slices of its tensors (a crop), gets copies."""
         with torch.inference_mode(False):  # it may be used outside inference mode again
             for layer, static in zip(getattr(cache, "layers", ()), stand_in.cache.layers):
+                if hf.reads_from(layer, stand_in):
+                    hf.hold_copies(layer)
+                    continue
                 keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
                 static_keys, static_values, _ = hf.static_layer_tensors(static)
                 if _shares_storage(keys, static_keys) or _shares_storage(values, static_values):
                     hf.rebind_dynamic_layer(layer, keys.clone(), values.clone())
-        stand_in.views = ((), ())
 
     def dropped(self, stand_in: StandIn) -> None:
         """Its holder's views would see whatever the stand-in's storage holds next: they become copies."""
@@ -176,11 +173,9 @@ class StandIns:
         self.bindings.clear()
 
 
-def _holds_views(layers: list, views: Views) -> bool:
-    """Whether each layer still holds the views bcg gave it."""
-    keys, values = views
-    return (len(layers) == len(keys) == len(values)
-            and all(layer.keys is k and layer.values is v for layer, k, v in zip(layers, keys, values)))
+def _all_read(layers: list, stand_in: StandIn) -> bool:
+    """Whether every layer reads the stand-in (none was given tensors of its own since)."""
+    return len(layers) == len(stand_in.cache.layers) and all(hf.reads_from(layer, stand_in) for layer in layers)
 
 
 def held_bytes(tensors: list[torch.Tensor]) -> int:

@@ -1,8 +1,12 @@
 """Full-graph decode on static caches (eager backend on CPU): each step one graph, the cache left as eager leaves it."""
 
+import copy
+import pickle
+
 import pytest
 import torch
 from transformers import StaticCache
+from transformers.cache_utils import DynamicLayer
 
 import bcg
 from bcg import hf
@@ -593,3 +597,24 @@ def test_a_step_with_a_mask_narrower_than_the_cache_does_not_see_an_earlier_wide
     for got, want in zip(results[1], results[0]):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert handle.stats()["full_graph_replays"] == len(widths) and handle.stats()["rejects"] == {}
+
+
+def test_a_cache_decoded_on_a_stand_in_copies_and_pickles_as_plain_compact_dynamic_layers():
+    """After stand-in steps a dynamic cache's layers read the stand-in (views made when read); a deep copy or a pickle
+    of the cache holds plain DynamicLayers with copies of just what they show, and either continues as eager's does."""
+    reference, model = tiny_model("llama"), tiny_model("llama")
+    bcg.wrap_model(model, backend="eager", static_cache=True)
+    (ids, mask), name = left_padded_batch(), hf.cache_argument(type(model).forward.__get__(model))
+    expected, got = (m.generate(ids, attention_mask=mask, **GENERATE) for m in (reference, model))
+    cache = _cache_of(got)
+    assert {type(layer).__name__ for layer in cache.layers} == {"StandInLayer"}
+    step = (got.sequences[:, -1:], torch.cat([mask, torch.ones_like(got.sequences[:, mask.shape[1]:])], dim=1))
+    with torch.no_grad():
+        want = reference(step[0], attention_mask=step[1], **{name: _cache_of(expected)}).logits
+        for copied in (copy.deepcopy(cache), pickle.loads(pickle.dumps(cache))):
+            assert {type(layer) for layer in copied.layers} == {DynamicLayer}
+            assert all(t.untyped_storage().nbytes() == t.nbytes for layer in copied.layers
+                       for t in (layer.keys, layer.values))
+            _assert_same_real_cache(copied, cache, mask)
+            torch.testing.assert_close(reference(step[0], attention_mask=step[1], **{name: copied}).logits, want,
+                                       atol=1e-5, rtol=1e-5)
