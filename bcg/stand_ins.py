@@ -175,7 +175,7 @@ class StandIns:
 
 def _all_read(layers: list, stand_in: StandIn) -> bool:
     """Whether every layer reads the stand-in (none was given tensors of its own since)."""
-    return len(layers) == len(stand_in.cache.layers) and all(hf.reads_from(layer, stand_in) for layer in layers)
+    return len(layers) == len(stand_in.cache.layers) and hf.all_read_from(layers, stand_in)
 
 
 def held_bytes(tensors: list[torch.Tensor]) -> int:

@@ -49,6 +49,7 @@ from .models import (  # noqa: F401
 from .caches import (  # noqa: F401
     MixerStateName,
     SUPPORTED_CACHES,
+    all_read_from,
     cache_of,
     cache_state,
     copy_cache,

@@ -282,6 +282,11 @@ def reads_from(layer: Any, source: Any) -> bool:
     return type(layer) is StandInLayer and layer._bcg_source is source
 
 
+def all_read_from(layers: list, source: Any) -> bool:
+    """Whether every layer reads ``source`` (one loop, no call per layer: a decode step asks it before replaying)."""
+    return all(type(layer) is StandInLayer and layer._bcg_source is source for layer in layers)
+
+
 def hold_copies(layer: StandInLayer) -> None:
     """The layer gets copies of what it shows: the stand-in goes to another cache, or away."""
     _hold(layer, layer.keys.clone(), layer.values.clone())
