@@ -171,8 +171,8 @@ def _fusions(stack: torch.nn.Module, asked: bool) -> Fusions:
         warnings.warn(f"bcg: {', '.join(fusions.unmatched)} differ from Llama's code and are not fused "
                       "(stats()['fused_kernels'])", BcgWarning, stacklevel=3)
     elif not fusions and asked:
-        warnings.warn("bcg: fused_kernels=True but this model has no RMSNorm or rotary code to fuse", BcgWarning,
-                      stacklevel=3)
+        warnings.warn("bcg: fused_kernels=True but this model has no RMSNorm, rotary, SwiGLU or decoder layer code "
+                      "to fuse", BcgWarning, stacklevel=3)
     logger.info("bcg: fused kernels for %s", fusions.describe())
     return fusions
 

@@ -155,8 +155,10 @@ def test_smollm2_batched_mgsm_generation_matches_eager():
     assert sum(a == b for a, b in zip(exact, eager)) >= 7
     assert torch.equal(fast_logits[-1], exact_logits[-1])  # an unpadded prompt: the same kernels in both modes
     assert (fast_logits.argmax(-1) == exact_logits.argmax(-1)).sum() >= 8
-    # Llama: an input and a post-attention norm per layer, and the final one
-    assert handle.stats()["fused_kernels"] == {"rms_norm": 2 * model.config.num_hidden_layers + 1, "rotary": 1}
+    # Llama: an input and a post-attention norm per layer, and the final one; an MLP and a residual add per layer
+    layers = model.config.num_hidden_layers
+    assert handle.stats()["fused_kernels"] == {"rms_norm": 2 * layers + 1, "rotary": 1, "swiglu": layers,
+                                               "add_rms_norm": layers, "unmatched": []}
     assert (fast_logits.argmax(-1) == eager_logits.argmax(-1)).sum() >= 7
     print(f"default mode: {sum(a == b for a, b in zip(fast, eager))}/8 texts identical to eager")
 
@@ -392,12 +394,14 @@ def test_default_mode_fuses_kernels_replays_fewer_and_matches_eager():
     tokens = model.generate(ids, attention_mask=mask, **GENERATE)
 
     layers = model.config.num_hidden_layers
-    assert handle.stats()["fused_kernels"] == {"rms_norm": 4 * layers + 1, "rotary": 1, "unmatched": []}
+    assert handle.stats()["fused_kernels"] == {"rms_norm": 4 * layers + 1, "rotary": 1, "swiglu": layers,
+                                               "add_rms_norm": layers, "unmatched": []}
     real = mask.bool()
     torch.testing.assert_close(logits[real], expected[real], atol=1e-4, rtol=1e-4)  # fp32: rounding-level
     assert torch.equal(tokens, expected_tokens)
     assert handle.stats()["rejects"] == {} and handle.stats()["replays"] == 1 + GENERATE["max_new_tokens"]
-    # per layer, 4 norms of 6 kernels (fp32: the casts are no-ops) and a rotary call of 10 become 6 launches
+    # per layer, 4 norms of 6 kernels (fp32: the casts are no-ops) and a rotary call of 10 become 6 launches (the
+    # SwiGLU and residual add fusions cut two more: test_default_mode_fuses_swiglu_and_the_residual_add...)
     assert _kernel_launches(model, ids) <= _kernel_launches(plain, ids) - 24 * layers
 
 
