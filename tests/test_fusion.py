@@ -1,7 +1,14 @@
 """fused_kernels: which model code counts as Llama's, that the swap is undone, that CPU input keeps the model's code.
 
-The kernels themselves run on CUDA: their parity with eager is in tests/test_gpu.py.
+The kernels run on CUDA: their parity with eager is in tests/test_gpu.py; where triton is installed, its interpreter
+runs them on CPU here too (tests/interpreted_kernels.py).
 """
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -184,4 +191,14 @@ def test_a_forward_set_on_an_mlp_layer_or_its_norm_after_wrapping_is_left_in_pla
         assert "forward" not in second.__dict__  # its norm runs someone else's code: the add stays the model's
         assert "forward" in second.mlp.__dict__
     assert "forward" not in second.mlp.__dict__
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (its interpreter runs on CPU)")
+def test_kernels_match_eager_under_tritons_interpreter():
+    """tests/interpreted_kernels.py in a subprocess: triton picks its interpreter when the kernels are defined."""
+    tests = Path(__file__).resolve().parent
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests / "interpreted_kernels.py")],
+        env={**os.environ, "TRITON_INTERPRET": "1"}, cwd=tests.parent, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
 
