@@ -16,6 +16,7 @@ import triton.language as tl
 from torch.nn import functional
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
+import bcg
 from bcg import fusion, kernels
 from tiny_models import left_padded_batch, tiny_model
 
@@ -62,13 +63,9 @@ def test_add_rms_norm_is_the_residual_add_then_llamas_norm(dtype):
     assert_within_ulps(normed, expected)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_a_model_with_every_fusion_running_matches_eager(arch, monkeypatch):
-    """fp32: bcg's decoder layer and MLP forwards with the kernels on CPU tensors (which the kernels take here)."""
-    model = tiny_model(arch)
-    ids, mask = left_padded_batch()
-    with torch.no_grad():
-        expected = model(input_ids=ids, attention_mask=mask).logits
+@pytest.fixture
+def kernel_calls(monkeypatch) -> dict[str, int]:
+    """The kernels take CPU tensors (fp32), and count their SwiGLU and add + norm calls."""
     calls = {"silu_mul": 0, "add_rms_norm": 0}
 
     def counted(name):
@@ -82,9 +79,38 @@ def test_a_model_with_every_fusion_running_matches_eager(arch, monkeypatch):
     for name in calls:
         monkeypatch.setattr(kernels, name, counted(name))
     monkeypatch.setattr(fusion, "_kernels_take", lambda *tensors: all(t.dtype == torch.float32 for t in tensors))
-    with torch.no_grad(), fusion.find_fusions(model.model).installed():
-        logits = model(input_ids=ids, attention_mask=mask).logits
+    return calls
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_a_model_with_every_fusion_running_matches_eager(arch, kernel_calls):
+    """fp32: bcg's decoder layer and MLP forwards with the kernels, on CPU tensors."""
+    model = tiny_model(arch)
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+        with fusion.find_fusions(model.model).installed():
+            logits = model(input_ids=ids, attention_mask=mask).logits
     layers = model.config.num_hidden_layers
-    assert calls == {"silu_mul": layers, "add_rms_norm": layers}
+    assert kernel_calls == {"silu_mul": layers, "add_rms_norm": layers}
     real = mask.bool()
     torch.testing.assert_close(logits[real], expected[real], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["fast", "exact"])
+def test_wrapped_fast_graphs_run_the_kernels_between_breaks_and_exact_ones_do_not(mode, kernel_calls, monkeypatch):
+    """The eager backend's runs of the graphs, attention through bcg's breaks: greedy tokens equal eager's."""
+    monkeypatch.setattr(bcg.wrap, "unavailable_reason", lambda device: None)  # as on a GPU with triton
+    model, reference = tiny_model("qwen3"), tiny_model("qwen3")
+    ids, mask = left_padded_batch()
+    generate = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    expected = reference.generate(ids, **generate)
+    handle = bcg.wrap_model(model, backend="eager", mode=mode)
+    tokens = model.generate(ids, **generate)
+    assert torch.equal(tokens, expected)
+    assert handle.stats()["rejects"] == {}
+    if mode == "fast":
+        assert handle.stats()["fused_kernels"]["add_rms_norm"] == model.config.num_hidden_layers
+        assert kernel_calls["silu_mul"] > 0 and kernel_calls["add_rms_norm"] > 0
+    else:
+        assert handle.stats()["fused_kernels"] == {} and kernel_calls == {"silu_mul": 0, "add_rms_norm": 0}
