@@ -1,19 +1,24 @@
-"""``fused_kernels=True``: swap the model's RMSNorm and rotary code for fused Triton kernels while a stack is captured.
+"""``fused_kernels=True``: swap the model's RMSNorm, rotary, SwiGLU and residual-add code for fused Triton kernels
+while a stack is captured.
 
 Only code that is the same as Llama's (compared as bytecode, so any model copying it qualifies and any model that
 changed it does not) is swapped, and only for the duration of a capture run: the graphs then replay one kernel
-where the model launched eight or ten, and nothing outside bcg's runs sees a difference. A call the kernels cannot
-take (a tensor not on CUDA, mixed dtypes, unusual shapes) runs the model's own code.
+where the model launched two to ten, and nothing outside bcg's runs sees a difference. The GEMMs stay the model's.
+A decoder layer with Llama's forward runs bcg's copy of it, which adds the residual inside the post-attention norm's
+kernel and calls every submodule (attention, where the breaks are, included) as Llama's does. A call the kernels
+cannot take (a tensor not on CUDA, mixed dtypes, unusual shapes) runs the model's own ops.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from types import CodeType, FunctionType, ModuleType
 from typing import Any
 
@@ -61,6 +66,25 @@ def is_llama_rms_norm(module: nn.Module) -> bool:
     )
 
 
+def is_llama_swiglu(module: nn.Module) -> bool:
+    """An MLP with Llama's forward, ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``, whose act_fn is SiLU."""
+    act_fn = getattr(module, "act_fn", None)
+    return (
+        _same_code(getattr(type(module), "forward", None), hf.LLAMA_MLP_FORWARD)
+        and "forward" not in module.__dict__
+        and type(act_fn) in hf.SILU_ACTIVATIONS and "forward" not in act_fn.__dict__
+    )
+
+
+def is_llama_decoder_layer(module: nn.Module) -> bool:
+    """A layer with Llama's forward whose post-attention norm is Llama's RMSNorm (the norm the residual add joins)."""
+    return (
+        _same_code(inspect.unwrap(getattr(type(module), "forward", None)), hf.LLAMA_DECODER_LAYER_FORWARD)
+        and "forward" not in module.__dict__
+        and is_llama_rms_norm(getattr(module, "post_attention_layernorm", None))
+    )
+
+
 def has_llama_rotary(modeling: ModuleType) -> bool:
     return _same_code(getattr(modeling, _ROPE_NAME, None), hf.LLAMA_ROTARY) and _same_code(
         getattr(modeling, "rotate_half", None), hf.LLAMA_ROTATE_HALF
@@ -79,14 +103,62 @@ def _kernels_take(*tensors: torch.Tensor) -> bool:
     )
 
 
+def _rms_norm_takes(hidden_states: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (_kernels_take(hidden_states, weight) and hidden_states.stride(-1) == 1
+            and weight.shape[0] == hidden_states.shape[-1])
+
+
 def _fused_rms_norm_forward(module: nn.Module, original: Callable, hidden_states: torch.Tensor) -> torch.Tensor:
-    weight = module.weight
-    if not (_kernels_take(hidden_states, weight) and hidden_states.stride(-1) == 1
-            and weight.shape[0] == hidden_states.shape[-1]):
+    if not _rms_norm_takes(hidden_states, module.weight):
         return original(hidden_states)
     from .kernels import rms_norm
 
-    return rms_norm(hidden_states, weight, module.variance_epsilon)
+    return rms_norm(hidden_states, module.weight, module.variance_epsilon)
+
+
+def _fused_swiglu_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Llama's MLP forward with the activation and the product in one kernel; the projections are the model's."""
+    gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+    if not (_kernels_take(gate, up) and gate.shape == up.shape and gate.is_contiguous() and up.is_contiguous()):
+        return mlp.down_proj(mlp.act_fn(gate) * up)
+    from .kernels import silu_mul
+
+    return mlp.down_proj(silu_mul(gate, up))
+
+
+def _fused_decoder_layer_forward(layer: nn.Module, signature: inspect.Signature, /, *args: Any,
+                                 **kwargs: Any) -> torch.Tensor:
+    """Llama's decoder layer forward with ``residual + hidden_states`` added inside the post-attention norm's kernel.
+
+    Like Llama's, it hands attention every argument it was given but the hidden states, by name, defaults included
+    (``signature``: the layer's own, so the cache goes under the installed transformers' name). The wrappers around
+    the class forward (gradient checkpointing, a deprecated argument name) have nothing to do in bcg's no-grad runs.
+    """
+    arguments = signature.bind(*args, **kwargs)
+    arguments.apply_defaults()
+    attention_kwargs = dict(arguments.arguments)
+    hidden_states = attention_kwargs.pop(next(iter(signature.parameters)))
+    for parameter in signature.parameters.values():
+        if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+            attention_kwargs.update(attention_kwargs.pop(parameter.name))
+    residual = hidden_states
+    hidden_states = layer.input_layernorm(hidden_states)
+    hidden_states, _ = layer.self_attn(hidden_states=hidden_states, **attention_kwargs)
+    hidden_states, residual = _add_rms_norm(layer.post_attention_layernorm, hidden_states, residual)
+    hidden_states = layer.mlp(hidden_states)
+    return residual + hidden_states
+
+
+def _add_rms_norm(norm: nn.Module, hidden_states: torch.Tensor,
+                  residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``norm(residual + hidden_states)``, ``residual + hidden_states``)."""
+    if not (_rms_norm_takes(hidden_states, norm.weight) and _rms_norm_takes(residual, norm.weight)
+            and residual.shape == hidden_states.shape):
+        hidden_states = residual + hidden_states
+        return norm(hidden_states), hidden_states
+    from .kernels import add_rms_norm
+
+    return add_rms_norm(hidden_states, residual, norm.weight, norm.variance_epsilon)
 
 
 def _fused_rotary(original: Callable) -> Callable:
@@ -114,32 +186,50 @@ def _rotary_takes(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torc
 
 @dataclass
 class Fusions:
-    """The norm modules and modeling modules of one stack whose code bcg can replace with fused kernels."""
+    """The modules and modeling modules of one stack whose code bcg can replace with fused kernels."""
 
     norms: list[nn.Module] = field(default_factory=list)
     rotary_modules: list[ModuleType] = field(default_factory=list)
-    unmatched: list[str] = field(default_factory=list)  # RMSNorm classes and rotary code seen but unlike Llama's
+    mlps: list[nn.Module] = field(default_factory=list)
+    layers: list[nn.Module] = field(default_factory=list)  # decoder layers whose residual add joins their norm
+    unmatched: list[str] = field(default_factory=list)  # classes and rotary code that look like Llama's but differ
 
     def __bool__(self) -> bool:
-        return bool(self.norms or self.rotary_modules)
+        return bool(self.norms or self.rotary_modules or self.mlps or self.layers)
 
     def describe(self) -> dict[str, Any]:
-        return {"rms_norm": len(self.norms), "rotary": len(self.rotary_modules), "unmatched": list(self.unmatched)}
+        return {"rms_norm": len(self.norms), "rotary": len(self.rotary_modules), "swiglu": len(self.mlps),
+                "add_rms_norm": len(self.layers), "unmatched": list(self.unmatched)}
 
     @contextmanager
     def installed(self) -> Iterator[None]:
         """The fused code in place of the model's for the duration (one stack run), then the model's again."""
         with _SWAP_LOCK:
-            norms = [n for n in self.norms if "forward" not in n.__dict__]  # leave a forward set since alone
             saved_rotary = [(m, getattr(m, _ROPE_NAME)) for m in self.rotary_modules]
             for modeling, original in saved_rotary:
                 setattr(modeling, _ROPE_NAME, _fused_rotary(original))
             try:
-                with patching.forwards_replaced({norm: _bound_forward(norm) for norm in norms}):
+                with patching.forwards_replaced(self._forwards()):
                     yield
             finally:
                 for modeling, original in saved_rotary:
                     setattr(modeling, _ROPE_NAME, original)
+
+    def _forwards(self) -> dict[nn.Module, Callable]:
+        """bcg's forward for each module that has no instance ``forward`` of its own (one set since, such as a hook
+        library's, stays), and for each layer whose post-attention norm has none either."""
+        forwards: dict[nn.Module, Callable] = {}
+        for layer in _class_forward_only(self.layers):
+            if "forward" not in layer.post_attention_layernorm.__dict__:
+                signature = inspect.signature(type(layer).forward.__get__(layer))
+                forwards[layer] = partial(_fused_decoder_layer_forward, layer, signature)
+        forwards.update({norm: _bound_forward(norm) for norm in _class_forward_only(self.norms)})
+        forwards.update({mlp: partial(_fused_swiglu_forward, mlp) for mlp in _class_forward_only(self.mlps)})
+        return forwards
+
+
+def _class_forward_only(modules: list[nn.Module]) -> list[nn.Module]:
+    return [m for m in modules if "forward" not in m.__dict__]
 
 
 def _bound_forward(norm: nn.Module) -> Callable:
@@ -148,8 +238,9 @@ def _bound_forward(norm: nn.Module) -> Callable:
 
 
 def find_fusions(stack: nn.Module) -> Fusions:
-    """Every Llama-style RMSNorm inside ``stack`` and every modeling module of its layers with Llama's rotary code;
-    RMSNorm classes and rotary functions that differ from Llama's are named in ``unmatched`` (not fused)."""
+    """Every Llama-style RMSNorm, SwiGLU MLP and decoder layer inside ``stack`` and every modeling module of its layers
+    with Llama's rotary code; RMSNorm classes, rotary functions, SiLU MLPs with gate/up/down projections and layers
+    with a Llama RMSNorm after attention that differ from Llama's code are named in ``unmatched`` (not fused)."""
     fusions = Fusions()
     seen_modeling: set[str] = set()
     unmatched: dict[str, None] = {}
@@ -157,6 +248,14 @@ def find_fusions(stack: nn.Module) -> Fusions:
         if is_llama_rms_norm(module):
             fusions.norms.append(module)
         elif type(module).__name__.endswith("RMSNorm"):
+            unmatched[type(module).__name__] = None
+        if is_llama_swiglu(module):
+            fusions.mlps.append(module)
+        elif _looks_like_swiglu(module):
+            unmatched[type(module).__name__] = None
+        if is_llama_decoder_layer(module):
+            fusions.layers.append(module)
+        elif _looks_like_llama_layer(module):
             unmatched[type(module).__name__] = None
         name = type(module).__module__
         if name not in seen_modeling:
@@ -168,3 +267,15 @@ def find_fusions(stack: nn.Module) -> Fusions:
                 unmatched[f"{name.rsplit('.', 1)[-1]}.{_ROPE_NAME}"] = None
     fusions.unmatched = list(unmatched)
     return fusions
+
+
+def _looks_like_swiglu(module: nn.Module) -> bool:
+    """Llama's MLP submodules and a SiLU: transformers or the model wrote other code for it."""
+    return (all(isinstance(getattr(module, name, None), nn.Module) for name in ("gate_proj", "up_proj", "down_proj"))
+            and type(getattr(module, "act_fn", None)) in hf.SILU_ACTIVATIONS)
+
+
+def _looks_like_llama_layer(module: nn.Module) -> bool:
+    """Llama's decoder layer submodules, with Llama's RMSNorm after attention: other code runs them."""
+    return (all(isinstance(getattr(module, name, None), nn.Module) for name in ("self_attn", "mlp", "input_layernorm"))
+            and is_llama_rms_norm(getattr(module, "post_attention_layernorm", None)))

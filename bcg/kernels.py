@@ -1,9 +1,10 @@
-"""Triton kernels that compute what transformers' Llama-style RMSNorm and rotary embedding compute, in one launch.
+"""Triton kernels that compute transformers' Llama-style RMSNorm, rotary embedding and SwiGLU, each in one launch.
 
-The model's own code launches 8 kernels per RMSNorm and 10 per rotary call; inside a graph each still costs a
-few microseconds of GPU time, which is most of a small model's step. These kernels keep the model's rounding:
-every op the model runs in the input dtype is rounded to it here too, so the rotary embedding is bit-identical
-and RMSNorm differs only by the order of the fp32 sum of squares. Imported only when ``fused_kernels=True``.
+The model's own code launches 8 kernels per RMSNorm, 10 per rotary call, 2 for SwiGLU's activation and product and
+one more for the residual add before a norm; inside a graph each still costs a few microseconds of GPU time, which
+is most of a small model's step. These kernels keep the model's rounding: every op the model runs in the input
+dtype is rounded to it here too, so the rotary embedding, SwiGLU and the residual add are bit-identical and RMSNorm
+differs only by the order of the fp32 sum of squares. Imported only when ``fused_kernels=True``.
 """
 
 from __future__ import annotations
@@ -18,12 +19,18 @@ SUPPORTED_DTYPES = frozenset(_TRITON_DTYPES)
 
 
 @triton.jit(do_not_specialize=["rows"])
-def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, rows, x_row_stride, out_row_stride, n_cols, eps, inv_n,
-                     DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _rms_norm_kernel(x_ptr, residual_ptr, w_ptr, out_ptr, sum_ptr, rows, x_row_stride, residual_row_stride,
+                     out_row_stride, n_cols, eps, inv_n,
+                     ADD_RESIDUAL: tl.constexpr, DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     row = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
     col = tl.arange(0, BLOCK_N)[None, :]
     mask = (row < rows) & (col < n_cols)
     x = tl.load(x_ptr + row.to(tl.int64) * x_row_stride + col, mask=mask, other=0.0).to(tl.float32)
+    if ADD_RESIDUAL:  # the decoder layer's ``residual + hidden_states``: rounded to DTYPE before the norm reads it
+        residual = tl.load(residual_ptr + row.to(tl.int64) * residual_row_stride + col, mask=mask, other=0.0)
+        summed = (x + residual.to(tl.float32)).to(DTYPE)
+        tl.store(sum_ptr + row.to(tl.int64) * out_row_stride + col, summed, mask=mask)
+        x = summed.to(tl.float32)
     variance = libdevice.mul_rn(tl.sum(x * x, axis=1, keep_dims=True), inv_n)
     normed = (x * tl.math.rsqrt(variance + eps)).to(DTYPE).to(tl.float32)
     weight = tl.load(w_ptr + col, mask=col < n_cols, other=0.0).to(tl.float32)
@@ -32,18 +39,33 @@ def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, rows, x_row_stride, out_row_stride, 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``weight * (x.float() * rsqrt(mean(x.float()**2) + eps)).to(x.dtype)`` over the last dim, as LlamaRMSNorm."""
+    return _launch_rms_norm(x, None, weight, eps)[0]
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rms_norm(residual + x)`` and ``residual + x`` (rounded to x's dtype, as eager adds them); both x's shape."""
+    return _launch_rms_norm(x, residual, weight, eps)
+
+
+def _launch_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the norm, the sum it normed): of ``residual + x`` where a residual is given, else of x (which it returns)."""
     n_cols = x.shape[-1]
     rows_view = x.reshape(-1, n_cols)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    summed = x if residual is None else torch.empty_like(out)
+    residual_rows = rows_view if residual is None else residual.reshape(-1, n_cols)
     rows = rows_view.shape[0]
     block_n = triton.next_power_of_2(n_cols)
     block_m = max(1, min(16, 4096 // block_n))
     num_warps = 8 if block_n * block_m >= 4096 else 4
     _rms_norm_kernel[(triton.cdiv(rows, block_m),)](
-        rows_view, weight, out, rows, rows_view.stride(0), n_cols, n_cols, eps, 1.0 / n_cols,
-        DTYPE=_TRITON_DTYPES[x.dtype], BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+        rows_view, residual_rows, weight, out, summed, rows, rows_view.stride(0), residual_rows.stride(0), n_cols,
+        n_cols, eps, 1.0 / n_cols, ADD_RESIDUAL=residual is not None, DTYPE=_TRITON_DTYPES[x.dtype],
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
     )
-    return out
+    return out, summed
 
 
 @triton.jit
@@ -90,4 +112,26 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
         HALF=dim // 2, DTYPE=_TRITON_DTYPES[x.dtype], BLOCK_H=triton.next_power_of_2(heads),
         BLOCK_D=triton.next_power_of_2(dim // 2), num_warps=4,
     )
+    return out
+
+
+@triton.jit
+def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, n, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    offset = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offset < n
+    gate = tl.load(gate_ptr + offset, mask=mask).to(tl.float32)
+    up = tl.load(up_ptr + offset, mask=mask).to(tl.float32)
+    # torch's silu: x / (1 + exp(-x)) in fp32 with CUDA's expf (libdevice's: tl.exp is a coarser approximation) and
+    # IEEE division, rounded to DTYPE as its output tensor is; then the product as the second eager op rounds it
+    silu = tl.math.div_rn(gate, 1.0 + libdevice.exp(-gate)).to(DTYPE).to(tl.float32)
+    tl.store(out_ptr + offset, _rounded_product(silu, up, DTYPE).to(DTYPE), mask=mask)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` (contiguous tensors of one shape), as a SwiGLU MLP's activation and product."""
+    out = torch.empty_like(gate)
+    n = gate.numel()
+    block = 1024
+    _silu_mul_kernel[(triton.cdiv(n, block),)](gate, up, out, n, DTYPE=_TRITON_DTYPES[gate.dtype], BLOCK=block,
+                                               num_warps=4)
     return out

@@ -171,8 +171,8 @@ def _fusions(stack: torch.nn.Module, asked: bool) -> Fusions:
         warnings.warn(f"bcg: {', '.join(fusions.unmatched)} differ from Llama's code and are not fused "
                       "(stats()['fused_kernels'])", BcgWarning, stacklevel=3)
     elif not fusions and asked:
-        warnings.warn("bcg: fused_kernels=True but this model has no RMSNorm or rotary code to fuse", BcgWarning,
-                      stacklevel=3)
+        warnings.warn("bcg: fused_kernels=True but this model has no RMSNorm, rotary, SwiGLU or decoder layer code "
+                      "to fuse", BcgWarning, stacklevel=3)
     logger.info("bcg: fused kernels for %s", fusions.describe())
     return fusions
 
@@ -207,8 +207,9 @@ def wrap_model(
             caches, ``static_cache=False``) they replay graphs of their own whose breaks keep SDPA off cuDNN (whose
             planning costs 1-2 ms of host time per layer when the KV length changes every step). Where triton is
             installed, decode graphs hold fused Triton kernels for Llama-style RMSNorm and rotary code (one launch
-            instead of 8-10). A padded prompt replays those graphs too and attends each
-            request on its real tokens with a variable-length kernel (varlen.py); unpadded prompts and calls without
+            instead of 8-10), SwiGLU's SiLU and product, and the residual add before the post-attention norm. A
+            padded prompt replays those graphs too and attends each request on its real tokens with a
+            variable-length kernel (varlen.py); unpadded prompts and calls without
             a padding mask (log-likelihoods) run eager's kernels as in ``"exact"``: their outputs are exact mode's;
             generated bf16 text can fork from eager's by rounding (docs/benchmarks.md: MGSM). ``"exact"``: eager's
             kernels everywhere (MGSM on a real model: identical text and log-likelihoods; bf16 near-ties may still flip

@@ -1,7 +1,14 @@
 """fused_kernels: which model code counts as Llama's, that the swap is undone, that CPU input keeps the model's code.
 
-The kernels themselves run on CUDA: their parity with eager is in tests/test_gpu.py.
+The kernels run on CUDA: their parity with eager is in tests/test_gpu.py; where triton is installed, its interpreter
+runs them on CPU here too (tests/interpreted_kernels.py).
 """
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,18 +16,21 @@ from transformers.models.llama import modeling_llama
 from transformers.models.qwen3 import modeling_qwen3
 
 import bcg
-from bcg.fusion import find_fusions, is_llama_rms_norm
+from bcg.fusion import find_fusions, is_llama_decoder_layer, is_llama_rms_norm, is_llama_swiglu
 from tiny_models import left_padded_batch, tiny_model
 
 
-def test_qwen3_every_norm_and_its_rotary_are_found():
+def test_qwen3_every_norm_its_rotary_mlps_and_layers_are_found():
     model = tiny_model("qwen3")
     fusions = find_fusions(model.model)
     layers = model.config.num_hidden_layers
     # input + post-attention + q + k norms per layer, and the final norm
     assert len(fusions.norms) == 4 * layers + 1
     assert fusions.rotary_modules == [modeling_qwen3]
-    assert fusions.describe() == {"rms_norm": 4 * layers + 1, "rotary": 1, "unmatched": []}
+    assert fusions.mlps == [layer.mlp for layer in model.model.layers]
+    assert fusions.layers == list(model.model.layers)
+    assert fusions.describe() == {"rms_norm": 4 * layers + 1, "rotary": 1, "swiglu": layers, "add_rms_norm": layers,
+                                  "unmatched": []}
 
 
 def test_a_kernelizable_rotary_function_object_is_looked_through(monkeypatch):
@@ -40,8 +50,8 @@ def test_a_kernelizable_rotary_function_object_is_looked_through(monkeypatch):
     assert find_fusions(tiny_model("qwen3").model).rotary_modules == [modeling_qwen3]
 
 
-@pytest.mark.parametrize("arch, norms, rotary, unmatched", [("gemma", 0, True, ["GemmaRMSNorm"]), ("gpt2", 0, False, []),
-                                                            ("phi", 0, True, [])])
+@pytest.mark.parametrize("arch, norms, rotary, unmatched",
+                         [("gemma", 0, True, ["GemmaRMSNorm"]), ("gpt2", 0, False, []), ("phi", 0, True, [])])
 def test_code_that_differs_from_llama_is_left_alone_and_named(arch, norms, rotary, unmatched):
     # Gemma's norm scales by (1 + weight), GPT-2 and Phi use LayerNorm, GPT-2 has no rotary code.
     fusions = find_fusions(tiny_model(arch).model if arch != "gpt2" else tiny_model(arch).transformer)
@@ -68,28 +78,85 @@ def test_a_subclass_with_its_own_forward_is_not_llama():
     assert not is_llama_rms_norm(ScaledNorm(8))
 
 
+def test_swiglu_is_llamas_mlp_code_with_a_silu():
+    model = tiny_model("llama")
+    mlp = model.model.layers[0].mlp
+    assert is_llama_swiglu(mlp)
+    mlp.act_fn = torch.nn.SiLU()  # hidden_act="swish"
+    assert is_llama_swiglu(mlp)
+    mlp.act_fn = torch.nn.GELU()  # the same code with another activation (Gemma's MLP): not SwiGLU, not named
+    assert not is_llama_swiglu(mlp) and find_fusions(model.model).unmatched == []
+
+
+def test_mlps_and_layers_whose_code_differs_from_llamas_are_named():
+    class ScaledMLP(modeling_llama.LlamaMLP):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = tiny_model("llama")
+    model.model.layers[1].mlp = ScaledMLP(model.config)
+    fusions = find_fusions(model.model)
+    assert fusions.mlps == [model.model.layers[0].mlp] and fusions.unmatched == ["ScaledMLP"]
+    # Mixtral's layer passes attention its arguments in another order: its add is not fused
+    mixtral = find_fusions(tiny_model("mixtral").model)
+    assert mixtral.layers == [] and mixtral.unmatched == ["MixtralDecoderLayer"]
+
+
+def test_a_layer_is_fused_only_with_llamas_norm_after_attention():
+    # Gemma's layer runs Llama's code, but its norm scales by (1 + weight): neither fused nor named as a layer
+    gemma = tiny_model("gemma").model
+    assert not is_llama_decoder_layer(gemma.layers[0])
+    assert find_fusions(gemma).unmatched == ["GemmaRMSNorm"]
+    assert is_llama_decoder_layer(tiny_model("llama").model.layers[0])
+
+
 def test_installed_swaps_for_one_run_and_restores_even_after_an_error():
     model = tiny_model("qwen3")
     fusions = find_fusions(model.model)
     original_rotary = modeling_qwen3.apply_rotary_pos_emb
-    norm = fusions.norms[0]
+    swapped = [*fusions.norms, *fusions.mlps, *fusions.layers]
     with pytest.raises(KeyError):
         with fusions.installed():
             assert modeling_qwen3.apply_rotary_pos_emb is not original_rotary
-            assert "forward" in norm.__dict__
+            assert all("forward" in module.__dict__ for module in swapped)
             raise KeyError("boom")
     assert modeling_qwen3.apply_rotary_pos_emb is original_rotary
-    assert all("forward" not in n.__dict__ for n in fusions.norms)
+    assert all("forward" not in module.__dict__ for module in swapped)
 
 
-def test_cpu_tensors_run_the_models_own_code_while_installed():
-    model = tiny_model("qwen3")
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+def test_cpu_tensors_run_the_models_own_code_while_installed(arch):
+    model = tiny_model(arch)
     ids, mask = left_padded_batch()
     with torch.no_grad():
         reference = model(input_ids=ids, attention_mask=mask).logits
         with find_fusions(model.model).installed():
             swapped = model(input_ids=ids, attention_mask=mask).logits
     assert torch.equal(swapped, reference)
+
+
+def test_bcgs_layer_forward_calls_attention_as_the_models_does():
+    """Every argument but the hidden states reaches attention by name, as the installed transformers' Llama layer
+    passes it (the cache under its name, defaults included), and the layer returns what the model's returns."""
+    model = tiny_model("llama")
+    layer = model.model.layers[0]
+    calls = []
+    layer.self_attn.register_forward_pre_hook(lambda module, args, kwargs: calls.append((args, kwargs)),
+                                              with_kwargs=True)
+    hidden = torch.randn(2, 5, model.config.hidden_size)
+    position_ids = torch.arange(5).expand(2, 5)
+    embeddings = model.model.rotary_emb(hidden, position_ids)
+    outputs = []
+    with torch.no_grad():
+        outputs.append(layer(hidden, position_ids=position_ids, position_embeddings=embeddings, output_extra=1))
+        with find_fusions(model.model).installed():
+            outputs.append(layer(hidden, None, position_ids, position_embeddings=embeddings, output_extra=1))
+    (model_args, model_kwargs), (bcg_args, bcg_kwargs) = calls
+    assert model_args == bcg_args == ()
+    assert torch.equal(bcg_kwargs.pop("hidden_states"), model_kwargs.pop("hidden_states"))
+    assert model_kwargs.keys() == bcg_kwargs.keys()
+    assert all(bcg_kwargs[name] is value for name, value in model_kwargs.items())
+    assert torch.equal(outputs[1], outputs[0])
 
 
 def test_fused_kernels_refuse_a_cpu_model_and_non_bool_values():
@@ -110,4 +177,28 @@ def test_a_forward_set_on_a_norm_after_wrapping_is_left_in_place():
     with fusions.installed():
         assert norm.forward is own
     assert norm.forward is own
+
+
+def test_a_forward_set_on_an_mlp_layer_or_its_norm_after_wrapping_is_left_in_place():
+    model = tiny_model("qwen3")
+    fusions = find_fusions(model.model)
+    first, second = model.model.layers
+    hooked = [first, first.mlp, second.post_attention_layernorm]
+    for module in hooked:
+        module.forward = module.forward
+    with fusions.installed():
+        assert all(module.forward is module.__dict__["forward"] for module in hooked)
+        assert "forward" not in second.__dict__  # its norm runs someone else's code: the add stays the model's
+        assert "forward" in second.mlp.__dict__
+    assert "forward" not in second.mlp.__dict__
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (its interpreter runs on CPU)")
+def test_kernels_match_eager_under_tritons_interpreter():
+    """tests/interpreted_kernels.py in a subprocess: triton picks its interpreter when the kernels are defined."""
+    tests = Path(__file__).resolve().parent
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests / "interpreted_kernels.py")],
+        env={**os.environ, "TRITON_INTERPRET": "1"}, cwd=tests.parent, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
 

@@ -155,8 +155,10 @@ def test_smollm2_batched_mgsm_generation_matches_eager():
     assert sum(a == b for a, b in zip(exact, eager)) >= 7
     assert torch.equal(fast_logits[-1], exact_logits[-1])  # an unpadded prompt: the same kernels in both modes
     assert (fast_logits.argmax(-1) == exact_logits.argmax(-1)).sum() >= 8
-    # Llama: an input and a post-attention norm per layer, and the final one
-    assert handle.stats()["fused_kernels"] == {"rms_norm": 2 * model.config.num_hidden_layers + 1, "rotary": 1}
+    # Llama: an input and a post-attention norm per layer, and the final one; an MLP and a residual add per layer
+    layers = model.config.num_hidden_layers
+    assert handle.stats()["fused_kernels"] == {"rms_norm": 2 * layers + 1, "rotary": 1, "swiglu": layers,
+                                               "add_rms_norm": layers, "unmatched": []}
     assert (fast_logits.argmax(-1) == eager_logits.argmax(-1)).sum() >= 7
     print(f"default mode: {sum(a == b for a, b in zip(fast, eager))}/8 texts identical to eager")
 
@@ -333,6 +335,47 @@ def test_fused_rms_norm_kernel_matches_llamas_code_to_rounding(dtype, ulp, shape
         assert (got != expected).float().mean() < 0.01
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(1, 1, 8960), (3, 37, 1000)])
+def test_fused_swiglu_kernel_is_bit_identical_to_llamas_code(dtype, shape):
+    """silu rounded to the dtype, then the product: eager's two kernels, also where exp over- or underflows."""
+    from transformers.activations import ACT2FN
+
+    from bcg.kernels import silu_mul
+
+    generator = torch.Generator(device="cuda").manual_seed(5)
+    gate = torch.randn(shape, device="cuda", generator=generator) * 4
+    gate[..., :6] = torch.tensor([-100.0, 100.0, -88.0, 88.0, 0.0, -0.0])
+    gate = gate.to(dtype)
+    up = torch.randn(shape, device="cuda", generator=generator).to(dtype)
+    assert torch.equal(silu_mul(gate, up), ACT2FN["silu"](gate) * up)
+
+
+@pytest.mark.parametrize("dtype, ulp", [(torch.bfloat16, 2**-8), (torch.float16, 2**-11), (torch.float32, 2**-23)])
+@pytest.mark.parametrize("shape", [(1, 1, 4096), (2, 37, 1024), (5, 896)])
+def test_fused_add_rms_norm_kernel_matches_llamas_code_to_rounding(dtype, ulp, shape):
+    """The residual add is eager's (bit-identical, in the dtype); the norm of it as the fused RMSNorm's."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from bcg.kernels import add_rms_norm
+
+    generator = torch.Generator(device="cuda").manual_seed(6)
+    norm = LlamaRMSNorm(shape[-1], eps=1e-6).to("cuda", dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(shape[-1], device="cuda", generator=generator) * 0.2 + 1)
+        hidden = torch.randn(shape, device="cuda", generator=generator).to(dtype)
+        residual = (torch.randn(shape, device="cuda", generator=generator) * 3).to(dtype)
+        expected_sum = residual + hidden
+        expected = norm(expected_sum)
+    got, got_sum = add_rms_norm(hidden, residual, norm.weight, norm.variance_epsilon)
+    assert torch.equal(got_sum, expected_sum)
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    difference = (got.float() - expected.float()).abs()
+    assert (difference <= 4 * ulp * expected.float().abs() + 1e-30).all()
+    if dtype != torch.float32:
+        assert (got != expected).float().mean() < 0.01
+
+
 def _kernel_launches(model: torch.nn.Module, ids: torch.Tensor) -> int:
     """CUDA kernels of one replayed decode step (one token per sequence on a cache: where the default mode fuses)."""
     from torch.autograd import DeviceType
@@ -392,13 +435,42 @@ def test_default_mode_fuses_kernels_replays_fewer_and_matches_eager():
     tokens = model.generate(ids, attention_mask=mask, **GENERATE)
 
     layers = model.config.num_hidden_layers
-    assert handle.stats()["fused_kernels"] == {"rms_norm": 4 * layers + 1, "rotary": 1, "unmatched": []}
+    assert handle.stats()["fused_kernels"] == {"rms_norm": 4 * layers + 1, "rotary": 1, "swiglu": layers,
+                                               "add_rms_norm": layers, "unmatched": []}
     real = mask.bool()
     torch.testing.assert_close(logits[real], expected[real], atol=1e-4, rtol=1e-4)  # fp32: rounding-level
     assert torch.equal(tokens, expected_tokens)
     assert handle.stats()["rejects"] == {} and handle.stats()["replays"] == 1 + GENERATE["max_new_tokens"]
-    # per layer, 4 norms of 6 kernels (fp32: the casts are no-ops) and a rotary call of 10 become 6 launches
+    # per layer, 4 norms of 6 kernels (fp32: the casts are no-ops) and a rotary call of 10 become 6 launches (the
+    # SwiGLU and residual add fusions cut two more: test_default_mode_fuses_swiglu_and_the_residual_add...)
     assert _kernel_launches(model, ids) <= _kernel_launches(plain, ids) - 24 * layers
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_default_mode_fuses_swiglu_and_the_residual_add_and_decodes_as_eager(arch, monkeypatch):
+    """fp32: greedy tokens equal eager's, and each layer's SwiGLU and post-attention add + norm replay one kernel
+    each fewer than a model fused as before (norms and rotary alone)."""
+    from dataclasses import replace
+
+    from bcg.fusion import find_fusions
+
+    reference = tiny_model(arch, device="cuda")
+    model = tiny_model(arch, device="cuda")
+    norms_and_rotary_only = tiny_model(arch, device="cuda")
+    ids, mask = left_padded_batch(device="cuda")
+    expected = reference.generate(ids, attention_mask=mask, **GENERATE)
+
+    handle = bcg.wrap_model(model)
+    tokens = model.generate(ids, attention_mask=mask, **GENERATE)
+    monkeypatch.setattr("bcg.wrap.find_fusions", lambda stack: replace(find_fusions(stack), mlps=[], layers=[]))
+    bcg.wrap_model(norms_and_rotary_only)
+
+    layers = model.config.num_hidden_layers
+    fused = handle.stats()["fused_kernels"]
+    assert fused["swiglu"] == layers and fused["add_rms_norm"] == layers and fused["unmatched"] == []
+    assert torch.equal(tokens, expected)
+    assert handle.stats()["rejects"] == {}
+    assert _kernel_launches(model, ids) <= _kernel_launches(norms_and_rotary_only, ids) - 2 * layers
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gpt2"])

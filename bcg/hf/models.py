@@ -10,6 +10,7 @@ from typing import Any
 from packaging.version import Version
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.activations import ACT2FN
 from transformers.models.llama import modeling_llama
 
 from .. import patching
@@ -56,6 +57,12 @@ MIXER_CACHE_ARGUMENTS = ("cache", "cache_params", "past_key_values")
 LLAMA_RMS_NORM_FORWARD = modeling_llama.LlamaRMSNorm.forward
 LLAMA_ROTARY = modeling_llama.apply_rotary_pos_emb
 LLAMA_ROTATE_HALF = modeling_llama.rotate_half
+LLAMA_MLP_FORWARD = modeling_llama.LlamaMLP.forward
+# The function inside the wrappers that 5.25 puts around every layer's forward (gradient checkpointing, the deprecated
+# ``past_key_values`` name): the wrappers' code is the same for every layer.
+LLAMA_DECODER_LAYER_FORWARD = inspect.unwrap(modeling_llama.LlamaDecoderLayer.forward)
+# What ``hidden_act="silu"`` builds (SiLUActivation in 5.x), and torch's own.
+SILU_ACTIVATIONS = (type(ACT2FN["silu"]), nn.SiLU)
 
 
 def plain_function(obj: Any) -> Callable | None:
