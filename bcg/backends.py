@@ -19,9 +19,24 @@ import torch
 
 Run = Callable[[], torch.Tensor]
 Reset = Callable[[], None]
-# Runs before the one captured. The eager backend makes them too: a run that advances state shows on CPU what it does to
-# a cuda capture.
+# Runs before the one captured: two before a backend's first capture (lazy initialisation, Triton compiles), one before
+# each later one (a new shape's kernels; a third of a full ladder's capture time went to the second). The eager backend
+# makes them too: a run that advances state shows on CPU what it does to a cuda capture.
 WARMUP_RUNS = 2
+LATER_WARMUP_RUNS = 1
+
+
+class _Warmups:
+    """How many warm-up runs the next capture makes."""
+
+    warmup_runs = WARMUP_RUNS
+    later_warmup_runs = LATER_WARMUP_RUNS
+    _captured = False
+
+    def _next_warmups(self) -> int:
+        runs = self.later_warmup_runs if self._captured else self.warmup_runs
+        self._captured = True
+        return runs
 
 
 def _run_as_captured(run: Run, reset: Reset | None) -> torch.Tensor:
@@ -61,15 +76,14 @@ class EagerGraph:
         self._run = None
 
 
-class EagerBackend:
+class EagerBackend(_Warmups):
     name = "eager"
-    warmup_runs = WARMUP_RUNS
 
     def wrap_break(self, fn: Callable) -> Callable:
         return fn
 
     def capture(self, run: Run, reset: Reset | None = None) -> Graph:
-        for _ in range(self.warmup_runs + 1):  # dry runs, as cuda's capture makes (the break count is checked too)
+        for _ in range(self._next_warmups() + 1):  # dry runs, as cuda's capture makes (the break count is checked too)
             _run_as_captured(run, reset)
         return EagerGraph(run)
 
@@ -106,11 +120,10 @@ class CudaGraph:
         self._output = None
 
 
-class CudaBackend:
+class CudaBackend(_Warmups):
     """Segments captured with ``breakable_cuda_graphs`` on a side stream, all buckets sharing one memory pool."""
 
     name = "cuda"
-    warmup_runs = WARMUP_RUNS
 
     def __init__(self, device: torch.device, attention_kernels: str = "fast") -> None:
         from breakable_cuda_graphs import no_graph
@@ -130,7 +143,7 @@ class CudaBackend:
         with torch.cuda.device(self.device):
             self._stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self._stream):
-                for _ in range(self.warmup_runs):
+                for _ in range(self._next_warmups()):
                     _run_as_captured(run, reset)
                 if reset is not None:
                     reset()

@@ -10,7 +10,7 @@ from transformers.cache_utils import DynamicLayer
 
 import bcg
 from bcg import hf
-from bcg.backends import WARMUP_RUNS, CudaBackend, EagerBackend
+from bcg.backends import LATER_WARMUP_RUNS, WARMUP_RUNS, CudaBackend, EagerBackend
 import internals
 from tiny_models import left_padded_batch, tiny_model
 
@@ -242,16 +242,19 @@ def test_masks_built_inside_a_graph_follow_the_sliding_layers_lengths(arch):
 
 
 def test_the_eager_backend_runs_a_capture_as_cuda_does():
-    """Warm-ups, then the run captured, each after the reset: CPU tests see what a state-advancing run does on cuda."""
-    calls = []
-    EagerBackend().capture(lambda: calls.append("run"), lambda: calls.append("reset"))
-    assert calls == ["reset", "run"] * (WARMUP_RUNS + 1)
+    """Warm-ups (two before a backend's first capture, one before each later), then the run captured, each after the
+    reset: CPU tests see what a state-advancing run does on cuda."""
+    backend, calls = EagerBackend(), []
+    for _ in range(3):
+        backend.capture(lambda: calls.append("run"), lambda: calls.append("reset"))
+    assert calls == ["reset", "run"] * (WARMUP_RUNS + 1 + 2 * (LATER_WARMUP_RUNS + 1))
     assert EagerBackend.warmup_runs == CudaBackend.warmup_runs == WARMUP_RUNS
+    assert EagerBackend.later_warmup_runs == CudaBackend.later_warmup_runs == LATER_WARMUP_RUNS < WARMUP_RUNS
 
 
 def test_a_stand_in_captured_two_positions_from_its_end_is_not_written_past():
-    """A 254-token prompt decodes on a 256-position stand-in: the capture's three runs (two warm-ups, as on cuda) all
-    write position 254, not 254..256."""
+    """A 254-token prompt decodes on a 256-position stand-in: every run of the capture (its warm-ups too, as on cuda)
+    writes position 254, not 254..256."""
     reference, model = tiny_model("llama"), tiny_model("llama")
     handle = bcg.wrap_model(model, backend="eager", static_cache=True)
     ids = torch.randint(3, 100, (1, 254), generator=torch.Generator().manual_seed(0))
@@ -261,7 +264,7 @@ def test_a_stand_in_captured_two_positions_from_its_end_is_not_written_past():
 
 
 def test_warm_up_runs_leave_a_nearly_full_static_cache_as_the_step_found_it():
-    """cuda's capture runs the step three times (two warm-ups): each writes the step's own position, not the ones after
+    """cuda's capture runs the step more than once (warm-ups): each writes the step's own position, not the ones after
     it (two positions from the end they would write past it: an index error, a device-side assert on a GPU)."""
     reference, model = tiny_model("llama"), tiny_model("llama")
     handle = bcg.wrap_model(model, backend="eager")
