@@ -337,10 +337,10 @@ def test_fused_rms_norm_kernel_matches_llamas_code_to_rounding(dtype, ulp, shape
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("shape", [(1, 1, 8960), (3, 37, 1000)])
-def test_fused_swiglu_kernel_matches_llamas_code_to_the_last_bit_nearly_everywhere(dtype, shape):
-    """silu rounded to the dtype, then the product: eager's two kernels, also where exp over- or underflows. On an
-    H100 (torch 2.11, triton's libdevice exp) a few elements of a 111k-element bf16 / fp32 tensor came out one bit
-    apart from torch's silu kernel: at most one unit in the last place, and no more than one element in a thousand."""
+def test_fused_swiglu_kernel_is_bit_identical_to_llamas_code_but_for_denormals(dtype, shape):
+    """silu rounded to the dtype, then the product: eager's two kernels, also where exp over- or underflows. Triton
+    flushes a denormal product to zero where torch keeps it (silu(-88) x a small up: ~1e-39 in bf16 / fp32), as the
+    rotary kernel does; every other element is bit-identical."""
     from transformers.activations import ACT2FN
 
     from bcg.kernels import silu_mul
@@ -351,10 +351,8 @@ def test_fused_swiglu_kernel_matches_llamas_code_to_the_last_bit_nearly_everywhe
     gate = gate.to(dtype)
     up = torch.randn(shape, device="cuda", generator=generator).to(dtype)
     got, want = silu_mul(gate, up), ACT2FN["silu"](gate) * up
-    apart = got != want
-    assert apart.float().mean().item() <= 1e-3, f"{apart.sum().item()} of {got.numel()} elements differ"
-    ulp = torch.finfo(dtype).eps * want.abs().clamp_min(torch.finfo(dtype).tiny)
-    assert bool(((got.float() - want.float()).abs() <= ulp.float())[apart].all())
+    denormal = (want != 0) & (want.abs() < torch.finfo(dtype).tiny)
+    assert torch.equal(got, torch.where(denormal, torch.zeros_like(want), want))
 
 
 @pytest.mark.parametrize("dtype, ulp", [(torch.bfloat16, 2**-8), (torch.float16, 2**-11), (torch.float32, 2**-23)])
