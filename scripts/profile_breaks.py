@@ -13,7 +13,7 @@ It prints to stdout; kept runs live in ``results/profile/`` (``... > results/pro
 A break body's host time is what a small model's step is made of: this script times every break and every CUDA graph
 segment of one replay on the host, then lists the GPU kernels of eager and bcg side by side (torch.profiler)
 with the GPU busy time per call. ``--decode`` also times a plain forward loop (no generate()) to separate
-generate()'s own per-step host time from the model's, and reports the host time of each patched stack call (with
+generate()'s own per-step host time from the model's, and reports the host time of each patched stack call and of its phases (with
 real graphs a replay returns before the GPU is done: what a call costs the host). ``--compile`` adds HF's static cache
 + torch.compile (bench_decode's hf-compile) as a contender for ``generate``.
 """
@@ -77,6 +77,29 @@ def time_stack_calls(handle: bcg.BcgHandle, profiler: cProfile.Profile | None = 
             _host_times["stack call"].append(time.perf_counter() - start)
 
     runner._forward_locked = timed
+
+
+def time_phases(handle: bcg.BcgHandle) -> None:
+    """Record the host time of each phase of a patched stack call: the state check, the plan, and for decode steps on a
+    stand-in the binding, the live context, the full graph's replay (copies, launch, output clone) and the settling of
+    the caller's cache."""
+    runner = handle.runner
+    full = runner.full_graphs
+    phases = [(runner, "_check_state", "check state"), (runner, "_plan", "plan"), (runner.contexts, "build", "context")]
+    if full.stand_ins is not None:
+        phases += [(full.stand_ins, "bind", "stand-in bind"), (full.stand_in_decoder, "replay", "full-graph replay"),
+                   (full.stand_ins, "settle", "stand-in settle")]
+    for owner, name, label in phases:
+        original = getattr(owner, name)
+
+        def timed(*args: Any, _original: Any = original, _label: str = label, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return _original(*args, **kwargs)
+            finally:
+                _host_times[f"phase: {_label}"].append(time.perf_counter() - start)
+
+        object.__setattr__(owner, name, timed)  # the live context builder is a frozen dataclass
 
 
 def instrument(handle: bcg.BcgHandle) -> None:
@@ -197,6 +220,7 @@ def main() -> None:
             call()
         instrument(handle)
         time_stack_calls(handle)
+        time_phases(handle)
         host_profile = None
         _host_times.clear()
         for name, call in calls.items():
