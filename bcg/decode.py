@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import operator
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,12 +42,11 @@ MAX_STORAGES = 2  # cache shapes whose tensors bcg keeps at once (each as large 
 
 @dataclass
 class _CacheTensors(Storage):
-    """bcg's keys, values and length counters for one cache shape (``key``)."""
+    """bcg's tensors for one cache shape (``key``): per layer its buffers (keys, values, an indexed layer's indexer
+    keys) and their length counters (hf.static_layer_state)."""
 
     key: tuple
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
-    lengths: list[torch.Tensor]
+    layers: list[hf.StaticState]
 
 
 BuildMasks = Callable[[torch.Tensor | None, Any, torch.Tensor, int, int], Any]  # (2D mask, cache, positions, B, S)
@@ -115,10 +115,10 @@ def _static_masks(masks: Any, cache_length: int) -> torch.Tensor | dict | None:
 
 def _holds_storage(layers: list, storage: _CacheTensors) -> bool:
     """Whether every layer holds the storage's tensors (a graph reads only those)."""
-    return len(layers) == len(storage.keys) and all(
-        keys is k and values is v and length is n
-        for (keys, values, length), k, v, n in zip(map(hf.static_layer_tensors, layers), storage.keys, storage.values,
-                                                   storage.lengths))
+    return len(layers) == len(storage.layers) and all(
+        len(held) == len(own) and all(map(operator.is_, held, own))
+        for layer, (buffers, counters) in zip(layers, storage.layers)
+        for held, own in zip(hf.static_layer_state(layer), (buffers, counters)))
 
 
 class _HashedOnce(tuple):
@@ -133,13 +133,14 @@ class _HashedOnce(tuple):
 
 
 def _storage_key(layers: list) -> tuple:
-    return _HashedOnce((tuple(k.shape), tuple(v.shape), k.dtype) for k, v, _ in map(hf.static_layer_tensors, layers))
+    """Per layer, its buffers' shapes and dtypes (keys first)."""
+    return _HashedOnce(tuple((tuple(t.shape), t.dtype) for t in hf.static_layer_state(layer)[0]) for layer in layers)
 
 
 @functools.lru_cache(maxsize=64)
 def _widest(storage_key: tuple) -> int:
     """The most positions a layer of the cache holds (sliding layers may hold fewer): a padding mask's width."""
-    return max(keys_shape[2] for keys_shape, _, _ in storage_key)
+    return max(layer[0][0][2] for layer in storage_key)
 
 
 class StaticDecoder:
@@ -201,12 +202,12 @@ class StaticDecoder:
     # ----- binding caches to bcg's tensors (binding.py) -----
     @staticmethod
     def _new_storage(layers: list, key: tuple) -> _CacheTensors:
-        tensors = [hf.static_layer_tensors(layer) for layer in layers]
-        if any(t.is_inference() for layer_tensors in tensors for t in layer_tensors):
+        states = [hf.static_layer_state(layer) for layer in layers]
+        if any(t.is_inference() for state in states for group in state for t in group):
             with torch.inference_mode(False):  # they outlive the call (and its inference mode)
-                tensors = [tuple(torch.zeros_like(t) for t in layer_tensors) for layer_tensors in tensors]
+                states = [tuple(tuple(map(torch.zeros_like, group)) for group in state) for state in states]
         # else the first cache of its shape lends its own tensors (a stand-in keeps its layout)
-        return _CacheTensors(key, *map(list, zip(*tensors)))
+        return _CacheTensors(key, states)
 
     @staticmethod
     def copy_in(cache: Any, storage: _CacheTensors) -> None:
@@ -214,17 +215,18 @@ class StaticDecoder:
         layers = hf.static_layers(cache)
         if _holds_storage(layers, storage):
             return
-        for i, layer in enumerate(layers):
-            for own, theirs in zip((storage.keys[i], storage.values[i], storage.lengths[i]),
-                                   hf.static_layer_tensors(layer)):
+        for layer, state in zip(layers, storage.layers):
+            for own, theirs in zip((t for group in state for t in group),
+                                   (t for group in hf.static_layer_state(layer) for t in group)):
                 own.copy_(theirs)
-            hf.rebind_static_layer(layer, storage.keys[i], storage.values[i], storage.lengths[i])
+            hf.rebind_static_layer(layer, *state)
 
     @staticmethod
     def hand_back(cache: Any, storage: _CacheTensors) -> None:
         with torch.inference_mode(False):  # it may be used outside inference mode again
             for layer in hf.static_layers(cache) or ():
-                hf.rebind_static_layer(layer, *(t.clone() for t in hf.static_layer_tensors(layer)))
+                state = hf.static_layer_state(layer)
+                hf.rebind_static_layer(layer, *(tuple(t.clone() for t in group) for group in state))
 
     def dropped(self, storage: _CacheTensors) -> None:
         """A cache bound to its tensors keeps them (no one else writes them any more); the graphs reading them go."""
@@ -249,7 +251,7 @@ class StaticDecoder:
                 return self.run_stack(graph_key, **inputs, position_ids=entry.positions, attention_mask=masks,
                                       use_cache=True, **{self.cache_argument: entry.cache})
 
-        lengths = [hf.static_layer_tensors(layer)[2] for layer in layers]
+        lengths = [length for layer in layers for length in hf.static_layer_state(layer)[1]]
         saved = [length.clone() for length in lengths]
         held = hf.host_lengths(layers)
 
@@ -277,7 +279,7 @@ class StaticDecoder:
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor bcg holds for the caches' shapes (bound caches read them too)."""
-        return [t for storage in self.bindings for t in (*storage.keys, *storage.values)]
+        return [t for storage in self.bindings for buffers, _ in storage.layers for t in buffers]
 
     def free_graphs(self) -> None:
         for entry in self.graphs.values():

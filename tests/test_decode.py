@@ -476,8 +476,8 @@ def test_beam_search_on_a_static_cache_binds_the_reordered_layers_again():
     def checked_replay(key, tokens, live, layers):
         hidden = replay(key, tokens, live, layers)
         storage = decoder.bindings.latest()
-        bound.append(all(hf.static_layer_tensors(layer)[0] is keys
-                         for layer, keys in zip(hf.static_layers(live.cache), storage.keys, strict=True)))
+        bound.append(all(hf.static_layer_tensors(layer)[0] is buffers[0]
+                         for layer, (buffers, _) in zip(hf.static_layers(live.cache), storage.layers, strict=True)))
         return hidden
 
     decoder.replay = checked_replay

@@ -11,6 +11,7 @@ through a graph.
 
 import pytest
 import torch
+from transformers import cache_utils
 from transformers.masking_utils import LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING
 
 import bcg
@@ -71,3 +72,22 @@ def test_a_stack_computing_on_a_selection_a_break_returned_stays_eager(monkeypat
             logits = model(input_ids=ids, attention_mask=mask).logits
     assert handle.stats()["replays"] == 0
     torch.testing.assert_close(logits[mask.bool()], expected[mask.bool()], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", ["deepseek_v32", "glm_moe_dsa", "hy_v4", "axk2"])
+def test_indexed_layers_decode_a_static_cache_as_one_graph_per_step(model_type):
+    """transformers' StaticCache keeps an indexed layer's indexer keys and their length counter beside its keys and
+    values (StaticIndexedLayer; a layer reusing another's selection keeps none): a decode step updates them in place,
+    so it is one graph, indexer inside. generate() gives eager's tokens, and a second call replays the same graph."""
+    if not hasattr(cache_utils, "StaticIndexedLayer"):
+        pytest.skip("this transformers has no StaticIndexedLayer (before 5.25): such steps take the breaks")
+    reference, model = _indexed_pair(model_type)
+    handle = bcg.wrap_model(model, backend="eager")
+    ids, mask = left_padded_batch()
+    steps = 5
+    kwargs = dict(attention_mask=mask, max_new_tokens=steps + 1, do_sample=False, pad_token_id=0,
+                  cache_implementation="static")
+    for call in (1, 2):
+        assert torch.equal(model.generate(ids, **kwargs), reference.generate(ids, **kwargs))
+        stats = handle.stats()
+        assert stats["full_graph_replays"] == call * steps and stats["full_graphs"] == 1 and stats["rejects"] == {}

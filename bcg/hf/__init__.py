@@ -75,6 +75,7 @@ from .caches import (  # noqa: F401
     sliding_lengths_as_tensors,
     stack_cache_class,
     static_cache_like,
+    static_layer_state,
     static_layer_tensors,
     static_layers,
     unsupported_cache_reason,

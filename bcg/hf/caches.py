@@ -25,6 +25,7 @@ from transformers.cache_utils import (
 from .models import CACHE_ARGUMENTS, cache_argument, forward_parameters
 
 SUPPORTED_CACHES = (DynamicCache, StaticCache)
+_STATIC_INDEXED_LAYER = getattr(cache_utils, "StaticIndexedLayer", None)
 # DummyLayer (5.24+) holds the slot of a layer that reads another layer's keys/values and is never updated;
 # LinearAttentionCacheLayerMixin layers hold a mixer's convolution / recurrent state (the mixer updates it itself).
 _SUPPORTED_CACHE_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer, StaticLayer, StaticSlidingWindowLayer,
@@ -151,6 +152,8 @@ def _static_and_in_place(layer: Any, new_tokens: int) -> bool:
     kind = type(layer)
     if kind is StaticLayer:
         return layer.is_initialized
+    if kind is _STATIC_INDEXED_LAYER:  # indexer positions, where a model records them, are set per call
+        return layer.is_initialized and layer.indexer_position_ids is None
     return (kind is StaticSlidingWindowLayer and layer.is_initialized
             and (new_tokens == 0 or layer.cumulative_length_int + new_tokens <= layer.max_cache_len))
 
@@ -187,14 +190,33 @@ def sliding_lengths_as_tensors(cache: Any) -> Iterator[None]:
             del layer.get_seq_length
 
 
-def static_layer_tensors(layer: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(keys, values, length counter) of a static cache layer, full or sliding."""
-    return layer.keys, layer.values, layer.cumulative_length
+StaticState = tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]  # (buffers, length counters)
+# An indexed layer (DeepSeek-V3.2's, GLM-MoE-DSA's sparse attention, 5.25+) holds its indexer's keys and their own
+# length counter beside the keys and values.
+_INDEXER_STATE = ("indexer_keys", "indexer_cumulative_length")
 
 
-def rebind_static_layer(layer: Any, keys: torch.Tensor, values: torch.Tensor, length: torch.Tensor) -> None:
+def static_layer_state(layer: Any) -> StaticState:
+    """Every tensor a static cache layer holds, full, sliding or indexed: its buffers (keys, values, and an indexed
+    layer's indexer keys) and their length counters, in one order."""
+    # a layer that reuses another layer's selection keeps no indexer keys
+    if type(layer) is _STATIC_INDEXED_LAYER and layer.is_indexer_initialized:
+        buffers = (layer.keys, layer.values, layer.indexer_keys)
+        return buffers, (layer.cumulative_length, layer.indexer_cumulative_length)
+    return (layer.keys, layer.values), (layer.cumulative_length,)
+
+
+def rebind_static_layer(layer: Any, buffers: tuple[torch.Tensor, ...], counters: tuple[torch.Tensor, ...]) -> None:
     """Point a static cache layer at other tensors of the same shapes (what it held must be copied first)."""
-    layer.keys, layer.values, layer.cumulative_length = keys, values, length
+    layer.keys, layer.values, layer.cumulative_length = buffers[0], buffers[1], counters[0]
+    if len(buffers) > 2:
+        layer.indexer_keys, layer.indexer_cumulative_length = buffers[2], counters[1]
+
+
+def static_layer_tensors(layer: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(keys, values, length counter) of a static cache layer."""
+    (keys, values, *_), (length, *_) = static_layer_state(layer)
+    return keys, values, length
 
 
 def full_dynamic_layers(cache: Any) -> list | None:
@@ -329,7 +351,7 @@ def static_cache_like(config: Any, layers: list, max_cache_len: int) -> tuple[An
     for i, (static, dynamic) in enumerate(zip(cache.layers, layers)):
         static.lazy_initialization(dynamic.keys, dynamic.values)
         if stacked is not None:  # the layer's own allocation goes at once: at most one layer's worth extra
-            rebind_static_layer(static, stacked[0][i], stacked[1][i], static.cumulative_length)
+            rebind_static_layer(static, (stacked[0][i], stacked[1][i]), (static.cumulative_length,))
     return cache, stacked
 
 
