@@ -71,3 +71,12 @@ def test_latent_attention_continuations_equal_eager(model_type, options):
     handle = check_continuations(reference, model, backend="eager", **options)
     assert handle.stats()["rejects"] == {}
     assert (handle.stats()["full_graph_replays"] > 0) == (not options and model_type == "deepseek_v3")
+
+
+def test_decoder_layers_holding_two_attention_layers_replay():
+    """LongCat-Flash's decoder layers each hold two latent-attention sublayers (cache layers 2i and 2i + 1): its stack
+    is the ModuleList of num_hidden_layers / 2 layers, and every sublayer is a break of its own."""
+    reference, model = _pair("longcat_flash", num_hidden_layers=4)
+    assert len(model.model.layers) == 2
+    slots = replayed_equal_to_eager(reference, model)
+    assert [s.layer_idx for s in slots if s.attends] == [0, 1, 2, 3]
