@@ -76,7 +76,7 @@ def test_latent_attention_continuations_equal_eager(model_type, options):
 def test_decoder_layers_holding_two_attention_layers_replay():
     """LongCat-Flash's decoder layers each hold two latent-attention sublayers (cache layers 2i and 2i + 1): its stack
     is the ModuleList of num_hidden_layers / 2 layers, and every sublayer is a break of its own."""
-    reference, model = _pair("longcat_flash", num_hidden_layers=4)
+    reference, model = _pair("longcat_flash", num_layers=2, num_hidden_layers=4)  # 5.17 keeps both fields
     assert len(model.model.layers) == 2
     slots = replayed_equal_to_eager(reference, model)
     assert [s.layer_idx for s in slots if s.attends] == [0, 1, 2, 3]
