@@ -22,7 +22,8 @@ from test_continuation import check_continuations
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 from sweep_architectures import left_padded_batch, small_config  # noqa: E402
 
-LATENT_ATTENTION = ["deepseek_v3", "minicpm3", "glm4_moe_lite", "kimi_linear", "youtu", "bailing_hybrid"]
+LATENT_ATTENTION = [
+    "deepseek_v2", "deepseek_v3", "axk1", "minicpm3", "glm4_moe_lite", "kimi_linear", "youtu", "bailing_hybrid"]
 GENERATE = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
 
 
