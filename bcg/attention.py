@@ -164,6 +164,11 @@ def is_per_call(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter)
 
 
+def per_call_arguments(kwargs: dict) -> list[str]:
+    """The attention kwargs holding tensors computed per call that a break does not take from the live context."""
+    return sorted(k for k, v in kwargs.items() if k not in _PER_CALL_KWARGS and is_per_call(v))
+
+
 @dataclass
 class StackRun:
     """State of one run of the stack under bcg: which break comes next and where its slot lives."""
@@ -238,7 +243,7 @@ class StackRun:
         heads, _, dim = query.shape[1:]
         kv_heads, _, k_dim = key.shape[1:]
         v_dim = value.shape[-1]
-        per_call = sorted(k for k, v in kwargs.items() if k not in _PER_CALL_KWARGS and is_per_call(v))
+        per_call = per_call_arguments(kwargs)
         if per_call:
             raise StructureError(f"{type(module).__name__} (layer {layer_idx}) passes {per_call} to its attention "
                                  "function per call, which bcg's break cannot supply")

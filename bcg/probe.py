@@ -4,9 +4,10 @@ transformers moves the code that touches a mixer's state from release to release
 convolution into a module-level ``causal_conv1d_forward``), so names in a class's code say little. Instead bcg runs the
 stack's own forward eagerly on a two-token prompt and a one-token step, with a cache whose every attribute access is
 recorded against the innermost module running at that moment, and with an attention function that records which
-modules call it and with which keys. A module whose own code reads or writes the cache, that received the cache as an
-argument, and that is not a plain attention call site (one that attends to the keys its cache update returned) runs
-as a break of its own: a stateful mixer, or an attention module that caches compressed latents (MLA).
+modules call it, with which keys and which mask. A module whose own code reads or writes the cache, that received the
+cache as an argument, and that is not a plain attention call site (one that attends to the keys its cache update
+returned, under the mask it was handed) runs as a break of its own: a stateful mixer, an attention module that caches
+compressed latents (MLA), or one that attends under a mask of its own making (a sparse selection, a dynamic mask).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from . import hf
+from .attention import per_call_arguments
 
 PROBE_ATTENTION_NAME = "bcg_probe"
 
@@ -36,12 +38,18 @@ class CacheUse:
     # its attention read keys/values other than the ones its cache update returned (multi-head latent attention
     # caches compressed latents and expands them after): attention's break would cache the wrong tensors
     attends_elsewhere: bool = False
+    # its attention got inputs of the module's own making: another mask than the one it was handed (an indexer's top-k
+    # selection folded in, a dynamic mask) or other tensors computed per call (the selection itself); attention's
+    # break would hand the attention function the layer's mask and capture-time tensors instead
+    own_attention_inputs: bool = False
     _updated: list = field(default_factory=list, repr=False)  # what its cache updates returned
+    _handed_mask: Any = field(default=None, repr=False)  # the attention mask of its latest call
 
     @property
     def plain_attention(self) -> bool:
-        """An AttentionInterface call site whose cache update bcg's attention break can make in its place."""
-        return self.calls_attention and not self.attends_elsewhere
+        """An AttentionInterface call site whose cache update and attention bcg's attention break can make in its
+        place."""
+        return self.calls_attention and not self.attends_elsewhere and not self.own_attention_inputs
 
 
 @dataclass
@@ -57,9 +65,11 @@ class _Recorder:
     def before(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.running.append(module)
         if module is not self.stack and self.cache is not None:
-            argument = _argument_holding(module, self.cache, args, kwargs)
+            arguments = _arguments(module, args, kwargs)
+            argument = next((name for name, value in arguments.items() if value is self.cache), None)
             if argument is not None:
-                self.use(module).argument = argument
+                use = self.use(module)
+                use.argument, use._handed_mask = argument, arguments.get("attention_mask")
 
     def after(self, module: nn.Module, *_: Any) -> None:
         if self.running and self.running[-1] is module:
@@ -75,17 +85,16 @@ class _Recorder:
             self.use(self.running[-1])._updated.extend(t for t in result if isinstance(t, torch.Tensor))
 
 
-def _argument_holding(module: nn.Module, cache: Any, args: tuple, kwargs: dict) -> str | None:
-    for name, value in kwargs.items():
-        if value is cache:
-            return name
-    if any(value is cache for value in args):
-        try:
-            bound = inspect.signature(module.forward).bind_partial(*args)
-        except TypeError:
-            return None
-        return next((name for name, value in bound.arguments.items() if value is cache), None)
-    return None
+def _arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """A module call's arguments by name: its keyword arguments, and its positional ones where they bind to its
+    forward's parameters."""
+    if not args:
+        return kwargs
+    try:
+        bound = inspect.signature(module.forward).bind_partial(*args)
+    except TypeError:
+        return kwargs
+    return {**bound.arguments, **kwargs}
 
 
 def _spied(cache: Any, recorder: _Recorder) -> None:
@@ -133,6 +142,9 @@ def _recording_attention(recorder: _Recorder, original: str | None) -> Callable:
         use.calls_attention = True
         if use._updated and not any(key is t for t in use._updated):
             use.attends_elsewhere = True
+        mask = kwargs["attention_mask"] if "attention_mask" in kwargs else args[0] if args else None
+        if mask is not use._handed_mask or per_call_arguments(kwargs):
+            use.own_attention_inputs = True
         return hf.attention_function(original, module)(module, query, key, value, *args, **kwargs)
 
     return attention
@@ -161,13 +173,15 @@ def cache_uses(stack: nn.Module, config: Any, cache_class: type, cache_argument:
         recorder.uses, recorder.cache, recorder.running, recorder.stack = {}, None, [], None
     for use in uses:
         use._updated.clear()  # the probe's tensors
+        use._handed_mask = None
     return uses
 
 
 def module_breaks(uses: list[CacheUse]) -> list[nn.Module]:
     """The modules that must run eagerly as a break of their own: their own code touched the cache, they received it
     as an argument, and they are no plain attention call site (whose cache update bcg's attention break makes in their
-    place): stateful mixers, and attention that caches something else than what it attends to. Such an attention
+    place): stateful mixers, and attention that caches something else than what it attends to or attends under a mask
+    of its own. Such an attention
     module runs whole, with the modules inside it that touch the cache too (a sparse-attention indexer); otherwise the
     innermost where one holds another (a layer whose own code touches its mixer's state stays captured around it)."""
     candidates = [use for use in uses

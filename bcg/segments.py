@@ -47,7 +47,7 @@ class BreakableStack:
         self.layer_types = getattr(config, "layer_types", None)
         # one break per attention layer and per module break (an attending one in an attention layer is that layer's
         # attention break)
-        self.expected_breaks = hf.attention_layers(config, len(stack.layers)) + sum(
+        self.expected_breaks = hf.attention_layers(config, stack.num_hidden_layers) + sum(
             not (id(module) in breaks.attending and hf.runs_attention(config, module.layer_idx))
             for module in breaks.modules)
         self.layer_of = {id(module): i for i, layer in enumerate(stack.layers) for module in layer.modules()}

@@ -62,8 +62,13 @@ _LINEAR_AND_FULL = ["linear_attention", "full_attention"] * 2
 OVERRIDES: dict[str, tuple[dict, tuple]] = {
     **{t: (_ENCODER_DECODER, ()) for t in ("bart", "mbart", "blenderbot", "blenderbot-small", "marian", "mvp",
                                             "pegasus", "bigbird_pegasus", "plbart", "whisper")},
-    **{t: _LATENT for t in ("axk1", "deepseek_v2", "deepseek_v3", "glm4_moe_lite", "minicpm3", "sarvam_mla",
-                            "longcat_flash", "youtu")},
+    **{t: _LATENT for t in ("deepseek_v3", "glm4_moe_lite", "minicpm3", "sarvam_mla", "youtu")},
+    # two attention sublayers per decoder layer; 5.17 keeps num_layers apart from num_hidden_layers (twice it)
+    "longcat_flash": (dict(num_layers=1), _LATENT[1]),
+    # latent attention with MoE from the first layer: the experts in one group (the default 8 groups of 4 experts hold
+    # none), and the experts per token DeepSeek-V2's config leaves unset
+    "axk1": ({}, ("head_dim", "num_key_value_heads")),
+    "deepseek_v2": (dict(num_experts_per_tok=2), _LATENT[1]),
     **{t: _INDEXED for t in ("axk2", "deepseek_v32", "glm_moe_dsa", "hy_v4")},
     "codegen": (dict(rotary_dim=8), ()),
     "gptj": (dict(rotary_dim=8), ()),

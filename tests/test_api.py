@@ -152,11 +152,6 @@ def _from_config(model_type, **kwargs):
     return build
 
 
-# Two attention sublayers per decoder layer (and latent attention): no ModuleList holds num_hidden_layers layers.
-_TWO_ATTENTIONS_PER_LAYER = _from_config("longcat_flash", num_layers=2, q_lora_rank=32, kv_lora_rank=16,
-                                         qk_nope_head_dim=8, qk_rope_head_dim=8, head_dim=8, v_head_dim=8,
-                                         ffn_hidden_size=64, expert_ffn_hidden_size=32, n_routed_experts=4,
-                                         zero_expert_num=2, moe_topk=2, pad_token_id=0)
 # Two stacks cycled over (a layer list shorter than num_hidden_layers) and a stack that loops over its middle layers.
 _CYCLED_STACKS = _from_config("hrm_text", num_hidden_layers=2, head_dim=16, H_cycles=2, L_cycles=2)
 _LOOPED_LAYERS = _from_config("dory", num_hidden_layers=6, n_input_layers=2, n_output_layers=2, n_recurrent_loops=2,
@@ -166,7 +161,6 @@ _LOOPED_LAYERS = _from_config("dory", num_hidden_layers=6, n_input_layers=2, n_o
 @pytest.mark.parametrize("build, match", [
     (_bloom, "AttentionInterface"), (_dynamic_rope_llama, "dynamic RoPE"),
     (_CYCLED_STACKS, "no layer stack"), (_LOOPED_LAYERS, "several times per forward"),
-    (_TWO_ATTENTIONS_PER_LAYER, "no layer stack"),
 ])
 def test_unsupported_models_warn_once_and_stay_correct(build, match):
     reference, model = build(), build()

@@ -22,7 +22,8 @@ from test_continuation import check_continuations
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 from sweep_architectures import left_padded_batch, small_config  # noqa: E402
 
-LATENT_ATTENTION = ["deepseek_v3", "minicpm3", "glm4_moe_lite", "kimi_linear", "youtu", "bailing_hybrid"]
+LATENT_ATTENTION = [
+    "deepseek_v2", "deepseek_v3", "axk1", "minicpm3", "glm4_moe_lite", "kimi_linear", "youtu", "bailing_hybrid"]
 GENERATE = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
 
 
@@ -71,3 +72,12 @@ def test_latent_attention_continuations_equal_eager(model_type, options):
     handle = check_continuations(reference, model, backend="eager", **options)
     assert handle.stats()["rejects"] == {}
     assert (handle.stats()["full_graph_replays"] > 0) == (not options and model_type == "deepseek_v3")
+
+
+def test_decoder_layers_holding_two_attention_layers_replay():
+    """LongCat-Flash's decoder layers each hold two latent-attention sublayers (cache layers 2i and 2i + 1): its stack
+    is the ModuleList of num_hidden_layers / 2 layers, and every sublayer is a break of its own."""
+    reference, model = _pair("longcat_flash", num_layers=2, num_hidden_layers=4)  # 5.17 keeps both fields
+    assert len(model.model.layers) == 2
+    slots = replayed_equal_to_eager(reference, model)
+    assert [s.layer_idx for s in slots if s.attends] == [0, 1, 2, 3]

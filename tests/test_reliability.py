@@ -233,9 +233,9 @@ def test_failed_capture_releases_its_tensors_even_when_logs_are_kept(monkeypatch
     assert activations and activations[0]() is None
 
 
-def test_an_attention_argument_that_changes_per_call_keeps_the_model_eager(monkeypatch):
+def test_an_attention_module_passing_a_tensor_of_its_own_per_call_is_a_break_of_its_own(monkeypatch):
     """A tensor an attention module hands its attention function per call (Inkling's position bias) would be frozen at
-    its capture value in the break: the model stays eager, naming it."""
+    its capture value in attention's break: the probe sees it, and the whole module runs as a break of its own."""
     import bcg.attention
 
     monkeypatch.setattr(bcg.attention, "_PER_CALL_KWARGS", bcg.attention._PER_CALL_KWARGS - {"position_ids"})
@@ -244,9 +244,11 @@ def test_an_attention_argument_that_changes_per_call_keeps_the_model_eager(monke
     with torch.no_grad():
         expected = reference(input_ids=ids, attention_mask=mask).logits
         handle = bcg.wrap_model(model, backend="eager")
-        with pytest.warns(bcg.BcgFallbackWarning, match=r"passes \['position_ids'\] to its attention function"):
-            logits = model(input_ids=ids, attention_mask=mask).logits
-    assert torch.equal(logits, expected) and not handle.stats()["ready"]
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(logits[mask.bool()], expected[mask.bool()], atol=1e-5, rtol=1e-5)
+    assert handle.stats()["replays"] == 1 and handle.stats()["rejects"] == {}
+    slots = internals.slots(handle, "ids/fast")
+    assert [(type(s.module).__name__, s.attends) for s in slots] == [("LlamaAttention", True)] * 2
 
 
 def test_a_model_that_changes_its_own_buffers_every_call_is_left_eager_after_three_calls():

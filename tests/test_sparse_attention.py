@@ -1,18 +1,19 @@
-"""Indexed / sparse attention (DeepSeek-V3.2, GLM-MoE-DSA, HY-V4, AXK2) and DeepSeek-V4's compressed attention on CPU
-(eager backend, fp32).
+"""Indexed / sparse attention (DeepSeek-V3.2, GLM-MoE-DSA, HY-V4, AXK2), DeepSeek-V4's compressed attention and Doge's
+dynamic-mask attention on CPU (eager backend, fp32), on every transformers of the verified range.
 
 Such an attention module runs an indexer that caches keys of its own and picks the past tokens each query attends to
-(here 4 of them, so the selection bites); DeepSeek-V4's compressor caches compressed blocks. The probe sees the
-attention module attend to other tensors than its cache update returned, and the whole module, its indexer or
+(here 4 of them, so the selection bites); DeepSeek-V4's compressor caches compressed blocks. From 5.25 the module
+attends to other tensors than its cache update returned; before (layer type ``deepseek_sparse_attention``) it caches
+the expanded keys and values but attends under a mask of its own making (the selection folded into the layer's mask,
+or handed to the attention function as indices). Either way the probe sees it, and the whole module, its indexer or
 compressor inside, becomes a break of its own; the rest of the layer is captured. Where a layer reuses an earlier
 layer's top-k selection (GLM-MoE-DSA and HY-V4 "shared" layers), the selection goes from break to break, never
-through a graph.
+through a graph. Doge makes its mask from the values it attends to: its attention is a break of its own too.
 """
 
 import pytest
 import torch
 from transformers import cache_utils
-from transformers.masking_utils import LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING
 
 import bcg
 from test_continuation import check_continuations
@@ -21,20 +22,11 @@ from test_latent_attention import _pair, first_graph_slots, replayed_equal_to_ea
 from sweep_architectures import left_padded_batch  # noqa: E402  (test_latent_attention put scripts/ on the path)
 
 SPARSE_ATTENTION = ["deepseek_v32", "glm_moe_dsa", "hy_v4", "axk2", "deepseek_v4"]
-# Before 5.25 these families' indexed layers have another layer type and mask function: their captures fail and they
-# stay eager with a warning (not yet supported there).
-INDEXED_MASKS = "indexed_attention" in LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING
-
-
-def _indexed_pair(model_type: str, **fields):
-    if model_type != "deepseek_v4" and not INDEXED_MASKS:
-        pytest.skip("this transformers has no indexed_attention mask function (before 5.25): a warned fallback")
-    return _pair(model_type, **fields)
 
 
 @pytest.mark.parametrize("model_type", SPARSE_ATTENTION)
 def test_sparse_attention_is_a_break_of_its_own_and_equals_eager(model_type):
-    reference, model = _indexed_pair(model_type)
+    reference, model = _pair(model_type)
     slots = replayed_equal_to_eager(reference, model)
     # one break per layer, each the whole attention module (its indexer or compressor inside it, not a break)
     assert len(slots) == model.config.num_hidden_layers
@@ -46,7 +38,7 @@ def test_a_shared_top_k_selection_goes_from_break_to_break(model_type):
     """Layers 1 and 3 reuse the selection of the layer before (every layer after the first is handed it): a second turn
     and continuations equal eager's."""
     indexers = ["full", "shared", "full", "shared"]
-    reference, model = _indexed_pair(model_type, indexer_types=indexers)
+    reference, model = _pair(model_type, indexer_types=indexers)
     handle = check_continuations(reference, model, backend="eager")
     assert handle.stats()["rejects"] == {}
     assert [s.layer_idx for s in first_graph_slots(handle) if s.fed] == [1, 2, 3]
@@ -54,7 +46,7 @@ def test_a_shared_top_k_selection_goes_from_break_to_break(model_type):
 
 def test_a_stack_computing_on_a_selection_a_break_returned_stays_eager(monkeypatch):
     """A graph would replay such a computation with the capture's selection: bcg refuses loudly instead."""
-    reference, model = _indexed_pair("hy_v4")
+    reference, model = _pair("hy_v4")
     layer_class = type(model.model.layers[0])
     original = layer_class.forward
 
@@ -81,7 +73,7 @@ def test_indexed_layers_decode_a_static_cache_as_one_graph_per_step(model_type):
     so it is one graph, indexer inside. generate() gives eager's tokens, and a second call replays the same graph."""
     if not hasattr(cache_utils, "StaticIndexedLayer"):
         pytest.skip("this transformers has no StaticIndexedLayer (before 5.25): such steps take the breaks")
-    reference, model = _indexed_pair(model_type)
+    reference, model = _pair(model_type)
     handle = bcg.wrap_model(model, backend="eager")
     ids, mask = left_padded_batch()
     steps = 5
@@ -91,3 +83,15 @@ def test_indexed_layers_decode_a_static_cache_as_one_graph_per_step(model_type):
         assert torch.equal(model.generate(ids, **kwargs), reference.generate(ids, **kwargs))
         stats = handle.stats()
         assert stats["full_graph_replays"] == call * steps and stats["full_graphs"] == 1 and stats["rejects"] == {}
+
+
+def test_attention_under_a_mask_of_its_own_is_a_break_of_its_own():
+    """Doge adds a bias made from the values it attends to (``A`` is zero at init, which hides it: set it here) to the
+    layer's mask; bcg's attention break would hand the attention function the layer's mask alone."""
+    reference, model = _pair("doge")
+    for twin in (reference, model):
+        torch.manual_seed(5)
+        for layer in twin.model.layers:
+            layer.self_attn.A.data.normal_()
+    slots = replayed_equal_to_eager(reference, model)
+    assert [type(s.module).__name__ for s in slots if s.attends] == ["DogeAttention"] * model.config.num_hidden_layers
