@@ -600,12 +600,28 @@ def test_sparse_attention_on_real_graphs(model_type):
     fp32 MoE experts cannot be captured; GLM-MoE-DSA and HY-V4 with layers reusing the selection of the layer before):
     eager's tokens and logits over a second turn and k-token continuations, decode steps through the breaks."""
     from test_continuation import check_continuations
-    from test_sparse_attention import _indexed_pair
+    from test_latent_attention import _pair
 
     fields = dict(mlp_layer_types=["dense"] * 4)
     if model_type in ("glm_moe_dsa", "hy_v4"):
         fields["indexer_types"] = ["full", "shared", "full", "shared"]
-    reference, model = (m.to("cuda") for m in _indexed_pair(model_type, **fields))
+    reference, model = (m.to("cuda") for m in _pair(model_type, **fields))
     handle = check_continuations(reference, model, device="cuda")
     stats = handle.stats()
     assert stats["backend"] == "cuda" and stats["rejects"] == {} and stats["replays"] >= 12, stats
+
+
+@pytest.mark.parametrize("model_type", ["bloom", "gpt_neox_japanese", "xglm", "codegen", "gptj", "falcon"])
+def test_attention_outside_the_interface_on_real_graphs(model_type):
+    """Attention outside the AttentionInterface (Bloom, GPT-NeoX-Japanese, XGLM; CodeGen, GPT-J and Falcon before 5.25)
+    as breaks of their own on real graphs (fp32): eager's tokens and logits over a second turn and k-token
+    continuations; Bloom's ALiBi biases made per call and its decode steps through the breaks, the others' decode
+    steps as one graph on a stand-in."""
+    from test_continuation import check_continuations
+    from test_latent_attention import _pair
+
+    reference, model = (m.to("cuda") for m in _pair(model_type))
+    handle = check_continuations(reference, model, device="cuda")
+    stats = handle.stats()
+    assert stats["backend"] == "cuda" and stats["rejects"] == {} and stats["replays"] >= 12, stats
+    assert (stats["full_graph_replays"] > 0) == (model_type != "bloom"), stats
