@@ -334,9 +334,11 @@ def test_unwrap_frees_what_was_made_for_the_graphs_and_keeps_the_stats():
     ids, mask = left_padded_batch()
     handle = bcg.wrap_model(model, backend="eager", static_cache=True)
     model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
-    held = (lambda: [len(internals.stand_in_decoder(handle).bindings), len(internals.stand_ins(handle).bindings),
-                     len(internals.bridges(handle)), len(internals.breakable_graphs(handle)),
-                     len(internals.stand_in_decoder(handle).graphs)])
+    def held() -> list[int]:
+        return [len(internals.stand_in_decoder(handle).bindings), len(internals.stand_ins(handle).bindings),
+                len(internals.bridges(handle)), len(internals.breakable_graphs(handle)),
+                len(internals.stand_in_decoder(handle).graphs)]
+
     assert all(held())
     replays = handle.stats()["replays"]
     bcg.unwrap_model(model)

@@ -427,9 +427,9 @@ def test_static_cache_decode_is_one_graph_per_step(arch):
 @pytest.mark.parametrize("arch", ["mistral", "gemma2", "gemma3_text"])
 def test_sliding_window_static_caches_decode_as_full_graphs_on_real_graphs(arch):
     """fp32, real graphs: sliding layers short of full decode as one graph per step, building their masks inside the
-    graph from the padding mask; tokens, cache and lengths (Python-side ones too) equal eager's. The cache (11 positions, 9 prompt tokens)
-    is nearly full when the graph is captured: its warm-ups must not write past the end. The prompt runs before
-    wrapping."""
+    graph from the padding mask; tokens, cache and lengths (Python-side ones too) equal eager's. The cache (11
+    positions, 9 prompt tokens) is nearly full when the graph is captured: its warm-ups must not write past the end.
+    The prompt runs before wrapping."""
     from test_decode import _assert_same_cache, decode_after_an_eager_prefill
 
     ids, mask = left_padded_batch(device="cuda")
@@ -588,7 +588,8 @@ def test_latent_attention_on_real_graphs(model_type):
     from test_latent_attention import _pair
 
     reference, model = (m.to("cuda") for m in _pair(model_type))
-    assert getattr(model.config, "first_k_dense_replace", 0) >= model.config.num_hidden_layers or model_type == "minicpm3"
+    dense = getattr(model.config, "first_k_dense_replace", 0) >= model.config.num_hidden_layers
+    assert dense or model_type == "minicpm3"
     handle = check_continuations(reference, model, device="cuda")
     stats = handle.stats()
     assert stats["backend"] == "cuda" and stats["rejects"] == {} and stats["full_graph_replays"] > 0, stats

@@ -65,7 +65,8 @@ def test_which_calls_are_packed():
     assert real_rows(mask[:, -1:], 3, 1, None) is None  # decode steps are never packed (no host sync per step)
     assert real_rows(None, 3, 9, None) is None  # no mask: pads unknown (lm-eval's log-likelihood calls)
     assert real_rows(torch.ones(3, 1, 9, 9), 3, 9, None) is None  # prepared 4D masks pass through unpacked
-    # a mask padded on the right to a static cache's length (Bloom's generate()): the new tokens' columns follow the past
+    # a mask padded on the right to a static cache's length (Bloom's generate()): the new tokens' columns follow the
+    # past
     wide = torch.nn.functional.pad(mask, (0, 5))
     assert real_rows(wide, 3, 9, None).tolist() == real_rows(mask, 3, 9, None).tolist()
 
