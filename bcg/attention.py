@@ -18,13 +18,16 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
 
 from . import hf, varlen
 from .live import LIVE, LiveContext
+
+if TYPE_CHECKING:
+    from .mixers import ModuleBreaks
 
 ATTENTION_NAME = "bcg"
 # Implementations a packed prompt's break may replace by attention per request (varlen.py): SDPA applies the mask
@@ -181,7 +184,7 @@ class StackRun:
     mask_windows: dict[str, int | None]  # hf.mask_windows: which masks varlen.py can reproduce, and their windows
     layer_of: dict[int, int] = field(default_factory=dict)  # id(module) -> index of the stack layer holding it
     configs: list = field(default_factory=list)  # the configs the attention implementation is switched on
-    attending: frozenset = frozenset()  # ids of the attention modules that are breaks of their own (mixers.py)
+    module_breaks: ModuleBreaks | None = None  # the modules that are breaks of their own (mixers.py)
     # A hybrid model's decode step with its mixers inside the graph (mixer_states.py): the cache bound to bcg's state
     # tensors, and the number of sequences (the flat run's first rows).
     mixer_cache: Any = None

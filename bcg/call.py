@@ -61,6 +61,12 @@ def bind_call(parameter_names: list[str], args: tuple, kwargs: dict, known: froz
     return Call(arguments, extra, _autocast_state(device), experts)
 
 
+def named_arguments(forward: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """A call's arguments by name: its positional ones bound to ``forward``'s parameters in order, and its keyword
+    ones."""
+    return {**dict(zip(positional_parameters(forward), args)), **kwargs}
+
+
 def positional_parameters(forward: Any) -> list[str]:
     """Names of the arguments a caller may pass by position, in order."""
     return [name for name, p in hf.forward_parameters(forward).items()

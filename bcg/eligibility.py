@@ -157,7 +157,7 @@ def reject_reason(call: Call, target: Target) -> Rejection | None:
     return None
 
 
-def model_unsupported_reason(model: Any, config: Any, stack_forward: Any) -> str | None:
+def model_unsupported_reason(model: Any, config: Any, stack: nn.Module) -> str | None:
     """Why this model as a whole must stay eager (said once, in a warning), or None."""
     if any(p.device.type == "meta" for p in model.parameters()):
         return "some weights are on the meta device (not loaded)"
@@ -177,9 +177,7 @@ def model_unsupported_reason(model: Any, config: Any, stack_forward: Any) -> str
     implementation = hf.attention_implementation_of(config) or "eager"
     if implementation.startswith("paged"):
         return f"attention implementation '{implementation}' manages its own cache"
-    if not hf.uses_attention_interface(model):
-        return f"{type(model).__name__}'s attention does not go through transformers' AttentionInterface"
-    missing = hf.missing_stack_arguments(stack_forward)
+    missing = hf.missing_stack_arguments(stack)
     if missing and hf.attention_layers(config, getattr(config, "num_hidden_layers", 0) or 0) == 0:
         return ("an attention-free model (every layer a state-space mixer, as in Mamba): its stack takes no "
                 f"{missing}, and bcg replays only stacks with attention")
@@ -197,4 +195,17 @@ def uncovered_layers_reason(config: Any, break_layers: set[int]) -> str | None:
         return (f"layers {missing} ({', '.join(types)}) are no plain attention, and running the stack once found no "
                 "module there that bcg can run as a break of its own (one that received the cache and read or wrote "
                 "it)")
+    return None
+
+
+def outside_interface_reason(stack: nn.Module, config: Any, num_layers: int, attention_layers: set[int]) -> str | None:
+    """Why a model whose attention does not go through the AttentionInterface must stay eager: attention layers where
+    running the stack once found no attention module that bcg can run as a break of its own (one that received the
+    cache and updated its keys and values): their attention would be captured with the capture's mask."""
+    if hf.uses_attention_interface(stack):
+        return None
+    if missing := [i for i in range(num_layers) if hf.runs_attention(config, i) and i not in attention_layers]:
+        return (f"{type(stack).__name__}'s attention does not go through transformers' AttentionInterface, and running "
+                f"the stack once found no attention module in layers {missing} that bcg can run as a break of its own "
+                "(one that received the cache and updated its keys and values)")
     return None

@@ -31,14 +31,17 @@ class FullGraphDecode:
             return StaticDecoder(backend, segments.run_whole, segments.cache_argument, contexts.masks)
 
         self.decoder = decoder()
+        # A stack that builds ALiBi biases from the 2D padding mask (Bloom) cannot take a full graph's prepared masks:
+        # its steps take the breaks, whose attention gets the biases made for the live call.
+        self.possible = not hf.builds_alibi(segments.stack.module)
         # static_cache=True: dynamic caches' decode steps run on static stand-ins, with full graphs of their own
-        self.stand_ins = StandIns(contexts.config) if static_cache else None
-        self.stand_in_decoder = decoder() if static_cache else None
+        stand_ins = static_cache and self.possible
+        self.stand_ins = StandIns(contexts.config) if stand_ins else None
+        self.stand_in_decoder = decoder() if stand_ins else None
 
-    @staticmethod
-    def static_layers(call: Call) -> list | None:
+    def static_layers(self, call: Call) -> list | None:
         """A decode step's StaticCache layers when one graph can update them in place (decode.StaticDecoder)."""
-        return StaticDecoder.layers_for(call)
+        return StaticDecoder.layers_for(call) if self.possible else None
 
     def takes_stand_in(self, call: Call, key: GraphKey) -> bool:
         """A decode step a stand-in can serve, unless its full graph failed to capture for this batch."""

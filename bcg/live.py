@@ -54,6 +54,7 @@ class LiveContext:
     capture_mixers: tuple[Any, int] | None = None
     shared_kv: dict = field(default_factory=dict, repr=False)  # layer type -> keys/values a storing layer left
     returned: dict = field(default_factory=dict, repr=False)  # id(module break slot) -> what it returned after hidden
+    stack_arguments: dict = field(default_factory=dict, repr=False)  # what the stack makes per call: hf.stack_arguments
     _views: dict = field(default_factory=dict, repr=False)
 
     def inline_mixers(self) -> tuple[Any, int]:
@@ -113,28 +114,38 @@ class LiveContext:
         return padded.index_copy_(0, self.rows, hidden).view(self.batch, self.seq, -1)
 
 
-def real_rows(attention_mask: Any, batch: int, seq: int) -> torch.Tensor | None:
+def real_rows(attention_mask: Any, batch: int, seq: int, cache: Any) -> torch.Tensor | None:
     """The flat indices of a multi-token call's real tokens when its 2D mask pads some of them, else None.
 
     Reads the mask on the host once (a sync per prefill); decode steps (one token per sequence) are never packed.
     """
     if seq < 2 or not (isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2):
         return None
-    live = attention_mask[:, -seq:].reshape(-1) != 0
+    live = _new_columns(attention_mask, seq, cache).reshape(-1) != 0
     rows = live.nonzero().squeeze(1)
     return rows if 0 < rows.numel() < batch * seq else None
+
+
+def _new_columns(attention_mask: torch.Tensor, seq: int, cache: Any) -> torch.Tensor:
+    """The columns of a 2D mask that cover the call's new tokens: its last ``seq``, or, in a mask wider than the past
+    and new tokens (padded on the right to a static cache's length, as Bloom's generate() does), those after the
+    past, as transformers reads them."""
+    past = hf.past_length(cache) if attention_mask.shape[-1] > seq else 0
+    if attention_mask.shape[-1] > past + seq:
+        return attention_mask[:, past:past + seq]
+    return attention_mask[:, -seq:]
 
 
 LIVE: ContextVar[LiveContext | None] = ContextVar("bcg_live_context", default=None)
 
 
 def capture_context(bucket: int, mixers: tuple[Any, int] | None = None, masks: torch.Tensor | dict | None = None,
-                    positions: torch.Tensor | None = None) -> LiveContext:
+                    positions: torch.Tensor | None = None, stack_arguments: dict | None = None) -> LiveContext:
     """The context breaks see while a graph is warmed up or captured: one flat causal run, no cache (``mixers``: the
-    cache a decode graph's inline mixers update, and its sequences; ``masks`` and ``positions``: that run's, for module
-    breaks that read them themselves)."""
+    cache a decode graph's inline mixers update, and its sequences; ``masks``, ``positions`` and ``stack_arguments``:
+    that run's, for module breaks that read them themselves)."""
     return LiveContext(batch=1, seq=bucket, num_tokens=bucket, bucket=bucket, masks=masks, position_ids=positions,
-                       capture_mixers=mixers)
+                       capture_mixers=mixers, stack_arguments=stack_arguments or {})
 
 
 def default_position_ids(
@@ -225,4 +236,8 @@ class ContextBuilder:
         requests = None
         if rows is not None and self.varlen_prompts and hf.past_length(cache) == 0:
             requests = varlen.requests_of(mask, seq)
-        return LiveContext(batch, seq, num_tokens, bucket, cache, masks, positions, rows, requests)
+        padding = mask if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
+        stack_arguments = hf.stack_arguments(self.target.module, padding, cache, batch, seq, self.target.dtype,
+                                             self.target.device)
+        return LiveContext(batch, seq, num_tokens, bucket, cache, masks, positions, rows, requests,
+                           stack_arguments=stack_arguments)

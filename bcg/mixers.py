@@ -26,16 +26,19 @@ from torch import nn
 
 from . import hf, patching, probe
 from .attention import ACTIVE_RUN, StackRun, StructureError, is_per_call
-from .eligibility import uncovered_layers_reason
+from .call import named_arguments, positional_parameters
+from .eligibility import outside_interface_reason, uncovered_layers_reason
 from .live import LIVE
 from .resolve import Stack
 
-# Arguments a mixer call may carry that differ per call: the break supplies the live ones.
-_LIVE_ARGUMENTS = frozenset({"attention_mask", "use_cache", "position_ids", *hf.MIXER_CACHE_ARGUMENTS})
-# Per-token tensors the stack computes from the positions inside the graph (Zamba2's and MiniMax's mixers receive the
-# rotary embeddings): the break hands the mixer those of the bucket it replays (a CUDA graph rewrites them in place),
-# laid out as the call's [B, S] tokens. Any other per-call tensor keeps the model eager: it could hold capture state.
-_GRAPH_ARGUMENTS = frozenset({"position_embeddings"})
+# Arguments a mixer call may carry that differ per call: the break supplies the live ones (and the live cache).
+_LIVE_ARGUMENTS = frozenset({"attention_mask", "use_cache", "position_ids"})
+# Per-token tensors the stack computes inside the graph (Zamba2's and MiniMax's mixers receive the rotary embeddings,
+# Bloom's attention the residual stream it adds its output to): the break hands the module those of the bucket it
+# replays (a CUDA graph rewrites them in place), laid out as the call's [B, S] tokens. Besides these and what the stack
+# computes per call for its layers (hf.stack_arguments: Bloom's ALiBi biases, made anew for the live call), any other
+# per-call tensor keeps the model eager: it could hold capture state.
+_GRAPH_ARGUMENTS = frozenset({"position_embeddings", "residual"})
 
 
 @dataclass
@@ -55,6 +58,7 @@ class MixerSlot:
     # arguments an earlier break returned besides its hidden states (DSA's top-k indices, shared with later layers):
     # name -> (that break's slot, index among its extras)
     fed: dict = field(default_factory=dict)
+    recomputed: tuple[str, ...] = ()  # arguments the stack computes per call, taken from the live call's own
     graph_tensors: dict = field(default_factory=dict)  # bucket -> tensor arguments that graph computed
     # an attention module that is a break of its own (MLA: it caches latents): the layer's attention mask, and its
     # attention function the model's own, not bcg's (``configs`` switched back while it runs)
@@ -81,6 +85,8 @@ class MixerSlot:
             kwargs[name] = _relaid(value, live)
         for name, (source, index) in self.fed.items():
             kwargs[name] = live.returned[id(source)][index]
+        for name in self.recomputed:
+            kwargs[name] = live.stack_arguments[name]
         with _own_attention(self):
             result = self.forward(hidden_states=live.token_input(self.hidden), **kwargs,
                                   **{self.cache_argument: live.cache})
@@ -117,10 +123,12 @@ def _padding_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
 @dataclass(frozen=True)
 class ModuleBreaks:
     """The modules that run as breaks of their own (probe.module_breaks): stateful mixers, and attention modules that
-    cache something else than what they attend to (``attending``: their ids)."""
+    cache something else than what they attend to, attend under a mask of their own or go around the
+    AttentionInterface (``attending``: their ids)."""
 
     modules: list[nn.Module] = field(default_factory=list)
     attending: frozenset[int] = frozenset()
+    cache_arguments: dict[int, str] = field(default_factory=dict)  # id -> the keyword the cache reached it under
 
     @property
     def mixers_only(self) -> bool:
@@ -138,10 +146,13 @@ def find_module_breaks(stack: Stack, device: torch.device) -> tuple[ModuleBreaks
     except Exception as error:  # a model that cannot run this probe could not run bcg's capture either
         return ModuleBreaks(), (f"running the stack once to see how it uses the cache failed "
                                 f"({type(error).__name__}: {error})")
-    modules = [m for m in probe.module_breaks(uses) if hf.mixer_cache_argument(m) is not None]
-    attending = frozenset(id(use.module) for use in uses if use.calls_attention and use.module in modules)
-    found = ModuleBreaks(modules, attending)
-    return found, uncovered_layers_reason(stack.config, {m.layer_idx for m in modules})
+    by_module = {id(use.module): use for use in uses}
+    chosen = [by_module[id(m)] for m in probe.module_breaks(uses)]
+    found = ModuleBreaks([use.module for use in chosen], frozenset(id(use.module) for use in chosen if use.attends),
+                         {id(use.module): use.argument for use in chosen})
+    attention = {use.module.layer_idx for use in chosen if use.attends}
+    return found, (uncovered_layers_reason(stack.config, {use.module.layer_idx for use in chosen})
+                   or outside_interface_reason(stack.module, stack.config, stack.num_hidden_layers, attention))
 
 
 def _mixer_forward(module: nn.Module, forward: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -149,9 +160,10 @@ def _mixer_forward(module: nn.Module, forward: Callable, *args: Any, **kwargs: A
     run = ACTIVE_RUN.get()
     if run is None:  # a call outside bcg's runs (another thread): the mixer as it is
         return forward(*args, **kwargs)
-    if len(args) > 1 or (args and "hidden_states" in kwargs):
+    kwargs = named_arguments(forward, args, kwargs)
+    if len(args) > len(positional_parameters(forward)) or "hidden_states" not in kwargs:
         raise StructureError(f"{type(module).__name__} was called with positional arguments bcg cannot route")
-    hidden_states = args[0] if args else kwargs.pop("hidden_states")
+    hidden_states = kwargs.pop("hidden_states")
     if hidden_states.shape[0] != 1:
         raise RuntimeError(f"bcg captures a flat [1, N] token run, got a batch of {hidden_states.shape[0]}")
     if run.mixer_cache is not None:
@@ -198,7 +210,7 @@ def _passed_on(slot: MixerSlot) -> tuple:
     tensor as a ``BreakReturned`` that later breaks map back to the live one."""
     passed = []
     for index, value in enumerate(LIVE.get().returned.get(id(slot), ())):
-        if isinstance(value, torch.Tensor):
+        if is_per_call(value):  # a weight it returns (GPT-NeoX-Japanese's attention bias) is no per-call value
             value = value.as_subclass(BreakReturned)
             value.source = (slot, index)
         passed.append(value)
@@ -211,8 +223,9 @@ def _decode_step_inline(module: nn.Module, forward: Callable, hidden_states: tor
     with the cache bound to bcg's state tensors (updated in place) and what transformers hands a mixer in a decode
     step (no padding mask: the stack gives None once the cache holds a past)."""
     batch = run.decode_batch
+    cache_argument = run.module_breaks.cache_arguments[id(module)]
     arguments = {k: _decode_layout(v, batch, hidden_states.shape[1], module) for k, v in kwargs.items()
-                 if k not in _LIVE_ARGUMENTS}
+                 if k not in _LIVE_ARGUMENTS and k != cache_argument}
     if "attention_mask" in kwargs:
         arguments["attention_mask"] = None
     if "use_cache" in kwargs:
@@ -220,7 +233,7 @@ def _decode_step_inline(module: nn.Module, forward: Callable, hidden_states: tor
     if "position_ids" in kwargs:
         arguments["position_ids"] = _decode_layout(kwargs["position_ids"], batch, hidden_states.shape[1], module)
     result = forward(hidden_states=hidden_states[0, :batch].unsqueeze(1), **arguments,
-                     **{hf.mixer_cache_argument(module): run.mixer_cache})
+                     **{cache_argument: run.mixer_cache})
     returns_tuple = isinstance(result, tuple) and bool(result)
     step = result[0] if returns_tuple else result
     output = hidden_states.clone()  # the flat run's rows beyond the batch keep their (harmless) pad values
@@ -245,24 +258,32 @@ def _decode_layout(value: Any, batch: int, tokens: int, module: nn.Module) -> An
 
 def _new_slot(run: StackRun, module: nn.Module, forward: Callable, hidden_states: torch.Tensor,
               kwargs: dict) -> MixerSlot:
+    cache_argument = run.module_breaks.cache_arguments[id(module)]
+    live = _LIVE_ARGUMENTS | {cache_argument}
     fed = {k: v.source for k, v in kwargs.items() if isinstance(v, BreakReturned)}
-    per_call = sorted(k for k, v in kwargs.items() if k not in _LIVE_ARGUMENTS and k not in fed and is_per_call(v))
-    unsupplied = [k for k in per_call if k not in _GRAPH_ARGUMENTS or not _per_token(kwargs[k], hidden_states.shape[1])]
+    per_call = sorted(k for k, v in kwargs.items() if k not in live and k not in fed and is_per_call(v))
+    recomputed = tuple(k for k in per_call if k in LIVE.get().stack_arguments)
+    unsupplied = [k for k in per_call if k not in recomputed
+                  and (k not in _GRAPH_ARGUMENTS or not _per_token(kwargs[k], hidden_states.shape[1]))]
     if unsupplied:
         raise StructureError(f"{type(module).__name__} (layer {module.layer_idx}) takes {unsupplied} per call, which "
                              "bcg's mixer break cannot supply")
+    if not isinstance(mask := kwargs.get("attention_mask"), torch.Tensor | None):
+        raise StructureError(f"{type(module).__name__} (layer {module.layer_idx}) takes its attention mask as a "
+                             f"{type(mask).__name__}, where bcg's break hands it the layer's mask tensor")
     width, dtype = hidden_states.shape[-1], hidden_states.dtype
     return MixerSlot(
         module=module,
-        attends=id(module) in run.attending,
+        attends=id(module) in run.module_breaks.attending,
         configs=run.configs,
         implementation=run.original_implementation,
         layer_idx=module.layer_idx,
         layer_type=run.layer_type(module.layer_idx),
         forward=forward,
-        cache_argument=hf.mixer_cache_argument(module),
-        kwargs={k: v for k, v in kwargs.items() if k not in _LIVE_ARGUMENTS and not is_per_call(v)},
+        cache_argument=cache_argument,
+        kwargs={k: v for k, v in kwargs.items() if k not in live and not is_per_call(v)},
         fed=fed,
+        recomputed=recomputed,
         live_arguments=frozenset(kwargs) & _LIVE_ARGUMENTS,
         hidden=run.bridges.get("hidden", (width,), dtype),
         out=run.bridges.get("out", (width,), dtype),

@@ -104,7 +104,7 @@ def plan_call(call: Call, target: Target, settings: Settings, failed: Container[
         return Plan(Path.EAGER, rejection=rejection)
     batch, seq = call.tokens.shape[:2]
     # A padded call is packed before it is bucketed: the segments compute (and buckets count) its real tokens only.
-    rows = real_rows(call.get("attention_mask"), batch, seq)
+    rows = real_rows(call.get("attention_mask"), batch, seq, call.cache)
     num_tokens = rows.numel() if rows is not None else batch * seq
     bucket = pick_bucket(target.sizes, num_tokens)
     if bucket is None:

@@ -12,7 +12,6 @@ compressed latents (MLA), or one that attends under a mask of its own making (a 
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from torch import nn
 
 from . import hf
 from .attention import per_call_arguments
+from .call import named_arguments
 
 PROBE_ATTENTION_NAME = "bcg_probe"
 
@@ -35,6 +35,7 @@ class CacheUse:
     argument: str | None = None  # the parameter of its forward the cache arrived under (None: not passed to it)
     touched: set[str] = field(default_factory=set)  # cache attributes its own code used (not its submodules')
     calls_attention: bool = False  # it called the attention function (an AttentionInterface call site)
+    updates_keys_values: bool = False  # it updated the cache's keys and values itself (attention, in or outside it)
     # its attention read keys/values other than the ones its cache update returned (multi-head latent attention
     # caches compressed latents and expands them after): attention's break would cache the wrong tensors
     attends_elsewhere: bool = False
@@ -51,6 +52,12 @@ class CacheUse:
         place."""
         return self.calls_attention and not self.attends_elsewhere and not self.own_attention_inputs
 
+    @property
+    def attends(self) -> bool:
+        """Attention: it called the attention function, or updated the cache's keys and values (attention outside the
+        AttentionInterface, as Bloom's); it reads the layer's attention mask, not a mixer's padding mask."""
+        return self.calls_attention or self.updates_keys_values
+
 
 @dataclass
 class _Recorder:
@@ -65,7 +72,7 @@ class _Recorder:
     def before(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.running.append(module)
         if module is not self.stack and self.cache is not None:
-            arguments = _arguments(module, args, kwargs)
+            arguments = named_arguments(module.forward, args, kwargs)
             argument = next((name for name, value in arguments.items() if value is self.cache), None)
             if argument is not None:
                 use = self.use(module)
@@ -82,19 +89,9 @@ class _Recorder:
     def updated(self, result: Any) -> None:
         """A cache update's (keys, values) as the module that made it got them back."""
         if self.running and self.running[-1] is not self.stack:
-            self.use(self.running[-1])._updated.extend(t for t in result if isinstance(t, torch.Tensor))
-
-
-def _arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
-    """A module call's arguments by name: its keyword arguments, and its positional ones where they bind to its
-    forward's parameters."""
-    if not args:
-        return kwargs
-    try:
-        bound = inspect.signature(module.forward).bind_partial(*args)
-    except TypeError:
-        return kwargs
-    return {**bound.arguments, **kwargs}
+            use = self.use(self.running[-1])
+            use.updates_keys_values = True
+            use._updated.extend(t for t in result if isinstance(t, torch.Tensor))
 
 
 def _spied(cache: Any, recorder: _Recorder) -> None:
@@ -180,15 +177,17 @@ def cache_uses(stack: nn.Module, config: Any, cache_class: type, cache_argument:
 def module_breaks(uses: list[CacheUse]) -> list[nn.Module]:
     """The modules that must run eagerly as a break of their own: their own code touched the cache, they received it
     as an argument, and they are no plain attention call site (whose cache update bcg's attention break makes in their
-    place): stateful mixers, and attention that caches something else than what it attends to or attends under a mask
-    of its own. Such an attention
+    place) nor hold one (its break would run inside theirs): stateful mixers, and attention that caches something else
+    than what it attends to, attends under a mask of its own or goes around the AttentionInterface. Such an attention
     module runs whole, with the modules inside it that touch the cache too (a sparse-attention indexer); otherwise the
     innermost where one holds another (a layer whose own code touches its mixer's state stays captured around it)."""
+    plain = {id(use.module) for use in uses if use.plain_attention}
     candidates = [use for use in uses
                   if use.touched and use.argument is not None and not use.plain_attention
                   and isinstance(getattr(use.module, "layer_idx", None), int)
-                  and not isinstance(use.module.layer_idx, bool)]
-    inside_attention = {id(sub) for use in candidates if use.calls_attention
+                  and not isinstance(use.module.layer_idx, bool)
+                  and not any(id(sub) in plain for sub in use.module.modules())]
+    inside_attention = {id(sub) for use in candidates if use.attends
                         for sub in use.module.modules() if sub is not use.module}
     modules = [use.module for use in candidates if id(use.module) not in inside_attention]
     found = {id(module) for module in modules}

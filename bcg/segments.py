@@ -72,7 +72,9 @@ class BreakableStack:
         """Capture the graph of ``key`` and ``bucket``; ``mixer_cache``: (cache bound to bcg's mixer states, sequences)
         for a decode step's graph with the mixers inside."""
         positions = torch.arange(bucket, device=self.device).unsqueeze(0)
-        token = LIVE.set(capture_context(bucket, mixer_cache, self._capture_masks(positions), positions))
+        stack_arguments = hf.stack_arguments(self.stack.module, None, None, 1, bucket, self.dtype, self.device)
+        token = LIVE.set(capture_context(bucket, mixer_cache, self._capture_masks(positions), positions,
+                                         stack_arguments))
         try:
             if key.inputs == "embeds" and self.static_embeds is None:
                 shape = (1, self.bridges.max_tokens, self.stack.config.hidden_size)
@@ -93,7 +95,7 @@ class BreakableStack:
     def _run(self, key: GraphKey, bucket: int) -> torch.Tensor:
         """One run of the original stack forward on the static inputs, attention routed through the breaks."""
         run = StackRun(self.slots.setdefault(key, []), self.bridges, self.original_implementation, self.layer_types,
-                       self.break_fn, self.mask_windows, self.layer_of, self.configs, self.breaks.attending)
+                       self.break_fn, self.mask_windows, self.layer_of, self.configs, self.breaks)
         expected_breaks = self.expected_breaks
         if key.mixers is not None:  # the mixers run inside the graph, on the cache bound to bcg's state tensors
             run.mixer_cache, run.decode_batch = LIVE.get().inline_mixers()

@@ -252,7 +252,7 @@ def wrap_model(
     stack = find_stack(model)
     breaks = ModuleBreaks()
     reason = "no layer stack found (no module holds a ModuleList of num_hidden_layers layers)" if stack is None else (
-        model_unsupported_reason(model, stack.config, stack.module.forward)
+        model_unsupported_reason(model, stack.config, stack.module)
     )
     if reason is None:
         breaks, reason = find_module_breaks(stack, device)

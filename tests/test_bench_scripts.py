@@ -163,9 +163,9 @@ def test_bench_prefill_without_gpu_defaults_to_the_quick_check(tmp_path, capsys)
 def test_sweep_architectures_classifies_types_and_fails_on_a_mismatch(tmp_path, monkeypatch):
     import sweep_architectures
 
-    assert sweep_architectures.main(["--types", "llama", "bloom", "--jobs", "2", "--out-dir", str(tmp_path)]) == 0
+    assert sweep_architectures.main(["--types", "llama", "mamba", "--jobs", "2", "--out-dir", str(tmp_path)]) == 0
     outcomes = {r["model_type"]: r["outcome"] for r in _rows(tmp_path / "sweep_architectures.json")}
-    assert outcomes == {"llama": "replays", "bloom": "fallback"}
+    assert outcomes == {"llama": "replays", "mamba": "fallback"}
     static = ["--generate", '{"cache_implementation": "static"}', "--out-name", "static"]
     assert sweep_architectures.main(["--types", "llama", "--out-dir", str(tmp_path), *static]) == 0
     (row,) = _rows(tmp_path / "static.json")

@@ -153,7 +153,8 @@ def test_sliding_window_static_caches_decode_as_full_graphs_until_the_window_is_
     """A sliding layer updates in place until its window is full (a 9-token prompt, window 12: three steps), then rolls
     it (an index built on the host: the breaks). Tokens, cache and its lengths equal eager's either way, with capture
     running cuda's warm-ups (each must find the cache as the step did, Python-side counts included)."""
-    stats = _static_generate_equals_eager(tiny_model(arch, sliding_window=window), tiny_model(arch, sliding_window=window))
+    stats = _static_generate_equals_eager(tiny_model(arch, sliding_window=window),
+                                          tiny_model(arch, sliding_window=window))
     assert stats["full_graph_replays"] == full_graph_steps and stats["replays"] == 1 + STEPS
     assert stats["rejects"] == {} and stats["capture_failures"] == {}
 
@@ -508,7 +509,8 @@ def test_in_graph_masks_follow_the_attention_implementation_and_an_absent_mask(i
     for got, want in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert handle.stats()["full_graph_replays"] == STEPS
-    assert [entry.masks for entry in internals.full_decoder(handle).graphs.values()] == [None]  # no padding mask to copy
+    # no padding mask to copy
+    assert [entry.masks for entry in internals.full_decoder(handle).graphs.values()] == [None]
 
 
 def test_a_stand_in_too_large_for_the_free_memory_is_not_made_and_the_breaks_serve(monkeypatch):
@@ -526,7 +528,8 @@ def test_a_stand_in_too_large_for_the_free_memory_is_not_made_and_the_breaks_ser
     assert len([w for w in caught if issubclass(w.category, bcg.BcgFallbackWarning)]) == 1
     assert torch.equal(got.sequences, reference.generate(ids, attention_mask=mask, **GENERATE).sequences)
     stats = handle.stats()
-    assert stats["full_graph_replays"] == 0 and stats["replays"] == 2 * (1 + STEPS) and not internals.stand_ins(handle).bindings
+    assert stats["full_graph_replays"] == 0 and stats["replays"] == 2 * (1 + STEPS)
+    assert not internals.stand_ins(handle).bindings
 
 
 def test_masked_gqa_applies_to_the_capturing_thread_only_and_is_put_back_after_overlapping_captures():

@@ -50,8 +50,8 @@ def test_a_kernelizable_rotary_function_object_is_looked_through(monkeypatch):
     assert find_fusions(tiny_model("qwen3").model).rotary_modules == [modeling_qwen3]
 
 
-@pytest.mark.parametrize("arch, norms, rotary, unmatched",
-                         [("gemma", 0, True, ["GemmaRMSNorm"]), ("gpt2", 0, False, []), ("phi", 0, True, [])])
+@pytest.mark.parametrize("arch, norms, rotary, unmatched", [("gemma", 0, True, ["GemmaRMSNorm"]),
+                                                            ("gpt2", 0, False, []), ("phi", 0, True, [])])
 def test_code_that_differs_from_llama_is_left_alone_and_named(arch, norms, rotary, unmatched):
     # Gemma's norm scales by (1 + weight), GPT-2 and Phi use LayerNorm, GPT-2 has no rotary code.
     fusions = find_fusions(tiny_model(arch).model if arch != "gpt2" else tiny_model(arch).transformer)

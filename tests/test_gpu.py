@@ -503,9 +503,9 @@ def test_static_cache_decode_is_one_graph_per_step(arch):
 @pytest.mark.parametrize("arch", ["mistral", "gemma2", "gemma3_text"])
 def test_sliding_window_static_caches_decode_as_full_graphs_on_real_graphs(arch):
     """fp32, real graphs: sliding layers short of full decode as one graph per step, building their masks inside the
-    graph from the padding mask; tokens, cache and lengths (Python-side ones too) equal eager's. The cache (11 positions, 9 prompt tokens)
-    is nearly full when the graph is captured: its warm-ups must not write past the end. The prompt runs before
-    wrapping."""
+    graph from the padding mask; tokens, cache and lengths (Python-side ones too) equal eager's. The cache (11
+    positions, 9 prompt tokens) is nearly full when the graph is captured: its warm-ups must not write past the end.
+    The prompt runs before wrapping."""
     from test_decode import _assert_same_cache, decode_after_an_eager_prefill
 
     ids, mask = left_padded_batch(device="cuda")
@@ -664,7 +664,8 @@ def test_latent_attention_on_real_graphs(model_type):
     from test_latent_attention import _pair
 
     reference, model = (m.to("cuda") for m in _pair(model_type))
-    assert getattr(model.config, "first_k_dense_replace", 0) >= model.config.num_hidden_layers or model_type == "minicpm3"
+    dense = getattr(model.config, "first_k_dense_replace", 0) >= model.config.num_hidden_layers
+    assert dense or model_type == "minicpm3"
     handle = check_continuations(reference, model, device="cuda")
     stats = handle.stats()
     assert stats["backend"] == "cuda" and stats["rejects"] == {} and stats["full_graph_replays"] > 0, stats
@@ -676,12 +677,12 @@ def test_sparse_attention_on_real_graphs(model_type):
     fp32 MoE experts cannot be captured; GLM-MoE-DSA and HY-V4 with layers reusing the selection of the layer before):
     eager's tokens and logits over a second turn and k-token continuations, decode steps through the breaks."""
     from test_continuation import check_continuations
-    from test_sparse_attention import _indexed_pair
+    from test_latent_attention import _pair
 
     fields = dict(mlp_layer_types=["dense"] * 4)
     if model_type in ("glm_moe_dsa", "hy_v4"):
         fields["indexer_types"] = ["full", "shared", "full", "shared"]
-    reference, model = (m.to("cuda") for m in _indexed_pair(model_type, **fields))
+    reference, model = (m.to("cuda") for m in _pair(model_type, **fields))
     handle = check_continuations(reference, model, device="cuda")
     stats = handle.stats()
     assert stats["backend"] == "cuda" and stats["rejects"] == {} and stats["replays"] >= 12, stats
@@ -716,3 +717,19 @@ def test_a_full_graph_decode_step_never_synchronizes_the_device(cache_implementa
     stats = handle.stats()
     assert stats["replays"] - replays == GENERATE["max_new_tokens"] and stats["rejects"] == {}  # prefill + 7 steps
     assert stats["full_graph_replays"] - full_graph_replays == GENERATE["max_new_tokens"] - 1
+
+
+@pytest.mark.parametrize("model_type", ["bloom", "gpt_neox_japanese", "xglm", "codegen", "gptj", "falcon"])
+def test_attention_outside_the_interface_on_real_graphs(model_type):
+    """Attention outside the AttentionInterface (Bloom, GPT-NeoX-Japanese, XGLM; CodeGen, GPT-J and Falcon before 5.25)
+    as breaks of their own on real graphs (fp32): eager's tokens and logits over a second turn and k-token
+    continuations; Bloom's ALiBi biases made per call and its decode steps through the breaks, the others' decode
+    steps as one graph on a stand-in."""
+    from test_continuation import check_continuations
+    from test_latent_attention import _pair
+
+    reference, model = (m.to("cuda") for m in _pair(model_type))
+    handle = check_continuations(reference, model, device="cuda")
+    stats = handle.stats()
+    assert stats["backend"] == "cuda" and stats["rejects"] == {} and stats["replays"] >= 12, stats
+    assert (stats["full_graph_replays"] > 0) == (model_type != "bloom"), stats

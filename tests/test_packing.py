@@ -60,11 +60,15 @@ def test_generate_after_a_packed_prefill_and_cache_contents_match_eager():
 
 def test_which_calls_are_packed():
     ids, mask = left_padded_batch()
-    assert real_rows(mask, 3, 9).tolist() == [i for i in range(27) if mask.reshape(-1)[i]]
-    assert real_rows(torch.ones(3, 9, dtype=torch.long), 3, 9) is None  # nothing to drop
-    assert real_rows(mask[:, -1:], 3, 1) is None  # decode steps are never packed (no host sync per step)
-    assert real_rows(None, 3, 9) is None  # no mask: pads unknown (lm-eval's log-likelihood calls)
-    assert real_rows(torch.ones(3, 1, 9, 9), 3, 9) is None  # prepared 4D masks pass through unpacked
+    assert real_rows(mask, 3, 9, None).tolist() == [i for i in range(27) if mask.reshape(-1)[i]]
+    assert real_rows(torch.ones(3, 9, dtype=torch.long), 3, 9, None) is None  # nothing to drop
+    assert real_rows(mask[:, -1:], 3, 1, None) is None  # decode steps are never packed (no host sync per step)
+    assert real_rows(None, 3, 9, None) is None  # no mask: pads unknown (lm-eval's log-likelihood calls)
+    assert real_rows(torch.ones(3, 1, 9, 9), 3, 9, None) is None  # prepared 4D masks pass through unpacked
+    # a mask padded on the right to a static cache's length (Bloom's generate()): the new tokens' columns follow the
+    # past
+    wide = torch.nn.functional.pad(mask, (0, 5))
+    assert real_rows(wide, 3, 9, None).tolist() == real_rows(mask, 3, 9, None).tolist()
 
 
 def test_a_heavily_padded_batch_replays_instead_of_wasting_a_bucket():

@@ -158,14 +158,16 @@ def test_randomized_parity(batch, seq, padding, decode_steps, sizes, seed):
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, VOCAB, (batch, seq), generator=generator)
     mask = torch.ones_like(ids)
-    pads = torch.randint(0, seq, (batch,), generator=generator) if padding != "none" else torch.zeros(batch, dtype=torch.long)
+    pads = (torch.randint(0, seq, (batch,), generator=generator) if padding != "none"
+            else torch.zeros(batch, dtype=torch.long))
     for row, pad in enumerate(pads.tolist()):
         if padding == "left":
             ids[row, :pad], mask[row, :pad] = 0, 0
         elif padding == "right" and pad:
             ids[row, -pad:], mask[row, -pad:] = 0, 0
     real = mask.bool()
-    torch.testing.assert_close(_logits(model, ids, mask)[real], _logits(reference, ids, mask)[real], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(_logits(model, ids, mask)[real], _logits(reference, ids, mask)[real], atol=1e-4,
+                               rtol=1e-4)
     if decode_steps and padding != "right":
         kwargs = dict(attention_mask=mask, max_new_tokens=decode_steps, do_sample=False, pad_token_id=0)
         assert torch.equal(model.generate(ids, **kwargs), reference.generate(ids, **kwargs))

@@ -102,7 +102,8 @@ def _mixer_counts_steps_elsewhere(monkeypatch, model) -> None:
 
     @functools.wraps(original)
     def forward(self, hidden_states, *args, **kwargs):
-        cache = next((v for k, v in kwargs.items() if k in hf.MIXER_CACHE_ARGUMENTS and v is not None), None)
+        names = ("cache", "cache_params", "past_key_values")  # where a mixer takes its cache, 5.17 to 5.25
+        cache = next((v for k, v in kwargs.items() if k in names and v is not None), None)
         output = original(self, hidden_states, *args, **kwargs)
         if cache is None:
             return output

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 from packaging.version import Version
 from torch import nn
 from transformers import PreTrainedModel
@@ -50,8 +51,6 @@ MISMASKED_LAYER_TYPES = ("hybrid_sliding",)
 _HYBRID_ATTENTION_MASKS = {"hybrid": "full_attention"}
 # Layers with neither attention nor mixer state (Nemotron-H's MLP layers; 5.17 gives them empty cache layers).
 STATELESS_LAYER_TYPES = ("moe", "mlp")
-# The argument a stateful mixer takes its cache under: 5.24 "cache"; 5.17 "cache_params" or "past_key_values".
-MIXER_CACHE_ARGUMENTS = ("cache", "cache_params", "past_key_values")
 
 # Llama's reference code, which fusion.py recognises in other models by bytecode.
 LLAMA_RMS_NORM_FORWARD = modeling_llama.LlamaRMSNorm.forward
@@ -110,11 +109,6 @@ def cache_argument(forward: Callable, names: tuple[str, ...] = CACHE_ARGUMENTS) 
     return next((name for name in names if name in parameters), None)
 
 
-def mixer_cache_argument(mixer: nn.Module) -> str | None:
-    """The name under which a stateful mixer's class forward takes the cache (an instance hook may hide it)."""
-    return cache_argument(type(mixer).forward, MIXER_CACHE_ARGUMENTS)
-
-
 def code_names(code: Any) -> set[str]:
     """Every global and attribute name a code object (and the functions nested in it) uses."""
     names = set(code.co_names)
@@ -155,13 +149,34 @@ def mixer_mask_key(layer_type: str) -> str:
     return layer_type if layer_type == "conv" else "linear_attention"
 
 
-def missing_stack_arguments(forward: Callable) -> list[str]:
-    """Arguments bcg passes to (or reads from) a stack forward that this one does not take."""
-    parameters = forward_parameters(forward)
-    missing = [name for name in REQUIRED_STACK_ARGUMENTS if name not in parameters]
-    if cache_argument(forward) is None:
+def missing_stack_arguments(stack: nn.Module) -> list[str]:
+    """Arguments bcg passes to (or reads from) a stack forward that this one does not take (a stack whose layers see
+    positions only through its ALiBi biases needs no position_ids: a module break gets the biases made per call)."""
+    parameters = forward_parameters(stack.forward)
+    missing = [name for name in REQUIRED_STACK_ARGUMENTS if name not in parameters
+               and not (name == "position_ids" and builds_alibi(stack))]
+    if cache_argument(stack.forward) is None:
         missing.append(" or ".join(CACHE_ARGUMENTS))
     return missing
+
+
+def builds_alibi(stack: nn.Module) -> bool:
+    """The stack builds ALiBi biases from the padding mask for its layers (Bloom), its only source of positions."""
+    return callable(getattr(stack, "build_alibi_tensor", None))
+
+
+def stack_arguments(stack: nn.Module, padding_mask: torch.Tensor | None, cache: Any, batch: int, seq: int,
+                    dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+    """What the stack computes per call and hands its layers, made by its own code for a call (a module break takes
+    them from here): Bloom's ALiBi biases, over the 2D padding mask of past and new tokens (padded to a static cache's
+    length, as its generate() pads it) or, without one, over every key position. Empty for other stacks."""
+    if not builds_alibi(stack):
+        return {}
+    keys = cache.get_mask_sizes(seq, 0)[0] if cache is not None else seq
+    if padding_mask is None:
+        padding_mask = torch.ones(batch, keys, dtype=torch.long, device=device)
+    padding_mask = torch.nn.functional.pad(padding_mask, (0, keys - padding_mask.shape[-1]))
+    return {"alibi": stack.build_alibi_tensor(padding_mask, stack.num_heads, dtype)}
 
 
 def kv_sharing(module: nn.Module) -> tuple[bool, bool]:
