@@ -13,9 +13,9 @@ It prints to stdout; kept runs live in ``results/profile/`` (``... > results/pro
 A break body's host time is what a small model's step is made of: this script times every break and every CUDA graph
 segment of one replay on the host, then lists the GPU kernels of eager and bcg side by side (torch.profiler)
 with the GPU busy time per call. ``--decode`` also times a plain forward loop (no generate()) to separate
-generate()'s own per-step host time from the model's, and reports the host time of each patched stack call and of its phases (with
-real graphs a replay returns before the GPU is done: what a call costs the host). ``--compile`` adds HF's static cache
-+ torch.compile (bench_decode's hf-compile) as a contender for ``generate``.
+generate()'s own per-step host time from the model's, and reports the host time of each patched stack call and of
+its phases (with real graphs a replay returns before the GPU is done: what a call costs the host). ``--compile`` adds
+HF's static cache + torch.compile (bench_decode's hf-compile) as a contender for ``generate``.
 """
 
 from __future__ import annotations
