@@ -106,6 +106,18 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
+def _stop_recording_to(device: torch.device, pool: tuple) -> None:
+    """After a failed capture: a capture CUDA invalidated (an operation no graph can hold) ends without torch ending
+    the allocator's recording to the pool, and every later capture into it would fail ("already recording to
+    mempool_id"). Where torch did end it, there is nothing to end."""
+    from torch.cuda.memory import _cuda_endAllocateToPool
+
+    try:
+        _cuda_endAllocateToPool(device.index if device.index is not None else torch.cuda.current_device(), pool)
+    except RuntimeError:  # not recording: the capture ended as it should
+        pass
+
+
 class CudaGraph:
     def __init__(self, graph, output: torch.Tensor) -> None:
         self._graph = graph
@@ -155,6 +167,7 @@ class CudaBackend(_Warmups):
                     output = run()
             except BaseException:
                 graph.reset()
+                _stop_recording_to(self.device, self._pool)
                 raise
             torch.cuda.synchronize()
             return CudaGraph(graph, output)

@@ -339,8 +339,9 @@ def test_fused_rms_norm_kernel_matches_llamas_code_to_rounding(dtype, ulp, shape
 @pytest.mark.parametrize("shape", [(1, 1, 8960), (3, 37, 1000)])
 def test_fused_swiglu_kernel_is_bit_identical_to_llamas_code_but_for_denormals(dtype, shape):
     """silu rounded to the dtype, then the product: eager's two kernels, also where exp over- or underflows. Triton
-    flushes a denormal product to zero where torch keeps it (silu(-88) x a small up: ~1e-39 in bf16 / fp32), as the
-    rotary kernel does; every other element is bit-identical."""
+    flushes a product that is denormal in fp32 to zero where torch keeps it (silu(-88) x a small up: ~1e-39 in bf16 /
+    fp32), as the rotary kernel does; every other element is bit-identical (fp16 keeps its own denormals: they are
+    normal in fp32)."""
     from transformers.activations import ACT2FN
 
     from bcg.kernels import silu_mul
@@ -351,7 +352,7 @@ def test_fused_swiglu_kernel_is_bit_identical_to_llamas_code_but_for_denormals(d
     gate = gate.to(dtype)
     up = torch.randn(shape, device="cuda", generator=generator).to(dtype)
     got, want = silu_mul(gate, up), ACT2FN["silu"](gate) * up
-    denormal = (want != 0) & (want.abs() < torch.finfo(dtype).tiny)
+    denormal = (want != 0) & (want.float().abs() < torch.finfo(torch.float32).tiny)  # fp32's, where the kernel works
     assert torch.equal(got, torch.where(denormal, torch.zeros_like(want), want))
 
 
@@ -724,7 +725,8 @@ def test_attention_outside_the_interface_on_real_graphs(model_type):
     """Attention outside the AttentionInterface (Bloom, GPT-NeoX-Japanese, XGLM; CodeGen, GPT-J and Falcon before 5.25)
     as breaks of their own on real graphs (fp32): eager's tokens and logits over a second turn and k-token
     continuations; Bloom's ALiBi biases made per call and its decode steps through the breaks, the others' decode
-    steps as one graph on a stand-in."""
+    steps as one graph on a stand-in (XGLM's through the breaks: see below). A full graph that fails to capture leaves
+    the graph pool fit for the breakable graphs' captures."""
     from test_continuation import check_continuations
     from test_latent_attention import _pair
 
@@ -732,4 +734,6 @@ def test_attention_outside_the_interface_on_real_graphs(model_type):
     handle = check_continuations(reference, model, device="cuda")
     stats = handle.stats()
     assert stats["backend"] == "cuda" and stats["rejects"] == {} and stats["replays"] >= 12, stats
-    assert (stats["full_graph_replays"] > 0) == (model_type != "bloom"), stats
+    # XGLM's positional embedding reads the static cache's length tensor on the host (a sync no graph can hold):
+    # its full decode graph fails to capture, with a warning, and its steps take the breaks, as Bloom's do
+    assert (stats["full_graph_replays"] > 0) == (model_type not in ("bloom", "xglm")), stats
