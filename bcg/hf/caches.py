@@ -153,7 +153,7 @@ def _static_and_in_place(layer: Any, new_tokens: int) -> bool:
     if kind is StaticLayer:
         return layer.is_initialized
     if kind is _STATIC_INDEXED_LAYER:  # indexer positions, where a model records them, are set per call
-        return layer.is_initialized and layer.indexer_position_ids is None
+        return layer.is_initialized and getattr(layer, "indexer_position_ids", None) is None
     return (kind is StaticSlidingWindowLayer and layer.is_initialized
             and (new_tokens == 0 or layer.cumulative_length_int + new_tokens <= layer.max_cache_len))
 
