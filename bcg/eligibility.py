@@ -167,6 +167,9 @@ def model_unsupported_reason(model: Any, config: Any, stack: nn.Module) -> str |
         return "accelerate offloads weights to cpu/disk; graphs need every weight resident on one GPU"
     if len(placements) > 1:
         return f"the model is split across devices {sorted(placements)}; bcg captures single-device models"
+    if (flag := hf.BIASED_MASK_FLAGS.get(getattr(config, "model_type", ""))) and getattr(config, flag, False):
+        return (f"{flag}=True: the stack folds position biases into the attention mask it builds, and bcg builds the "
+                "masks without them")
     if mismasked := set(getattr(config, "layer_types", None) or ()) & set(hf.MISMASKED_LAYER_TYPES):
         return (f"layer types {sorted(mismasked)}: transformers' mask table gives their attention a full causal mask "
                 "where the model applies its window")

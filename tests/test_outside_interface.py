@@ -48,3 +48,15 @@ def test_bloom_on_a_static_cache_equals_eager():
     stats = handle.stats()
     assert stats["rejects"] == {} and stats["replays"] == options["max_new_tokens"]
     assert stats["full_graph_replays"] == 0
+
+
+def test_falcon_with_alibi_stays_eager_naming_why():
+    """Falcon's stack folds its ALiBi biases into the attention mask it builds; bcg builds the masks without them, so a
+    replay would attend without the biases: the model stays eager, with one warning naming the flag."""
+    reference, model = _pair("falcon", alibi=True)
+    with pytest.warns(bcg.BcgFallbackWarning, match="alibi=True: the stack folds position biases"):
+        handle = bcg.wrap_model(model, backend="eager")
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, attention_mask=mask).logits, reference(ids, attention_mask=mask).logits)
+    assert handle.stats()["replays"] == 0 and handle.stats()["ready"] is False

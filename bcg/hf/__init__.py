@@ -10,6 +10,7 @@ read from the installed version's own signatures wherever they can be and state 
 
 from .models import (  # noqa: F401
     ATTENTION_LAYER_TYPES,
+    BIASED_MASK_FLAGS,
     CACHE_ARGUMENTS,
     LLAMA_DECODER_LAYER_FORWARD,
     LLAMA_MLP_FORWARD,
