@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
 
-
 @dataclass
 class Storage:
     """bcg's tensors for one shape signature (a kind's subclass holds them) and the cache bound to them."""

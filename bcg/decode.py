@@ -9,9 +9,8 @@ length: generate() grows the length to the longest call yet) holds a full set of
 ``MAX_STORAGES`` most recently used and frees the graphs of one it drops. Graphs are keyed by the call's graph key
 (inputs, autocast, fast), batch, tokens per sequence, the masks' layout and the cache shape; anything else (a dynamic
 cache, a full sliding window, a prefill) takes the breakable path. A step's 2D padding mask (or none) goes into the
-graph as it is and transformers' own mask functions
-run inside it (``PaddingMask``): building the masks on the host cost ~0.5 ms a step on an H200's host, more
-than the rest of the step's host work together.
+graph as it is and transformers' own mask functions run inside it (``PaddingMask``): building the masks on the host
+cost ~0.5 ms a step on an H200's host, more than the rest of the step's host work together.
 """
 
 from __future__ import annotations

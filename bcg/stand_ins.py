@@ -1,12 +1,11 @@
 """Static stand-ins (``static_cache=True``): a DynamicCache's decode steps as one full graph each.
 
 Before a step the dynamic cache's keys/values are copied into the StaticCache bcg keeps for its shape (batch, layers,
-positions rounded up by ``stand_in_positions``) unless its layers read it already; the step replays that
-stand-in's full decode graph (decode.py); then the dynamic cache's layers read the stand-in's first ``length + 1``
-positions (``hf.StandInLayer``: views made when read, so a step moves one count), and the next step copies nothing.
-The caller keeps a DynamicCache throughout; its prompts and
-every multi-token call run on it as they would unwrapped. A dynamic cache whose stand-in another cache takes, or that
-bcg lets go, gets copies (binding.py).
+positions rounded up by ``stand_in_positions``) unless its layers read it already; the step replays that stand-in's
+full decode graph (decode.py); then the dynamic cache's layers read the stand-in's first ``length + 1`` positions
+(``hf.StandInLayer``: views made when read, so a step moves one count), and the next step copies nothing. The caller
+keeps a DynamicCache throughout; its prompts and every multi-token call run on it as they would unwrapped. A dynamic
+cache whose stand-in another cache takes, or that bcg lets go, gets copies (binding.py).
 """
 
 from __future__ import annotations
@@ -40,6 +39,7 @@ class StandIn(Storage):
     cache: Any
     stacked: tuple[torch.Tensor, torch.Tensor] | None = None  # every layer's keys / values in one tensor
     length: int = 0  # the positions its holder's layers show
+    read_by_holder: bool = False  # every layer of the holder reads it (bind found so, or settle made it so)
 
     @property
     def positions(self) -> int:
@@ -83,6 +83,7 @@ class StandIns:
         """The stand-in holding the keys, values and length of ``cache`` (one ``takes`` accepted); None when no static
         cache can stand in."""
         if (continued := self._continued(cache)) is not None:
+            continued.read_by_holder = True
             return continued
         layers = list(cache.layers)
         length = layers[0].keys.shape[-2]
@@ -93,7 +94,7 @@ class StandIns:
             return None
         stand_in = self.bindings.bind(cache, key, lambda: self._new(layers, positions))
         if stand_in is not None:
-            stand_in.length = length
+            stand_in.length, stand_in.read_by_holder = length, False
         return stand_in
 
     def _new(self, layers: list, positions: int) -> StandIn | None:
@@ -124,9 +125,10 @@ class StandIns:
         """After the step ``bind`` prepared: the dynamic cache's layers show the stand-in's positions up to its new
         length (after the first step, by moving that count alone)."""
         stand_in.length += 1
-        if not _all_read(cache.layers, stand_in):
+        if not stand_in.read_by_holder:  # the step's replay touches no layer of the caller's: bind's answer holds
             for i, layer in enumerate(cache.layers):
                 hf.read_from(layer, stand_in, i)
+            stand_in.read_by_holder = True
         stand_in.let_unread_stack_go()
 
     def tensors(self) -> list[torch.Tensor]:
