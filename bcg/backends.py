@@ -106,10 +106,9 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _stop_recording_to(device: torch.device, pool: tuple) -> None:
-    """After a failed capture: a capture CUDA invalidated (an operation no graph can hold) ends without torch ending
-    the allocator's recording to the pool, and every later capture into it would fail ("already recording to
-    mempool_id"). Where torch did end it, there is nothing to end."""
+def _end_recording_to(device: torch.device, pool: tuple) -> None:
+    """End the allocator's recording to ``pool`` where a failed capture left it on (torch ends it only after
+    cudaStreamEndCapture, which raises for an invalidated capture); where torch did end it, there is nothing to end."""
     from torch.cuda.memory import _cuda_endAllocateToPool
 
     try:
@@ -133,7 +132,8 @@ class CudaGraph:
 
 
 class CudaBackend(_Warmups):
-    """Segments captured with ``breakable_cuda_graphs`` on a side stream, all buckets sharing one memory pool."""
+    """Segments captured with ``breakable_cuda_graphs`` on a side stream, all buckets sharing one memory pool
+    (a fresh one after a failed capture)."""
 
     name = "cuda"
 
@@ -145,6 +145,7 @@ class CudaBackend(_Warmups):
         self._no_graph = no_graph
         self._stream = torch.cuda.Stream(device)
         self._pool = torch.cuda.graph_pool_handle()
+        self._pools = [self._pool]
 
     def wrap_break(self, fn: Callable) -> Callable:
         return self._no_graph(fn)
@@ -162,21 +163,32 @@ class CudaBackend(_Warmups):
             torch.cuda.current_stream().wait_stream(self._stream)
             torch.cuda.synchronize()
             graph = BreakableCUDAGraph(pool=self._pool)
+            caller_stream = torch.cuda.current_stream()
             try:
                 with _gc_paused(), breakable_graph(graph, stream=self._stream):
                     output = run()
             except BaseException:
                 graph.reset()
-                _stop_recording_to(self.device, self._pool)
+                self._leave_failed_capture(caller_stream)
                 raise
             torch.cuda.synchronize()
             return CudaGraph(graph, output)
 
+    def _leave_failed_capture(self, caller_stream: torch.cuda.Stream) -> None:
+        """A capture that failed mid-way (an operation no graph can hold) leaves the capture stream current and the
+        pool unfit for later captures: even with its recording ended, every later capture into it fails with
+        "beginAllocateToPool: already recording to mempool_id" (torch 2.11, H100). The caller gets its stream back
+        and later captures a fresh pool; the graphs already captured keep theirs."""
+        torch.cuda.set_stream(caller_stream)
+        _end_recording_to(self.device, self._pool)
+        self._pool = torch.cuda.graph_pool_handle()
+        self._pools.append(self._pool)
+
     def graph_bytes(self) -> int:
-        """Bytes the shared graph pool holds (its cudaMalloc'd segments)."""
-        pool = tuple(self._pool)
+        """Bytes the graph pools hold (their cudaMalloc'd segments)."""
+        pools = {tuple(pool) for pool in self._pools}
         segments = torch.cuda.memory_snapshot()
-        return sum(s["total_size"] for s in segments if tuple(s.get("segment_pool_id", ())) == pool)
+        return sum(s["total_size"] for s in segments if tuple(s.get("segment_pool_id", ())) in pools)
 
     def replay_context(self, fast: bool):
         """The SDPA kernels a replay's breaks may use: a fast decode step's keep off cuDNN, others as eager."""
