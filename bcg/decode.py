@@ -167,11 +167,13 @@ class StaticDecoder:
         """A full graph of this key and batch failed to capture (for any cache shape)."""
         return any(k[0] == key and k[1] == batch for k in self.failed)
 
-    def replay(self, key: GraphKey, tokens: torch.Tensor, live: LiveContext, layers: list) -> torch.Tensor | None:
+    def replay(self, key: GraphKey, tokens: torch.Tensor, live: LiveContext, layers: list,
+               owned: bool = False) -> torch.Tensor | None:
         """The step's last hidden state ([B, S, hidden], the caller's own tensor), or None: take the breaks.
-        ``layers``: those of ``live.cache``, static layers updated in place (``layers_for``, or a stand-in's)."""
+        ``layers``: those of ``live.cache``, static layers updated in place (``layers_for``, or a stand-in's).
+        ``owned``: bcg's own cache (a stand-in), whose layers only binding rebinds: held means holding the storage."""
         latest = self.bindings.latest()
-        bound = latest is not None and latest.held_by(live.cache) and _holds_storage(layers, latest)
+        bound = latest is not None and latest.held_by(live.cache) and (owned or _holds_storage(layers, latest))
         storage_key = latest.key if bound else _storage_key(layers)
         layout = _mask_layout(live.masks, cache_length=_widest(storage_key))
         if layout is None:

@@ -16,7 +16,7 @@ from .eligibility import Rejection
 from .live import ContextBuilder, LiveContext
 from .plan import GraphKey, Plan
 from .segments import BreakableStack
-from .stand_ins import StandIns, held_bytes
+from .stand_ins import StandIn, StandIns, held_bytes
 from .stats import Stats
 
 
@@ -43,10 +43,12 @@ class FullGraphDecode:
         """A decode step's StaticCache layers when one graph can update them in place (decode.StaticDecoder)."""
         return StaticDecoder.layers_for(call) if self.possible else None
 
-    def takes_stand_in(self, call: Call, key: GraphKey) -> bool:
-        """A decode step a stand-in can serve, unless its full graph failed to capture for this batch."""
-        return (self.stand_ins is not None and self.stand_ins.takes(call)
-                and not self.stand_in_decoder.failed_for(key, call.tokens.shape[0]))
+    def takes_stand_in(self, call: Call, key: GraphKey) -> StandIn | list | None:
+        """For a decode step a stand-in can serve (unless its full graph failed to capture for this batch) what
+        ``StandIns.takes`` found; None for any other step."""
+        if self.stand_ins is None or self.stand_in_decoder.failed_for(key, call.tokens.shape[0]):
+            return None
+        return self.stand_ins.takes(call)
 
     def on_static_cache(self, call: Call, plan: Plan) -> Any | None:
         """A decode step on a static cache as one graph; None: the breakable graph takes it."""
@@ -59,22 +61,22 @@ class FullGraphDecode:
     def on_stand_in(self, call: Call, plan: Plan) -> Any | None:
         """A decode step on a dynamic cache as one graph of its static stand-in; the caller's cache then holds views of
         the stand-in's tensors. None: the breakable graph takes it (the caller's cache untouched)."""
-        stand_in = self.stand_ins.bind(call.cache)
+        stand_in = self.stand_ins.bind(call.cache, plan.found)
         if stand_in is None:
             return None
         live = self.contexts.build(call, plan.num_tokens, plan.num_tokens, cache=stand_in.cache, full_graph=True)
         if isinstance(live, Rejection):
             return None
-        hidden = self._step(self.stand_in_decoder, call, plan, live, stand_in.cache.layers)
+        hidden = self._step(self.stand_in_decoder, call, plan, live, stand_in.cache.layers, owned=True)
         if hidden is None:
             return None
         self.stand_ins.settle(call.cache, stand_in)
         return hf.output_with_cache(self.segments.output_cls, hidden, call.cache)
 
-    def _step(self, decoder: StaticDecoder, call: Call, plan: Plan, live: LiveContext,
-              layers: list) -> torch.Tensor | None:
+    def _step(self, decoder: StaticDecoder, call: Call, plan: Plan, live: LiveContext, layers: list,
+              owned: bool = False) -> torch.Tensor | None:
         captured = len(decoder.graphs)
-        hidden = decoder.replay(plan.key, call.tokens, live, layers)
+        hidden = decoder.replay(plan.key, call.tokens, live, layers, owned)
         if hidden is None:
             return None
         if len(decoder.graphs) != captured:

@@ -71,7 +71,7 @@ class Plan:
     num_tokens: int = 0  # tokens the graph segments compute: a packed call's real ones, else batch x sequence
     rows: torch.Tensor | None = None  # a padded multi-token call: its real tokens' flat indices (live.real_rows)
     rejection: Rejection | None = None
-    found: Any = None  # what the path's check found, for the path to use: a StaticCache's layers, a hybrid's states
+    found: Any = None  # what the path's check found, for the path to use (DecodePaths)
 
     @staticmethod
     def eager(reason: Reject, detail: str = "") -> Plan:
@@ -80,11 +80,11 @@ class Plan:
 
 @dataclass(frozen=True)
 class DecodePaths:
-    """Which one-graph paths a decode step can take, asked of the runner's parts (pure questions; the first and the
-    last answer with what they found, None for no)."""
+    """Which one-graph paths a decode step can take, asked of the runner's parts (pure questions, each answered with
+    what it found, None for no)."""
 
     full_static: Callable[[Call], Any]  # the StaticCache's layers, updated in place
-    stand_in: Callable[[Call, GraphKey], bool]
+    stand_in: Callable[[Call, GraphKey], Any]  # the stand-in the cache reads already, or its layers to copy in
     mixers_inline: Callable[[Call], Any]  # the cache's mixer states, settled
 
 
@@ -120,7 +120,7 @@ def plan_call(call: Call, target: Target, settings: Settings, failed: Container[
     if decode:
         if (found := paths.full_static(call)) is not None:
             path = Path.FULL_STATIC
-        elif paths.stand_in(call, key):
+        elif (found := paths.stand_in(call, key)) is not None:
             path = Path.STAND_IN
         elif (found := paths.mixers_inline(call)) is not None:
             path = Path.MIXERS_INLINE

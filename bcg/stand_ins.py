@@ -65,10 +65,13 @@ class StandIns:
         self.possible = hf.makes_full_static_caches(config)  # else (sliding windows, mixers) no stand-in can serve
         self.warned_memory = False
 
-    def takes(self, call: Call) -> bool:
-        """A decode step on a cache of plain dynamic layers (no sliding windows, no mixer states)."""
-        return (self.possible and call.tokens.shape[1] <= MAX_TOKENS_PER_SEQUENCE
-                and (self._continued(call.cache) is not None or hf.full_dynamic_layers(call.cache) is not None))
+    def takes(self, call: Call) -> StandIn | list | None:
+        """For a decode step on a cache of plain dynamic layers (no sliding windows, no mixer states): the stand-in its
+        layers read already (the step after a step), else its layers (to copy into one); None for any other step."""
+        if not self.possible or call.tokens.shape[1] > MAX_TOKENS_PER_SEQUENCE:
+            return None
+        continued = self._continued(call.cache)
+        return continued if continued is not None else hf.full_dynamic_layers(call.cache)
 
     def _continued(self, cache: Any) -> StandIn | None:
         """The stand-in ``cache``'s layers read from the step before, with room for one more token: the common case,
@@ -79,13 +82,13 @@ class StandIns:
             return latest
         return None
 
-    def bind(self, cache: Any) -> StandIn | None:
-        """The stand-in holding the keys, values and length of ``cache`` (one ``takes`` accepted); None when no static
-        cache can stand in."""
-        if (continued := self._continued(cache)) is not None:
-            continued.read_by_holder = True
-            return continued
-        layers = list(cache.layers)
+    def bind(self, cache: Any, found: StandIn | list) -> StandIn | None:
+        """The stand-in holding the keys, values and length of ``cache``, given what ``takes`` found; None when no
+        static cache can stand in."""
+        if isinstance(found, StandIn):
+            found.read_by_holder = True
+            return found
+        layers = found
         length = layers[0].keys.shape[-2]
         positions = stand_in_positions(length)
         key = (positions, tuple((tuple(layer.keys.shape[:2]), layer.keys.shape[-1], layer.values.shape[-1],

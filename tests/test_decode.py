@@ -192,9 +192,9 @@ def wrap_with_graph_like_replays(model):
     decoder, backend = internals.full_decoder(handle), _GraphLikeReplays()
     decoder.backend, replay = backend, decoder.replay
 
-    def replay_noting_the_cache(key, tokens, live, layers):
+    def replay_noting_the_cache(key, tokens, live, layers, owned=False):
         backend.cache = live.cache
-        return replay(key, tokens, live, layers)
+        return replay(key, tokens, live, layers, owned)
 
     decoder.replay = replay_noting_the_cache
     return handle
@@ -474,8 +474,8 @@ def test_beam_search_on_a_static_cache_binds_the_reordered_layers_again():
     decoder, bound = internals.full_decoder(handle), []
     replay = decoder.replay
 
-    def checked_replay(key, tokens, live, layers):
-        hidden = replay(key, tokens, live, layers)
+    def checked_replay(key, tokens, live, layers, owned=False):
+        hidden = replay(key, tokens, live, layers, owned)
         storage = decoder.bindings.latest()
         bound.append(all(hf.static_layer_tensors(layer)[0] is buffers[0]
                          for layer, (buffers, _) in zip(hf.static_layers(live.cache), storage.layers, strict=True)))

@@ -117,10 +117,11 @@ def unsupported_cache_reason(cache: Any, own_class: type = DynamicCache) -> str 
         return f"cache class {type(cache).__name__} (supported: DynamicCache, StaticCache)"
     if getattr(cache, "offloading", False):
         return f"an offloading {type(cache).__name__}"
-    layers = [type(layer).__name__ for layer in getattr(cache, "layers", ())
-              if not isinstance(layer, _SUPPORTED_CACHE_LAYERS)]
-    if layers:
-        return (f"cache layer classes {sorted(set(layers))} (supported: full and sliding, dynamic and static, and "
+    # one check per layer class, not per layer: every decode step asks
+    unsupported = [kind.__name__ for kind in {type(layer) for layer in getattr(cache, "layers", ())}
+                   if not issubclass(kind, _SUPPORTED_CACHE_LAYERS)]
+    if unsupported:
+        return (f"cache layer classes {sorted(unsupported)} (supported: full and sliding, dynamic and static, and "
                 "the linear-attention layers holding a mixer's state)")
     return None
 
