@@ -191,7 +191,7 @@ class StaticDecoder:
         entry.tokens.copy_(tokens)
         entry.positions.copy_(live.position_ids)
         _copy_masks(entry, live.masks)
-        held = hf.host_lengths(layers)
+        held = hf.host_lengths(layers) if not owned else []  # a stand-in has full layers only: no Python-side count
         entry.cache = live.cache
         try:
             hidden = entry.graph.replay().clone()  # the graph's output is overwritten by the next replay
