@@ -752,7 +752,7 @@ def test_attention_outside_the_interface_on_real_graphs(model_type):
     stats = handle.stats()
     assert stats["backend"] == "cuda" and stats["rejects"] == {} and stats["replays"] >= 12, stats
     # XGLM's positional embedding reads the static cache's length tensor on the host (a sync no graph can hold), and
-    # before 5.25 transformers' eager-attention mask copied a host scalar to the GPU: those full decode graphs fail to
+    # before 5.21 transformers' eager-attention mask copied a host scalar to the GPU: those full decode graphs fail to
     # capture, with a warning, and the steps take the breaks, as Bloom's do
     from transformers import masking_utils
 
