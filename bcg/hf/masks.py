@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from packaging.version import Version
 from transformers.masking_utils import (
     LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING,
     create_masks_for_generate,
@@ -15,6 +16,7 @@ from transformers.masking_utils import (
 from .attention import attention_implementation_of
 from .models import (
     ATTENTION_LAYER_TYPES,
+    installed_transformers,
     STATELESS_LAYER_TYPES,
     attention_mask_key,
     cache_argument,
@@ -79,7 +81,10 @@ def create_masks(config: Any, attention_mask: Any, cache: Any, position_ids: tor
 
 # Implementations whose mask functions are plain tensor code on a static cache's decode step (no host read, no skip:
 # transformers keeps the mask for compileable caches), so a full decode graph can build the masks inside itself.
-_MASKS_BUILT_IN_GRAPHS = frozenset({"sdpa", "eager"})
+# Eager's copied a host scalar to the GPU before 5.21 (`torch.tensor(0.0, device=...)`), which no graph can hold: there
+# its masks are built before each replay and copied in.
+_EAGER_MASK_IN_GRAPHS = Version(installed_transformers()) >= Version("5.21")
+_MASKS_BUILT_IN_GRAPHS = frozenset({"sdpa", "eager"} if _EAGER_MASK_IN_GRAPHS else {"sdpa"})
 
 
 def masks_build_in_graphs(config: Any) -> bool:
