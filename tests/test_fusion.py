@@ -14,9 +14,12 @@ import pytest
 import torch
 from transformers.models.llama import modeling_llama
 from transformers.models.qwen3 import modeling_qwen3
+from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5RMSNorm
 
 import bcg
-from bcg.fusion import find_fusions, is_llama_decoder_layer, is_llama_rms_norm, is_llama_swiglu
+from bcg import fusion
+from bcg.fusion import (find_fusions, is_llama_decoder_layer, is_llama_rms_norm, is_llama_swiglu,
+                        is_qk_norm_rotary_attention)
 from tiny_models import left_padded_batch, tiny_model
 
 
@@ -29,8 +32,44 @@ def test_qwen3_every_norm_its_rotary_mlps_and_layers_are_found():
     assert fusions.rotary_modules == [modeling_qwen3]
     assert fusions.mlps == [layer.mlp for layer in model.model.layers]
     assert fusions.layers == list(model.model.layers)
+    assert fusions.attentions == [layer.self_attn for layer in model.model.layers]
     assert fusions.describe() == {"rms_norm": 4 * layers + 1, "rotary": 1, "swiglu": layers, "add_rms_norm": layers,
-                                  "unmatched": []}
+                                  "qk_norm_rotary": layers, "unmatched": []}
+
+
+@pytest.mark.parametrize("arch, attentions", [("qwen3_moe", 2), ("llama", 0), ("qwen3_5_text", 0)])
+def test_qk_norm_attention_is_counted(arch, attentions):
+    """Qwen3-MoE runs Qwen3's attention; Llama's has no q/k norms; Qwen3.5's norms scale by (1 + weight)."""
+    assert find_fusions(tiny_model(arch).model).describe()["qk_norm_rotary"] == attentions
+
+
+def test_attention_whose_code_or_norms_differ_from_qwen3s_keeps_its_norms():
+    """Only Qwen3's forward hands its q/k norms' outputs to the rotary call and nowhere else; a subclass with a forward
+    of its own, a norm other than Llama's or a modeling module whose rotary bcg does not swap leaves the norms alone."""
+    class ScaledAttention(modeling_qwen3.Qwen3Attention):
+        def forward(self, *args, **kwargs):
+            output, weights = super().forward(*args, **kwargs)
+            return 2 * output, weights
+
+    model = tiny_model("qwen3")
+    first, second = (layer.self_attn for layer in model.model.layers)
+    assert is_qk_norm_rotary_attention(first)
+    scaled = ScaledAttention(model.config, layer_idx=1)
+    assert not is_qk_norm_rotary_attention(scaled)
+    model.model.layers[1].self_attn = scaled
+    assert find_fusions(model.model).attentions == [first]
+    first.k_norm = Qwen3_5RMSNorm(16)  # scales by (1 + weight)
+    assert not is_qk_norm_rotary_attention(first)
+    assert not is_qk_norm_rotary_attention(tiny_model("llama").model.layers[0].self_attn)  # no q/k norms
+
+
+def test_qk_norm_attention_needs_its_modules_rotary_swapped(monkeypatch):
+    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):  # a rewrite bcg does not fuse
+        return q * cos.unsqueeze(unsqueeze_dim), k * cos.unsqueeze(unsqueeze_dim)
+
+    monkeypatch.setattr(modeling_qwen3, "apply_rotary_pos_emb", apply_rotary_pos_emb)
+    fusions = find_fusions(tiny_model("qwen3").model)
+    assert fusions.rotary_modules == [] and fusions.attentions == []
 
 
 def test_a_kernelizable_rotary_function_object_is_looked_through(monkeypatch):
@@ -124,6 +163,25 @@ def test_installed_swaps_for_one_run_and_restores_even_after_an_error():
     assert all("forward" not in module.__dict__ for module in swapped)
 
 
+def test_a_q_norm_output_that_never_reaches_the_rotary_call_fails_the_run(monkeypatch):
+    """The q/k norms hand their input on unnormed for the rotary call to norm: a run in which a norm's output goes
+    elsewhere (code other than Qwen3's) raises rather than compute on unnormed heads, and the swap is undone."""
+    monkeypatch.setattr(fusion, "_kernels_take", lambda *tensors: True)  # as CUDA tensors would be
+    model = tiny_model("qwen3")
+    attention = model.model.layers[0].self_attn
+    fusions = find_fusions(model.model)
+    heads, rotary = torch.randn(1, 3, 4, 16), modeling_qwen3.apply_rotary_pos_emb
+    with pytest.raises(RuntimeError, match="never reached a rotary call"):
+        with fusions.installed():
+            assert attention.q_norm(heads) is heads
+    assert "forward" not in attention.q_norm.__dict__ and modeling_qwen3.apply_rotary_pos_emb is rotary
+    cos = sin = torch.ones(1, 3, 16)
+    with pytest.raises(RuntimeError, match="reached other code"):
+        with fusions.installed():
+            q, k = attention.q_norm(heads), attention.k_norm(heads[:, :, :2])
+            modeling_qwen3.apply_rotary_pos_emb(q.transpose(1, 2).contiguous(), k.transpose(1, 2), cos, sin)
+
+
 @pytest.mark.parametrize("arch", ["qwen3", "llama"])
 def test_cpu_tensors_run_the_models_own_code_while_installed(arch):
     model = tiny_model(arch)
@@ -177,6 +235,21 @@ def test_a_forward_set_on_a_norm_after_wrapping_is_left_in_place():
     with fusions.installed():
         assert norm.forward is own
     assert norm.forward is own
+
+
+def test_an_attention_with_a_forward_set_after_wrapping_keeps_its_norms():
+    """Its norms run where it calls them (fused, as any Llama RMSNorm): its code may not hand them to the rotary."""
+    def deferred(norm: torch.nn.Module) -> bool:
+        forward = norm.__dict__.get("forward")
+        return isinstance(getattr(getattr(forward, "func", None), "__self__", None), fusion._DeferredNorms)
+
+    model = tiny_model("qwen3")
+    fusions = find_fusions(model.model)
+    first, second = (layer.self_attn for layer in model.model.layers)
+    first.forward = first.forward  # e.g. a hook library's
+    with fusions.installed():
+        assert not deferred(first.q_norm) and not deferred(first.k_norm) and "forward" in first.q_norm.__dict__
+        assert deferred(second.q_norm) and deferred(second.k_norm)
 
 
 def test_a_forward_set_on_an_mlp_layer_or_its_norm_after_wrapping_is_left_in_place():
