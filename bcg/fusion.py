@@ -1,5 +1,5 @@
 """``fused_kernels=True``: swap the model's RMSNorm, rotary, SwiGLU and residual-add code for fused Triton kernels
-while a stack is captured.
+while a stack is captured, and a full decode graph's static cache writes.
 
 Only code that is the same as Llama's (compared as bytecode, so any model copying it qualifies and any model that
 changed it does not) is swapped, and only for the duration of a capture run: the graphs then replay one kernel
@@ -7,8 +7,9 @@ where the model launched two to ten, and nothing outside bcg's runs sees a diffe
 A decoder layer with Llama's forward runs bcg's copy of it, which adds the residual inside the post-attention norm's
 kernel and calls every submodule (attention, where the breaks are, included) as Llama's does. An attention module with
 Qwen3's forward keeps it, but its per-head q_norm and k_norm hand their input on unnormed and the rotary call after
-them norms and rotates q and k in one kernel. A call the kernels cannot take (a tensor not on CUDA, mixed dtypes,
-unusual shapes) runs the model's own ops.
+them norms and rotates q and k in one kernel. In a full decode graph, the static cache layers' updates write keys and
+values in one kernel. A call the kernels cannot take (a tensor not on CUDA, mixed dtypes, unusual shapes) runs the
+model's own ops.
 """
 
 from __future__ import annotations
@@ -235,6 +236,49 @@ def _normed_heads(norm: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
     return x if norm is None else _bound_forward(norm)(x.transpose(1, 2)).transpose(1, 2)
 
 
+def _cache_write_takes(keys: torch.Tensor, values: torch.Tensor, new_keys: torch.Tensor, new_values: torch.Tensor,
+                       length: torch.Tensor) -> bool:
+    """Whether one kernel can write a step's keys and values where index_copy_ would: ``[B, H, *, D]`` tensors of one
+    dtype and batch and head count, dense last dims, a 0-dim integer counter on their device."""
+    tensors = (keys, values, new_keys, new_values)
+    if not (_kernels_take(*tensors) and all(t.ndim == 4 and t.stride(-1) == 1 for t in tensors)):
+        return False
+    return (
+        keys.shape[:2] == values.shape[:2] == new_keys.shape[:2] == new_values.shape[:2]
+        and new_keys.shape[2] == new_values.shape[2]
+        and new_keys.shape[3] == keys.shape[3] and new_values.shape[3] == values.shape[3]
+        and length.ndim == 0 and not length.is_floating_point() and length.device == keys.device
+    )
+
+
+def _fused_cache_update(layer: Any, original: Callable, key_states: torch.Tensor, value_states: torch.Tensor,
+                        *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """A StaticLayer's update (hf.plain_static_layers) with keys and values written by one kernel at the position the
+    length counter holds, read on the device (transformers builds the positions from it in two kernels and copies
+    keys and values in two more), then the counter advanced as transformers advances it."""
+    keys, values, length = hf.static_layer_tensors(layer)
+    if not _cache_write_takes(keys, values, key_states, value_states, length):
+        return original(key_states, value_states, *args, **kwargs)
+    from .kernels import write_cache
+
+    write_cache(keys, values, key_states, value_states, length)
+    length.add_(key_states.shape[-2])
+    return keys, values
+
+
+@contextmanager
+def _cache_updates_fused(cache: Any) -> Iterator[None]:
+    """The cache's StaticLayers update through ``_fused_cache_update`` for the duration (one stack run)."""
+    layers = hf.plain_static_layers(cache)
+    for layer in layers:
+        layer.update = partial(_fused_cache_update, layer, type(layer).update.__get__(layer))
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.update
+
+
 def _rotary_takes(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
     if q.ndim != 4 or k.ndim != 4 or cos.ndim != 3 or not _kernels_take(q, k, cos, sin):
         return False
@@ -255,26 +299,29 @@ class Fusions:
     mlps: list[nn.Module] = field(default_factory=list)
     layers: list[nn.Module] = field(default_factory=list)  # decoder layers whose residual add joins their norm
     attentions: list[nn.Module] = field(default_factory=list)  # attention whose q/k norms join the rotary kernel
+    cache_layers: int = 0  # static cache layers whose update a full decode graph writes in one kernel
     unmatched: list[str] = field(default_factory=list)  # classes and rotary code that look like Llama's but differ
 
     def __bool__(self) -> bool:
-        return bool(self.norms or self.rotary_modules or self.mlps or self.layers)
+        return bool(self.norms or self.rotary_modules or self.mlps or self.layers or self.cache_layers)
 
     def describe(self) -> dict[str, Any]:
         return {"rms_norm": len(self.norms), "rotary": len(self.rotary_modules), "swiglu": len(self.mlps),
                 "add_rms_norm": len(self.layers), "qk_norm_rotary": len(self.attentions),
-                "unmatched": list(self.unmatched)}
+                "cache_write": self.cache_layers, "unmatched": list(self.unmatched)}
 
     @contextmanager
-    def installed(self) -> Iterator[None]:
-        """The fused code in place of the model's for the duration (one stack run), then the model's again."""
+    def installed(self, cache: Any = None) -> Iterator[None]:
+        """The fused code in place of the model's for the duration (one stack run), then the model's again; ``cache``:
+        the one a full decode graph's run updates (its static layers' writes fused too)."""
         with _SWAP_LOCK:
             deferred = _DeferredNorms()
             saved_rotary = [(m, getattr(m, _ROPE_NAME)) for m in self.rotary_modules]
             for modeling, original in saved_rotary:
                 setattr(modeling, _ROPE_NAME, _fused_rotary(original, deferred))
             try:
-                with patching.forwards_replaced(self._forwards(deferred)):
+                with patching.forwards_replaced(self._forwards(deferred)), \
+                        _cache_updates_fused(cache if self.cache_layers else None):
                     yield
                 deferred.check_done()
             finally:
@@ -337,6 +384,7 @@ def find_fusions(stack: nn.Module) -> Fusions:
                 unmatched[f"{name.rsplit('.', 1)[-1]}.{_ROPE_NAME}"] = None
     fusions.attentions = [module for module in stack.modules() if is_qk_norm_rotary_attention(module)
                           and _forward_module(module) in fusions.rotary_modules]
+    fusions.cache_layers = hf.plain_static_layer_count(getattr(stack, "config", None))
     fusions.unmatched = list(unmatched)
     return fusions
 

@@ -1,8 +1,10 @@
-"""Triton kernels that compute transformers' Llama-style RMSNorm, rotary embedding and SwiGLU, each in one launch.
+"""Triton kernels that compute transformers' Llama-style RMSNorm, rotary embedding and SwiGLU, each in one launch, and
+write a static cache layer's keys and values in one.
 
 The model's own code launches 8 kernels per RMSNorm, 10 per rotary call, 2 for SwiGLU's activation and product and
-one more for the residual add before a norm; inside a graph each still costs a few microseconds of GPU time, which
-is most of a small model's step. These kernels keep the model's rounding: every op the model runs in the
+one more for the residual add before a norm; a static cache layer's update launches 5 (positions, their offset, the
+length's advance and one copy each for keys and values). Inside a graph each still costs a few microseconds of GPU
+time, which is most of a small model's step. These kernels keep the model's rounding: every op the model runs in the
 input dtype is rounded to it here too, so the rotary embedding, SwiGLU and the residual add are bit-identical and
 RMSNorm differs only by the order of the fp32 sum of squares (a rotary embedding of normed heads, as Qwen3's
 attention computes it, inherits that difference and adds none). Imported only when ``fused_kernels=True``.
@@ -184,3 +186,43 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
                                                num_warps=4)
     return out
 
+
+@triton.jit(do_not_specialize=["seq_len", "heads", "capacity"])
+def _cache_write_kernel(k_ptr, v_ptr, keys_ptr, values_ptr, length_ptr, seq_len, heads, capacity,
+                        k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, keys_sb, keys_sh, keys_ss, values_sb, values_sh, values_ss,
+                        K_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_KD: tl.constexpr,
+                        BLOCK_VD: tl.constexpr):
+    """One program per new token: its keys and values, every head, to the cache position the length counter holds
+    (read on the device, so a graph replays it at each step's position) plus the token's index."""
+    b = (tl.program_id(0) // seq_len).to(tl.int64)
+    s = (tl.program_id(0) % seq_len).to(tl.int64)
+    position = tl.load(length_ptr).to(tl.int64) + s
+    heads = tl.where(position < capacity, heads, 0)  # index_copy_ would fault past the end; nothing is written there
+    _copy_heads(k_ptr + b * k_sb + s * k_ss, k_sh, keys_ptr + b * keys_sb + position * keys_ss, keys_sh, heads,
+                K_DIM, BLOCK_H, BLOCK_KD)
+    _copy_heads(v_ptr + b * v_sb + s * v_ss, v_sh, values_ptr + b * values_sb + position * values_ss, values_sh, heads,
+                V_DIM, BLOCK_H, BLOCK_VD)
+
+
+@triton.jit
+def _copy_heads(source_ptr, source_sh, target_ptr, target_sh, heads, DIM: tl.constexpr, BLOCK_H: tl.constexpr,
+                BLOCK_D: tl.constexpr):
+    h = tl.arange(0, BLOCK_H)[:, None]
+    d = tl.arange(0, BLOCK_D)[None, :]
+    mask = (h < heads) & (d < DIM)
+    tl.store(target_ptr + h * target_sh + d, tl.load(source_ptr + h * source_sh + d, mask=mask), mask=mask)
+
+
+def write_cache(keys: torch.Tensor, values: torch.Tensor, new_keys: torch.Tensor, new_values: torch.Tensor,
+                length: torch.Tensor) -> None:
+    """``keys.index_copy_(2, positions, new_keys)`` and the same for values in one launch, ``positions`` being
+    ``length`` (a 0-dim counter on the device) plus ``arange(S)``, as a static cache layer's update writes them.
+    The caches ``[B, H, T, D]``, the new ``[B, H, S, D]`` (any strides, dense last dims)."""
+    batch, heads, seq_len, k_dim = new_keys.shape
+    v_dim = new_values.shape[-1]
+    _cache_write_kernel[(batch * seq_len,)](
+        new_keys, new_values, keys, values, length, seq_len, heads, keys.shape[2],
+        *_head_strides(new_keys), *_head_strides(new_values), *_head_strides(keys), *_head_strides(values),
+        K_DIM=k_dim, V_DIM=v_dim, BLOCK_H=triton.next_power_of_2(heads), BLOCK_KD=triton.next_power_of_2(k_dim),
+        BLOCK_VD=triton.next_power_of_2(v_dim), num_warps=4,
+    )

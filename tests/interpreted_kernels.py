@@ -7,6 +7,7 @@ So these check what the kernels compute and where they round (fp32 to a few ulp,
 bit-identity with eager's CUDA kernels is checked on a GPU (tests/test_gpu.py).
 """
 
+import contextlib
 import os
 from types import SimpleNamespace
 
@@ -14,6 +15,7 @@ import pytest
 import torch
 import triton.language as tl
 from torch.nn import functional
+from transformers.cache_utils import StaticCache
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 from transformers.models.qwen3 import modeling_qwen3
 
@@ -122,10 +124,51 @@ def test_rotary_with_norms_is_each_heads_rms_norm_then_llamas_rotary(dtype):
         assert_rotated_within_ulps(x, want, normed, cos, sin)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_write_cache_is_index_copy_at_the_length(dtype):
+    """Keys and values (v of another head dim) at the counter's positions, as a StaticLayer's two index_copy_ put
+    them; past the cache's end nothing is written (index_copy_ would fault)."""
+    generator = torch.Generator().manual_seed(4)
+    keys, values = torch.randn(3, 2, 12, 16).to(dtype), torch.randn(3, 2, 12, 8).to(dtype)
+    new_keys = torch.randn(3, 4, 2, 16, generator=generator).to(dtype).transpose(1, 2)  # attention's layout
+    new_values = torch.randn(3, 4, 2, 8, generator=generator).to(dtype).transpose(1, 2)
+    for start in (0, 5, 10):
+        got_keys, got_values = keys.clone(), values.clone()
+        kernels.write_cache(got_keys, got_values, new_keys, new_values, torch.tensor(start))
+        written = torch.arange(start, min(start + 4, 12))
+        expected_keys, expected_values = keys.clone(), values.clone()
+        expected_keys.index_copy_(2, written, new_keys[:, :, :len(written)])
+        expected_values.index_copy_(2, written, new_values[:, :, :len(written)])
+        assert torch.equal(got_keys, expected_keys) and torch.equal(got_values, expected_values)
+
+
+def test_a_fused_cache_update_leaves_what_transformers_update_leaves(kernel_calls):
+    """bcg's StaticLayer update against the installed transformers' own (run on every version CI covers): the same
+    keys, values and length counter after two steps, the same tensors returned. A release that changes what a static
+    layer's update does fails here."""
+    model = tiny_model("qwen3")
+    generator = torch.Generator().manual_seed(5)
+    steps = [tuple(torch.randn(2, 2, s, 16, generator=generator) for _ in range(2)) for s in (3, 1)]
+    caches = []
+    for fused in (False, True):
+        cache = static_cache_for(model, batch=2)
+        updates = fusion._cache_updates_fused(cache) if fused else contextlib.nullcontext()
+        with updates:
+            returned = [cache.update(k, v, 0) for k, v in steps]
+        layer = cache.layers[0]
+        assert all(r == (layer.keys, layer.values) for r in returned)
+        assert "update" not in vars(layer)
+        caches.append(cache)
+    assert kernel_calls["write_cache"] == len(steps)
+    reference, fused = (c.layers[0] for c in caches)
+    assert torch.equal(fused.keys, reference.keys) and torch.equal(fused.values, reference.values)
+    assert torch.equal(fused.cumulative_length, reference.cumulative_length)
+
+
 @pytest.fixture
 def kernel_calls(monkeypatch) -> dict[str, int]:
     """The kernels take CPU tensors (fp32), and count their calls (rotary: those with the q/k norms)."""
-    calls = {"silu_mul": 0, "add_rms_norm": 0, "rotary": 0}
+    calls = {"silu_mul": 0, "add_rms_norm": 0, "rotary": 0, "write_cache": 0}
 
     def counted(name):
         kernel = getattr(kernels, name)
@@ -141,20 +184,37 @@ def kernel_calls(monkeypatch) -> dict[str, int]:
     return calls
 
 
+def static_cache_for(model: torch.nn.Module, batch: int) -> StaticCache:
+    """An allocated StaticCache (a full decode graph's are: bcg fuses the writes of allocated layers only)."""
+    config = model.config
+    cache = StaticCache(config=config, max_cache_len=16)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    cache.early_initialization(batch, config.num_key_value_heads, head_dim, model.dtype, model.device)
+    return cache
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_a_model_with_every_fusion_running_matches_eager(arch, kernel_calls):
-    """fp32: bcg's decoder layer and MLP forwards with the kernels and Qwen3's q/k norms inside its rotary kernel, on
-    CPU tensors: eager's logits."""
+@pytest.mark.parametrize("static_cache", [False, True])
+def test_a_model_with_every_fusion_running_matches_eager(arch, static_cache, kernel_calls):
+    """fp32: bcg's decoder layer and MLP forwards with the kernels, Qwen3's q/k norms inside its rotary kernel and, on a
+    StaticCache, the cache's writes in one kernel per layer, on CPU tensors: eager's logits and cache."""
     model = tiny_model(arch)
     ids, mask = left_padded_batch()
     layers = model.config.num_hidden_layers
+    caches = [static_cache_for(model, ids.shape[0]) if static_cache else None for _ in range(2)]
+    name = bcg.hf.cache_argument(model.forward)
     with torch.no_grad():
-        expected = model(input_ids=ids, attention_mask=mask).logits
-        with fusion.find_fusions(model.model).installed():
-            logits = model(input_ids=ids, attention_mask=mask).logits
-    assert kernel_calls == {"silu_mul": layers, "add_rms_norm": layers, "rotary": layers if arch == "qwen3" else 0}
+        expected = model(input_ids=ids, attention_mask=mask, **{name: caches[0]}).logits
+        with fusion.find_fusions(model.model).installed(caches[1]):
+            logits = model(input_ids=ids, attention_mask=mask, **{name: caches[1]}).logits
+    assert kernel_calls == {"silu_mul": layers, "add_rms_norm": layers, "rotary": layers if arch == "qwen3" else 0,
+                            "write_cache": layers if static_cache else 0}
     real = mask.bool()
     torch.testing.assert_close(logits[real], expected[real], atol=1e-5, rtol=1e-5)
+    if static_cache:
+        for got, want in zip(caches[1].layers, caches[0].layers):  # a later layer's inputs differ by rounding
+            torch.testing.assert_close((got.keys, got.values), (want.keys, want.values), atol=1e-5, rtol=1e-5)
+            assert torch.equal(got.cumulative_length, want.cumulative_length)
 
 
 def test_deferred_norms_run_where_the_rotary_kernel_cannot(kernel_calls):
@@ -188,8 +248,9 @@ def test_wrapped_fast_graphs_run_the_kernels_between_breaks_and_exact_ones_do_no
     assert torch.equal(tokens, expected)
     assert handle.stats()["rejects"] == {}
     fused, layers = handle.stats()["fused_kernels"], model.config.num_hidden_layers
-    if mode == "fast":
-        assert fused["add_rms_norm"] == fused["qk_norm_rotary"] == layers
+    if mode == "fast":  # prompts through the breaks, decode steps as full graphs on a stand-in
+        assert fused["add_rms_norm"] == fused["qk_norm_rotary"] == fused["cache_write"] == layers
         assert all(calls > 0 for calls in kernel_calls.values()), kernel_calls
+        assert handle.stats()["full_graph_replays"] > 0
     else:
         assert fused == {} and set(kernel_calls.values()) == {0}

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers.cache_utils import DynamicCache, StaticCache
 from transformers.models.llama import modeling_llama
 from transformers.models.qwen3 import modeling_qwen3
 from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5RMSNorm
@@ -34,13 +35,16 @@ def test_qwen3_every_norm_its_rotary_mlps_and_layers_are_found():
     assert fusions.layers == list(model.model.layers)
     assert fusions.attentions == [layer.self_attn for layer in model.model.layers]
     assert fusions.describe() == {"rms_norm": 4 * layers + 1, "rotary": 1, "swiglu": layers, "add_rms_norm": layers,
-                                  "qk_norm_rotary": layers, "unmatched": []}
+                                  "qk_norm_rotary": layers, "cache_write": layers, "unmatched": []}
 
 
-@pytest.mark.parametrize("arch, attentions", [("qwen3_moe", 2), ("llama", 0), ("qwen3_5_text", 0)])
-def test_qk_norm_attention_is_counted(arch, attentions):
-    """Qwen3-MoE runs Qwen3's attention; Llama's has no q/k norms; Qwen3.5's norms scale by (1 + weight)."""
-    assert find_fusions(tiny_model(arch).model).describe()["qk_norm_rotary"] == attentions
+@pytest.mark.parametrize("arch, attentions, cache_layers", [("qwen3_moe", 2, 2), ("llama", 0, 2), ("mistral", 0, 0),
+                                                            ("gemma2", 0, 1), ("qwen3_5_text", 0, 0)])
+def test_qk_norm_attention_and_cache_writes_are_counted(arch, attentions, cache_layers):
+    """Qwen3-MoE runs Qwen3's attention; Llama's has no q/k norms; a StaticCache of Mistral's config (sliding window
+    6) has sliding layers only, of Gemma 2's a full layer beside a sliding one; a hybrid's decode steps take breaks."""
+    fused = find_fusions(tiny_model(arch).model).describe()
+    assert (fused["qk_norm_rotary"], fused["cache_write"]) == (attentions, cache_layers)
 
 
 def test_attention_whose_code_or_norms_differ_from_qwen3s_keeps_its_norms():
@@ -152,15 +156,44 @@ def test_a_layer_is_fused_only_with_llamas_norm_after_attention():
 def test_installed_swaps_for_one_run_and_restores_even_after_an_error():
     model = tiny_model("qwen3")
     fusions = find_fusions(model.model)
+    cache = _allocated_static_cache(model)
     original_rotary = modeling_qwen3.apply_rotary_pos_emb
     swapped = [*fusions.norms, *fusions.mlps, *fusions.layers]
     with pytest.raises(KeyError):
-        with fusions.installed():
+        with fusions.installed(cache):
             assert modeling_qwen3.apply_rotary_pos_emb is not original_rotary
             assert all("forward" in module.__dict__ for module in swapped)
+            assert all("update" in vars(layer) for layer in cache.layers)
             raise KeyError("boom")
     assert modeling_qwen3.apply_rotary_pos_emb is original_rotary
     assert all("forward" not in module.__dict__ for module in swapped)
+    assert all("update" not in vars(layer) for layer in cache.layers)
+
+
+def _allocated_static_cache(model: torch.nn.Module) -> StaticCache:
+    cache = StaticCache(config=model.config, max_cache_len=8)
+    cache.early_initialization(1, model.config.num_key_value_heads, 16, model.dtype, model.device)
+    return cache
+
+
+def test_only_a_static_caches_plain_layers_update_through_the_fused_write():
+    """A layer with an update of its own keeps it; no cache, a dynamic cache, an unallocated static cache or a stack
+    whose config makes no plain static layers (cache_layers 0) gets no fused write."""
+    model = tiny_model("qwen3")
+    fusions = find_fusions(model.model)
+    cache = _allocated_static_cache(model)
+    own = cache.layers[1].update
+    cache.layers[1].update = own
+    with fusions.installed(cache):
+        assert "update" in vars(cache.layers[0]) and cache.layers[1].update is own
+    assert "update" not in vars(cache.layers[0]) and cache.layers[1].update is own
+    for other in (None, DynamicCache(config=model.config), StaticCache(config=model.config, max_cache_len=8)):
+        with fusions.installed(other):
+            assert all("update" not in vars(layer) for layer in getattr(other, "layers", ()))
+    cache = _allocated_static_cache(model)
+    fusions.cache_layers = 0
+    with fusions.installed(cache):
+        assert all("update" not in vars(layer) for layer in cache.layers)
 
 
 def test_a_q_norm_output_that_never_reaches_the_rotary_call_fails_the_run(monkeypatch):

@@ -67,6 +67,8 @@ from .caches import (  # noqa: F401
     new_cache,
     output_with_cache,
     past_length,
+    plain_static_layer_count,
+    plain_static_layers,
     rebind_dynamic_layer,
     rebind_mixer_state,
     read_from,
