@@ -1,12 +1,15 @@
 """``fused_kernels=True``: swap the model's RMSNorm, rotary, SwiGLU and residual-add code for fused Triton kernels
-while a stack is captured.
+while a stack is captured, and a full decode graph's static cache writes.
 
 Only code that is the same as Llama's (compared as bytecode, so any model copying it qualifies and any model that
 changed it does not) is swapped, and only for the duration of a capture run: the graphs then replay one kernel
 where the model launched two to ten, and nothing outside bcg's runs sees a difference. The GEMMs stay the model's.
 A decoder layer with Llama's forward runs bcg's copy of it, which adds the residual inside the post-attention norm's
-kernel and calls every submodule (attention, where the breaks are, included) as Llama's does. A call the kernels
-cannot take (a tensor not on CUDA, mixed dtypes, unusual shapes) runs the model's own ops.
+kernel and calls every submodule (attention, where the breaks are, included) as Llama's does. An attention module with
+Qwen3's forward keeps it, but its per-head q_norm and k_norm hand their input on unnormed and the rotary call after
+them norms and rotates q and k in one kernel. In a full decode graph, the static cache layers' updates write keys and
+values in one kernel. A call the kernels cannot take (a tensor not on CUDA, mixed dtypes, unusual shapes) runs the
+model's own ops.
 """
 
 from __future__ import annotations
@@ -82,6 +85,16 @@ def is_llama_decoder_layer(module: nn.Module) -> bool:
         _same_code(inspect.unwrap(getattr(type(module), "forward", None)), hf.LLAMA_DECODER_LAYER_FORWARD)
         and "forward" not in module.__dict__
         and is_llama_rms_norm(getattr(module, "post_attention_layernorm", None))
+    )
+
+
+def is_qk_norm_rotary_attention(module: nn.Module) -> bool:
+    """An attention module with Qwen3's forward, whose q_norm and k_norm are Llama's RMSNorm: each norm's output goes,
+    transposed, to the rotary call and nowhere else, so that call can norm q and k itself (``_DeferredNorms``)."""
+    return (
+        _same_code(inspect.unwrap(getattr(type(module), "forward", None)), hf.QWEN3_ATTENTION_FORWARD)
+        and "forward" not in module.__dict__
+        and all(is_llama_rms_norm(getattr(module, name, None)) for name in ("q_norm", "k_norm"))
     )
 
 
@@ -161,16 +174,109 @@ def _add_rms_norm(norm: nn.Module, hidden_states: torch.Tensor,
     return add_rms_norm(hidden_states, residual, norm.weight, norm.variance_epsilon)
 
 
-def _fused_rotary(original: Callable) -> Callable:
+class _DeferredNorms:
+    """The q_norm and k_norm calls of the attention forward under way, left to its rotary call, which runs them in its
+    kernel. Qwen3's forward (``is_qk_norm_rotary_attention``) hands each norm's output, transposed, to
+    ``apply_rotary_pos_emb`` and to nothing else: the norms return their input as it is and the rotary call norms what
+    it is handed. One that gets other tensors than the norms' outputs raises (code that read a norm's output elsewhere
+    would have run on unnormed heads: the capture fails and that size stays eager), as does a stack run that ends with
+    a norm left undone."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[torch.Tensor, nn.Module]] = []  # (a norm's input, the norm), in call order
+
+    def norm(self, norm: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+        """A q_norm / k_norm forward while installed: deferred where the kernel takes the heads, else run now."""
+        if not (hidden_states.ndim == 4 and _rms_norm_takes(hidden_states, norm.weight)):
+            return _bound_forward(norm)(hidden_states)
+        self.pending.append((hidden_states, norm))
+        return hidden_states
+
+    def take(self, q: torch.Tensor, k: torch.Tensor) -> tuple[nn.Module | None, nn.Module | None]:
+        """The norms deferred for the rotary call's q and k (None: not a deferred norm's output)."""
+        pending, self.pending = self.pending, []
+        norms = [next((norm for raw, norm in pending if _is_transposed(x, raw)), None) for x in (q, k)]
+        if len(pending) != sum(norm is not None for norm in norms):
+            raise RuntimeError("bcg: a q_norm / k_norm output reached other code than the rotary call after it; the "
+                               "attention code differs from Qwen3's, whose norms bcg fuses into its rotary kernel")
+        return norms[0], norms[1]
+
+    def check_done(self) -> None:
+        if self.pending:
+            raise RuntimeError("bcg: a q_norm / k_norm output never reached a rotary call; the attention code differs "
+                               "from Qwen3's, whose norms bcg fuses into its rotary kernel")
+
+
+def _is_transposed(x: torch.Tensor, raw: torch.Tensor) -> bool:
+    """Whether ``x`` is ``raw.transpose(1, 2)``: the same elements, seen the same way."""
+    transposed = raw.transpose(1, 2)
+    return (x.data_ptr() == transposed.data_ptr() and x.dtype == transposed.dtype
+            and x.shape == transposed.shape and x.stride() == transposed.stride())
+
+
+def _fused_rotary(original: Callable, deferred: _DeferredNorms) -> Callable:
     def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        q_norm, k_norm = deferred.take(q, k)
         plain = not args and kwargs.keys() <= {"unsqueeze_dim"} and kwargs.get("unsqueeze_dim", 1) == 1
         if not (plain and _rotary_takes(q, k, cos, sin)):
-            return original(q, k, cos, sin, *args, **kwargs)
+            return original(_normed_heads(q_norm, q), _normed_heads(k_norm, k), cos, sin, *args, **kwargs)
         from .kernels import rotary
 
-        return rotary(q, cos, sin), rotary(k, cos, sin)
+        if q_norm is None or k_norm is None:  # no norms (Llama), or one alone: it runs first, as the model's
+            return rotary(_normed_heads(q_norm, q), _normed_heads(k_norm, k), cos, sin)
+        return rotary(q, k, cos, sin, norms=((q_norm.weight, q_norm.variance_epsilon),
+                                             (k_norm.weight, k_norm.variance_epsilon)))
 
     return apply_rotary_pos_emb
+
+
+def _normed_heads(norm: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+    """``x`` (``[B, H, S, D]``: a deferred norm's input, transposed) as the model's norm of it, transposed, would be;
+    ``x`` itself where no norm was deferred for it."""
+    return x if norm is None else _bound_forward(norm)(x.transpose(1, 2)).transpose(1, 2)
+
+
+def _cache_write_takes(keys: torch.Tensor, values: torch.Tensor, new_keys: torch.Tensor, new_values: torch.Tensor,
+                       length: torch.Tensor) -> bool:
+    """Whether one kernel can write a step's keys and values where index_copy_ would: ``[B, H, *, D]`` tensors of one
+    dtype and batch and head count, dense last dims, a 0-dim integer counter on their device."""
+    tensors = (keys, values, new_keys, new_values)
+    if not (_kernels_take(*tensors) and all(t.ndim == 4 and t.stride(-1) == 1 for t in tensors)):
+        return False
+    return (
+        keys.shape[:2] == values.shape[:2] == new_keys.shape[:2] == new_values.shape[:2]
+        and new_keys.shape[2] == new_values.shape[2]
+        and new_keys.shape[3] == keys.shape[3] and new_values.shape[3] == values.shape[3]
+        and length.ndim == 0 and not length.is_floating_point() and length.device == keys.device
+    )
+
+
+def _fused_cache_update(layer: Any, original: Callable, key_states: torch.Tensor, value_states: torch.Tensor,
+                        *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """A StaticLayer's update (hf.plain_static_layers) with keys and values written by one kernel at the position the
+    length counter holds, read on the device (transformers builds the positions from it in two kernels and copies
+    keys and values in two more), then the counter advanced as transformers advances it."""
+    keys, values, length = hf.static_layer_tensors(layer)
+    if not _cache_write_takes(keys, values, key_states, value_states, length):
+        return original(key_states, value_states, *args, **kwargs)
+    from .kernels import write_cache
+
+    write_cache(keys, values, key_states, value_states, length)
+    length.add_(key_states.shape[-2])
+    return keys, values
+
+
+@contextmanager
+def _cache_updates_fused(cache: Any) -> Iterator[None]:
+    """The cache's StaticLayers update through ``_fused_cache_update`` for the duration (one stack run)."""
+    layers = hf.plain_static_layers(cache)
+    for layer in layers:
+        layer.update = partial(_fused_cache_update, layer, type(layer).update.__get__(layer))
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.update
 
 
 def _rotary_takes(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
@@ -192,38 +298,49 @@ class Fusions:
     rotary_modules: list[ModuleType] = field(default_factory=list)
     mlps: list[nn.Module] = field(default_factory=list)
     layers: list[nn.Module] = field(default_factory=list)  # decoder layers whose residual add joins their norm
+    attentions: list[nn.Module] = field(default_factory=list)  # attention whose q/k norms join the rotary kernel
+    cache_layers: int = 0  # static cache layers whose update a full decode graph writes in one kernel
     unmatched: list[str] = field(default_factory=list)  # classes and rotary code that look like Llama's but differ
 
     def __bool__(self) -> bool:
-        return bool(self.norms or self.rotary_modules or self.mlps or self.layers)
+        return bool(self.norms or self.rotary_modules or self.mlps or self.layers or self.cache_layers)
 
     def describe(self) -> dict[str, Any]:
         return {"rms_norm": len(self.norms), "rotary": len(self.rotary_modules), "swiglu": len(self.mlps),
-                "add_rms_norm": len(self.layers), "unmatched": list(self.unmatched)}
+                "add_rms_norm": len(self.layers), "qk_norm_rotary": len(self.attentions),
+                "cache_write": self.cache_layers, "unmatched": list(self.unmatched)}
 
     @contextmanager
-    def installed(self) -> Iterator[None]:
-        """The fused code in place of the model's for the duration (one stack run), then the model's again."""
+    def installed(self, cache: Any = None) -> Iterator[None]:
+        """The fused code in place of the model's for the duration (one stack run), then the model's again; ``cache``:
+        the one a full decode graph's run updates (its static layers' writes fused too)."""
         with _SWAP_LOCK:
+            deferred = _DeferredNorms()
             saved_rotary = [(m, getattr(m, _ROPE_NAME)) for m in self.rotary_modules]
             for modeling, original in saved_rotary:
-                setattr(modeling, _ROPE_NAME, _fused_rotary(original))
+                setattr(modeling, _ROPE_NAME, _fused_rotary(original, deferred))
             try:
-                with patching.forwards_replaced(self._forwards()):
+                with patching.forwards_replaced(self._forwards(deferred)), \
+                        _cache_updates_fused(cache if self.cache_layers else None):
                     yield
+                deferred.check_done()
             finally:
                 for modeling, original in saved_rotary:
                     setattr(modeling, _ROPE_NAME, original)
 
-    def _forwards(self) -> dict[nn.Module, Callable]:
+    def _forwards(self, deferred: _DeferredNorms) -> dict[nn.Module, Callable]:
         """bcg's forward for each module that has no instance ``forward`` of its own (one set since, such as a hook
-        library's, stays), and for each layer whose post-attention norm has none either."""
+        library's, stays), and for each layer whose post-attention norm has none either; a matched attention's q/k
+        norms leave their work to the rotary call (``deferred``)."""
         forwards: dict[nn.Module, Callable] = {}
         for layer in _class_forward_only(self.layers):
             if "forward" not in layer.post_attention_layernorm.__dict__:
                 signature = inspect.signature(type(layer).forward.__get__(layer))
                 forwards[layer] = partial(_fused_decoder_layer_forward, layer, signature)
         forwards.update({norm: _bound_forward(norm) for norm in _class_forward_only(self.norms)})
+        attentions = _class_forward_only(self.attentions)
+        qk_norms = [attention.q_norm for attention in attentions] + [attention.k_norm for attention in attentions]
+        forwards.update({norm: partial(deferred.norm, norm) for norm in _class_forward_only(qk_norms)})
         forwards.update({mlp: partial(_fused_swiglu_forward, mlp) for mlp in _class_forward_only(self.mlps)})
         return forwards
 
@@ -265,8 +382,16 @@ def find_fusions(stack: nn.Module) -> Fusions:
                 fusions.rotary_modules.append(modeling)
             elif modeling is not None and hasattr(modeling, _ROPE_NAME):
                 unmatched[f"{name.rsplit('.', 1)[-1]}.{_ROPE_NAME}"] = None
+    fusions.attentions = [module for module in stack.modules() if is_qk_norm_rotary_attention(module)
+                          and _forward_module(module) in fusions.rotary_modules]
+    fusions.cache_layers = hf.plain_static_layer_count(getattr(stack, "config", None))
     fusions.unmatched = list(unmatched)
     return fusions
+
+
+def _forward_module(module: nn.Module) -> ModuleType | None:
+    """The modeling module whose globals (its rotary function) the module's class forward reads."""
+    return sys.modules.get(inspect.unwrap(type(module).forward).__module__)
 
 
 def _looks_like_swiglu(module: nn.Module) -> bool:

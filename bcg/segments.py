@@ -64,9 +64,10 @@ class BreakableStack:
         self.original_implementation = implementation
         self.configs = hf.attention_configs(self.stack.module)
 
-    def fused(self, key: GraphKey) -> Any:
-        """The fused kernels in place for one run of a fast graph (a capture, or an eager-backend replay)."""
-        return self.fusions.installed() if self.fusions and key.fast else nullcontext()
+    def fused(self, key: GraphKey, cache: Any = None) -> Any:
+        """The fused kernels in place for one run of a fast graph (a capture, or an eager-backend replay); ``cache``:
+        the one a full decode graph updates."""
+        return self.fusions.installed(cache) if self.fusions and key.fast else nullcontext()
 
     def capture(self, key: GraphKey, bucket: int, mixer_cache: tuple[Any, int] | None = None) -> Graph:
         """Capture the graph of ``key`` and ``bucket``; ``mixer_cache``: (cache bound to bcg's mixer states, sequences)
@@ -121,7 +122,8 @@ class BreakableStack:
         """One run of the original stack forward, attention included (a full decode graph: no breaks); a fast one's
         masked SDPA takes grouped keys/values as they are."""
         gqa = hf.masked_gqa_in_sdpa() if key.fast else nullcontext()
-        with torch.no_grad(), self.fused(key), gqa, hf.experts_running(self.stack.module, key.experts):
+        with torch.no_grad(), self.fused(key, inputs.get(self.cache_argument)), gqa, \
+                hf.experts_running(self.stack.module, key.experts):
             output = self.original_forward(**inputs)
         self.output_cls = type(output)
         return output[0]

@@ -12,11 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers.cache_utils import DynamicCache, StaticCache
 from transformers.models.llama import modeling_llama
 from transformers.models.qwen3 import modeling_qwen3
+from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5RMSNorm
 
 import bcg
-from bcg.fusion import find_fusions, is_llama_decoder_layer, is_llama_rms_norm, is_llama_swiglu
+from bcg import fusion
+from bcg.fusion import (find_fusions, is_llama_decoder_layer, is_llama_rms_norm, is_llama_swiglu,
+                        is_qk_norm_rotary_attention)
 from tiny_models import left_padded_batch, tiny_model
 
 
@@ -29,8 +33,47 @@ def test_qwen3_every_norm_its_rotary_mlps_and_layers_are_found():
     assert fusions.rotary_modules == [modeling_qwen3]
     assert fusions.mlps == [layer.mlp for layer in model.model.layers]
     assert fusions.layers == list(model.model.layers)
+    assert fusions.attentions == [layer.self_attn for layer in model.model.layers]
     assert fusions.describe() == {"rms_norm": 4 * layers + 1, "rotary": 1, "swiglu": layers, "add_rms_norm": layers,
-                                  "unmatched": []}
+                                  "qk_norm_rotary": layers, "cache_write": layers, "unmatched": []}
+
+
+@pytest.mark.parametrize("arch, attentions, cache_layers", [("qwen3_moe", 2, 2), ("llama", 0, 2), ("mistral", 0, 0),
+                                                            ("gemma2", 0, 1), ("qwen3_5_text", 0, 0)])
+def test_qk_norm_attention_and_cache_writes_are_counted(arch, attentions, cache_layers):
+    """Qwen3-MoE runs Qwen3's attention; Llama's has no q/k norms; a StaticCache of Mistral's config (sliding window
+    6) has sliding layers only, of Gemma 2's a full layer beside a sliding one; a hybrid's decode steps take breaks."""
+    fused = find_fusions(tiny_model(arch).model).describe()
+    assert (fused["qk_norm_rotary"], fused["cache_write"]) == (attentions, cache_layers)
+
+
+def test_attention_whose_code_or_norms_differ_from_qwen3s_keeps_its_norms():
+    """Only Qwen3's forward hands its q/k norms' outputs to the rotary call and nowhere else; a subclass with a forward
+    of its own, a norm other than Llama's or a modeling module whose rotary bcg does not swap leaves the norms alone."""
+    class ScaledAttention(modeling_qwen3.Qwen3Attention):
+        def forward(self, *args, **kwargs):
+            output, weights = super().forward(*args, **kwargs)
+            return 2 * output, weights
+
+    model = tiny_model("qwen3")
+    first, second = (layer.self_attn for layer in model.model.layers)
+    assert is_qk_norm_rotary_attention(first)
+    scaled = ScaledAttention(model.config, layer_idx=1)
+    assert not is_qk_norm_rotary_attention(scaled)
+    model.model.layers[1].self_attn = scaled
+    assert find_fusions(model.model).attentions == [first]
+    first.k_norm = Qwen3_5RMSNorm(16)  # scales by (1 + weight)
+    assert not is_qk_norm_rotary_attention(first)
+    assert not is_qk_norm_rotary_attention(tiny_model("llama").model.layers[0].self_attn)  # no q/k norms
+
+
+def test_qk_norm_attention_needs_its_modules_rotary_swapped(monkeypatch):
+    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):  # a rewrite bcg does not fuse
+        return q * cos.unsqueeze(unsqueeze_dim), k * cos.unsqueeze(unsqueeze_dim)
+
+    monkeypatch.setattr(modeling_qwen3, "apply_rotary_pos_emb", apply_rotary_pos_emb)
+    fusions = find_fusions(tiny_model("qwen3").model)
+    assert fusions.rotary_modules == [] and fusions.attentions == []
 
 
 def test_a_kernelizable_rotary_function_object_is_looked_through(monkeypatch):
@@ -113,15 +156,63 @@ def test_a_layer_is_fused_only_with_llamas_norm_after_attention():
 def test_installed_swaps_for_one_run_and_restores_even_after_an_error():
     model = tiny_model("qwen3")
     fusions = find_fusions(model.model)
+    cache = _allocated_static_cache(model)
     original_rotary = modeling_qwen3.apply_rotary_pos_emb
     swapped = [*fusions.norms, *fusions.mlps, *fusions.layers]
     with pytest.raises(KeyError):
-        with fusions.installed():
+        with fusions.installed(cache):
             assert modeling_qwen3.apply_rotary_pos_emb is not original_rotary
             assert all("forward" in module.__dict__ for module in swapped)
+            assert all("update" in vars(layer) for layer in cache.layers)
             raise KeyError("boom")
     assert modeling_qwen3.apply_rotary_pos_emb is original_rotary
     assert all("forward" not in module.__dict__ for module in swapped)
+    assert all("update" not in vars(layer) for layer in cache.layers)
+
+
+def _allocated_static_cache(model: torch.nn.Module) -> StaticCache:
+    cache = StaticCache(config=model.config, max_cache_len=8)
+    cache.early_initialization(1, model.config.num_key_value_heads, 16, model.dtype, model.device)
+    return cache
+
+
+def test_only_a_static_caches_plain_layers_update_through_the_fused_write():
+    """A layer with an update of its own keeps it; no cache, a dynamic cache, an unallocated static cache or a stack
+    whose config makes no plain static layers (cache_layers 0) gets no fused write."""
+    model = tiny_model("qwen3")
+    fusions = find_fusions(model.model)
+    cache = _allocated_static_cache(model)
+    own = cache.layers[1].update
+    cache.layers[1].update = own
+    with fusions.installed(cache):
+        assert "update" in vars(cache.layers[0]) and cache.layers[1].update is own
+    assert "update" not in vars(cache.layers[0]) and cache.layers[1].update is own
+    for other in (None, DynamicCache(config=model.config), StaticCache(config=model.config, max_cache_len=8)):
+        with fusions.installed(other):
+            assert all("update" not in vars(layer) for layer in getattr(other, "layers", ()))
+    cache = _allocated_static_cache(model)
+    fusions.cache_layers = 0
+    with fusions.installed(cache):
+        assert all("update" not in vars(layer) for layer in cache.layers)
+
+
+def test_a_q_norm_output_that_never_reaches_the_rotary_call_fails_the_run(monkeypatch):
+    """The q/k norms hand their input on unnormed for the rotary call to norm: a run in which a norm's output goes
+    elsewhere (code other than Qwen3's) raises rather than compute on unnormed heads, and the swap is undone."""
+    monkeypatch.setattr(fusion, "_kernels_take", lambda *tensors: True)  # as CUDA tensors would be
+    model = tiny_model("qwen3")
+    attention = model.model.layers[0].self_attn
+    fusions = find_fusions(model.model)
+    heads, rotary = torch.randn(1, 3, 4, 16), modeling_qwen3.apply_rotary_pos_emb
+    with pytest.raises(RuntimeError, match="never reached a rotary call"):
+        with fusions.installed():
+            assert attention.q_norm(heads) is heads
+    assert "forward" not in attention.q_norm.__dict__ and modeling_qwen3.apply_rotary_pos_emb is rotary
+    cos = sin = torch.ones(1, 3, 16)
+    with pytest.raises(RuntimeError, match="reached other code"):
+        with fusions.installed():
+            q, k = attention.q_norm(heads), attention.k_norm(heads[:, :, :2])
+            modeling_qwen3.apply_rotary_pos_emb(q.transpose(1, 2).contiguous(), k.transpose(1, 2), cos, sin)
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "llama"])
@@ -177,6 +268,21 @@ def test_a_forward_set_on_a_norm_after_wrapping_is_left_in_place():
     with fusions.installed():
         assert norm.forward is own
     assert norm.forward is own
+
+
+def test_an_attention_with_a_forward_set_after_wrapping_keeps_its_norms():
+    """Its norms run where it calls them (fused, as any Llama RMSNorm): its code may not hand them to the rotary."""
+    def deferred(norm: torch.nn.Module) -> bool:
+        forward = norm.__dict__.get("forward")
+        return isinstance(getattr(getattr(forward, "func", None), "__self__", None), fusion._DeferredNorms)
+
+    model = tiny_model("qwen3")
+    fusions = find_fusions(model.model)
+    first, second = (layer.self_attn for layer in model.model.layers)
+    first.forward = first.forward  # e.g. a hook library's
+    with fusions.installed():
+        assert not deferred(first.q_norm) and not deferred(first.k_norm) and "forward" in first.q_norm.__dict__
+        assert deferred(second.q_norm) and deferred(second.k_norm)
 
 
 def test_a_forward_set_on_an_mlp_layer_or_its_norm_after_wrapping_is_left_in_place():

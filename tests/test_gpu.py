@@ -159,7 +159,8 @@ def test_smollm2_batched_mgsm_generation_matches_eager():
     # Llama: an input and a post-attention norm per layer, and the final one; an MLP and a residual add per layer
     layers = model.config.num_hidden_layers
     assert handle.stats()["fused_kernels"] == {"rms_norm": 2 * layers + 1, "rotary": 1, "swiglu": layers,
-                                               "add_rms_norm": layers, "unmatched": []}
+                                               "add_rms_norm": layers, "qk_norm_rotary": 0, "cache_write": layers,
+                                               "unmatched": []}
     assert (fast_logits.argmax(-1) == eager_logits.argmax(-1)).sum() >= 7
     print(f"default mode: {sum(a == b for a, b in zip(fast, eager))}/8 texts identical to eager")
 
@@ -308,9 +309,74 @@ def test_fused_rotary_kernel_is_bit_identical_to_llamas_code(dtype):
 
     q, k, cos, sin = _rotary_inputs(dtype)
     for c, s in ((cos, sin), (cos[:1], sin[:1])):  # per-row positions, and one set broadcast over the batch
-        expected_q, expected_k = apply_rotary_pos_emb(q, k, c, s)
-        assert torch.equal(rotary(q, c, s), expected_q)
-        assert torch.equal(rotary(k, c, s), expected_k)
+        for got, expected in zip(rotary(q, k, c, s), apply_rotary_pos_emb(q, k, c, s)):  # q and k in one launch
+            assert torch.equal(got, expected) and got.stride() == expected.stride()
+
+
+@pytest.mark.parametrize("dtype, ulp", [(torch.bfloat16, 2**-8), (torch.float16, 2**-11), (torch.float32, 2**-23)])
+def test_fused_qk_norm_rotary_kernel_matches_qwen3s_code_to_rounding(dtype, ulp):
+    """Qwen3's attention: q_norm / k_norm per head (Llama's RMSNorm, fp32 inside, rounded to the dtype before the
+    weight's product), then the rotary embedding in the dtype. The norm differs from eager's only by the order of its
+    fp32 sum of squares (as the fused RMSNorm's), the rotation adds no difference of its own: each element is within
+    a few rounding steps of the products it sums (|x1 cos| + |x2 sin|, a sum near zero keeps no more digits), in 16-bit
+    types almost all bit-identical."""
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm, apply_rotary_pos_emb
+
+    from bcg.kernels import rotary
+
+    q, k, cos, sin = _rotary_inputs(dtype)
+    q, k = q * 3, k * 3  # the projections' scale, not the norm's
+    generator = torch.Generator(device="cuda").manual_seed(7)
+    norms = [Qwen3RMSNorm(q.shape[-1], eps=1e-6).to("cuda", dtype) for _ in range(2)]
+    with torch.no_grad():
+        for norm in norms:
+            norm.weight.copy_(torch.randn(q.shape[-1], device="cuda", generator=generator) * 0.2 + 1)
+        normed = [norm(x.transpose(1, 2)).transpose(1, 2) for norm, x in zip(norms, (q, k))]
+    weights = tuple((norm.weight, norm.variance_epsilon) for norm in norms)
+    for c, s in ((cos, sin), (cos[:1], sin[:1])):
+        expected = apply_rotary_pos_emb(*normed, c, s)
+        for got, want, x in zip(rotary(q, k, c, s, norms=weights), expected, normed):
+            assert got.dtype == want.dtype and got.shape == want.shape and got.stride() == want.stride()
+            half = x.shape[-1] // 2
+            swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1).float().abs()
+            scale = x.float().abs() * c.float().abs().unsqueeze(1) + swapped * s.float().abs().unsqueeze(1)
+            assert ((got.float() - want.float()).abs() <= 8 * ulp * scale + 1e-30).all()
+            if dtype != torch.float32:
+                assert (got != want).float().mean() < 0.02
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_fused_cache_write_kernel_is_index_copy_at_the_length_also_in_a_graph(dtype):
+    """Keys and values written where a StaticLayer's two index_copy_ write them, bit for bit: caches as a stand-in's
+    (slices of one tensor per kind), the step's keys in the rotary's layout and values of another head dim as the
+    projection's view; the position read from the length counter on the device, so a graph captured at one length
+    writes at the next step's."""
+    from bcg.kernels import write_cache
+
+    generator = torch.Generator(device="cuda").manual_seed(8)
+    batch, heads, length, k_dim, v_dim = 3, 8, 40, 128, 64
+    stacked_keys = torch.randn(2, batch, heads, length, k_dim, device="cuda", generator=generator).to(dtype)
+    stacked_values = torch.randn(2, batch, heads, length, v_dim, device="cuda", generator=generator).to(dtype)
+    keys, values = stacked_keys[1], stacked_values[1]
+    other_layer = stacked_keys[0].clone(), stacked_values[0].clone()
+    new_keys = torch.randn(batch, 1, heads, k_dim, device="cuda", generator=generator).to(dtype).transpose(1, 2)
+    new_values = torch.randn(batch, 1, heads * v_dim, device="cuda", generator=generator).to(dtype)
+    new_values = new_values.view(batch, 1, heads, v_dim).transpose(1, 2)
+    counter = torch.tensor(5, device="cuda")
+    expected_keys, expected_values = keys.clone(), values.clone()
+    graph = torch.cuda.CUDAGraph()
+    write_cache(keys, values, new_keys, new_values, counter)  # compiles the kernel outside the capture
+    with torch.cuda.graph(graph):
+        write_cache(keys, values, new_keys, new_values, counter)
+    for position in (5, 17, length - 1, length):  # the last is past the end: nothing written (index_copy_ faults)
+        counter.fill_(position)
+        graph.replay()
+        if position < length:
+            index = torch.tensor([position], device="cuda")
+            expected_keys.index_copy_(2, index, new_keys)
+            expected_values.index_copy_(2, index, new_values)
+        assert torch.equal(keys, expected_keys) and torch.equal(values, expected_values)
+    assert torch.equal(stacked_keys[0], other_layer[0]) and torch.equal(stacked_values[0], other_layer[1])
 
 
 @pytest.mark.parametrize("dtype, ulp", [(torch.bfloat16, 2**-8), (torch.float16, 2**-11), (torch.float32, 2**-23)])
@@ -442,7 +508,8 @@ def test_default_mode_fuses_kernels_replays_fewer_and_matches_eager():
 
     layers = model.config.num_hidden_layers
     assert handle.stats()["fused_kernels"] == {"rms_norm": 4 * layers + 1, "rotary": 1, "swiglu": layers,
-                                               "add_rms_norm": layers, "unmatched": []}
+                                               "add_rms_norm": layers, "qk_norm_rotary": layers,
+                                               "cache_write": layers, "unmatched": []}
     real = mask.bool()
     torch.testing.assert_close(logits[real], expected[real], atol=1e-4, rtol=1e-4)  # fp32: rounding-level
     assert torch.equal(tokens, expected_tokens)
@@ -477,6 +544,37 @@ def test_default_mode_fuses_swiglu_and_the_residual_add_and_decodes_as_eager(arc
     assert torch.equal(tokens, expected)
     assert handle.stats()["rejects"] == {}
     assert _kernel_launches(model, ids) <= _kernel_launches(norms_and_rotary_only, ids) - 2 * layers
+
+
+@pytest.mark.parametrize("arch, unfused, saved_per_layer", [
+    ("qwen3", dict(attentions=[]), 2),  # q norm, k norm, the rotary of q and k: 3 launches -> 1
+    ("qwen3", dict(cache_layers=0), 3),  # positions, their offset, the counter's advance, 2 index_copy_: 5 -> 2
+    ("llama", dict(cache_layers=0), 3),
+])
+def test_default_mode_fuses_qk_norms_with_rotary_and_the_cache_write(arch, unfused, saved_per_layer, monkeypatch):
+    """fp32: greedy tokens equal eager's, and a decode step on the stand-in replays ``saved_per_layer`` launches fewer
+    per layer than one without that fusion (Qwen3's q/k norms inside the rotary kernel; the cache write)."""
+    from dataclasses import replace
+
+    from bcg.fusion import find_fusions
+
+    reference = tiny_model(arch, device="cuda")
+    model = tiny_model(arch, device="cuda")
+    without = tiny_model(arch, device="cuda")
+    ids, mask = left_padded_batch(device="cuda")
+    expected = reference.generate(ids, attention_mask=mask, **GENERATE)
+
+    handle = bcg.wrap_model(model)
+    tokens = model.generate(ids, attention_mask=mask, **GENERATE)
+    monkeypatch.setattr("bcg.wrap.find_fusions", lambda stack: replace(find_fusions(stack), **unfused))
+    bcg.wrap_model(without)
+
+    layers = model.config.num_hidden_layers
+    fused = handle.stats()["fused_kernels"]
+    assert fused["qk_norm_rotary"] == (layers if arch == "qwen3" else 0) and fused["cache_write"] == layers
+    assert handle.stats()["rejects"] == {} and handle.stats()["full_graph_replays"] > 0
+    assert torch.equal(tokens, expected)
+    assert _kernel_launches(model, ids) <= _kernel_launches(without, ids) - saved_per_layer * layers
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gpt2"])

@@ -362,13 +362,36 @@ def rebind_dynamic_layer(layer: Any, keys: torch.Tensor, values: torch.Tensor) -
     layer.keys, layer.values = keys, values
 
 
+def _static_cache_layers(config: Any) -> list | None:
+    """The (unallocated) layers of a StaticCache made from ``config``; None where transformers cannot build one."""
+    try:
+        return list(StaticCache(config=config, max_cache_len=1).layers)
+    except Exception:  # a config transformers cannot build a static cache from: no stand-ins, the breaks serve
+        return None
+
+
 def makes_full_static_caches(config: Any) -> bool:
     """Whether a StaticCache made from ``config`` has full static layers only (no sliding window, no mixer state)."""
-    try:
-        layers = StaticCache(config=config, max_cache_len=1).layers
-    except Exception:  # a config transformers cannot build a static cache from: no stand-ins, the breaks serve
-        return False
+    layers = _static_cache_layers(config)
     return bool(layers) and all(type(layer) is StaticLayer for layer in layers)
+
+
+def plain_static_layer_count(config: Any) -> int:
+    """How many layers of a StaticCache made from ``config`` are plain StaticLayers a full decode graph updates (every
+    layer a static attention layer: a hybrid's mixer states keep its decode steps off full graphs); else 0."""
+    layers = _static_cache_layers(config) or []
+    if not all(type(layer) in (StaticLayer, StaticSlidingWindowLayer, _STATIC_INDEXED_LAYER) for layer in layers):
+        return 0
+    return sum(type(layer) is StaticLayer for layer in layers)
+
+
+def plain_static_layers(cache: Any) -> list:
+    """The layers of a StaticCache (every layer static and allocated: ``static_layers``) that are transformers'
+    StaticLayer running its class's ``update``, which (5.17-5.25) writes the new keys and values at the position its
+    length counter holds, advances the counter by their length and returns the whole buffers: what a fused write may do
+    in its place (fusion.py)."""
+    return [layer for layer in static_layers(cache) or ()
+            if type(layer) is StaticLayer and "update" not in vars(layer)]
 
 
 def static_cache_like(config: Any, layers: list, max_cache_len: int) -> tuple[Any, tuple | None] | None:

@@ -13,6 +13,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.models.llama import modeling_llama
+from transformers.models.qwen3 import modeling_qwen3
 
 from .. import patching
 
@@ -63,6 +64,9 @@ LLAMA_MLP_FORWARD = modeling_llama.LlamaMLP.forward
 # The function inside the wrappers that 5.25 puts around every layer's forward (gradient checkpointing, the deprecated
 # ``past_key_values`` name): the wrappers' code is the same for every layer.
 LLAMA_DECODER_LAYER_FORWARD = inspect.unwrap(modeling_llama.LlamaDecoderLayer.forward)
+# Qwen3's attention forward (inside 5.24+'s deprecated-argument wrapper): per-head q_norm / k_norm whose outputs go,
+# transposed, to apply_rotary_pos_emb and nowhere else.
+QWEN3_ATTENTION_FORWARD = inspect.unwrap(modeling_qwen3.Qwen3Attention.forward)
 # What ``hidden_act="silu"`` builds (SiLUActivation in 5.x), and torch's own.
 SILU_ACTIVATIONS = (type(ACT2FN["silu"]), nn.SiLU)
 
