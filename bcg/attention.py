@@ -81,10 +81,12 @@ class Bridges:
 
 
 class Slot(Protocol):
-    """One break's call site: the module whose call it stands for, the mask it reads, and its eager body."""
+    """One break's call site: the module whose call it stands for, the masks it reads, and its eager body."""
 
     module: nn.Module
-    mask_key: str
+
+    @property
+    def mask_keys(self) -> tuple[str, ...]: ...
 
     def run(self) -> None: ...
 
@@ -115,6 +117,10 @@ class BreakSlot:
     @property
     def mask_key(self) -> str:
         return hf.attention_mask_key(self.layer_type)
+
+    @property
+    def mask_keys(self) -> tuple[str, ...]:
+        return (self.mask_key,)
 
     def run(self) -> None:
         """Cache update and attention on the live tokens.

@@ -170,9 +170,6 @@ def model_unsupported_reason(model: Any, config: Any, stack: nn.Module) -> str |
     if (flag := hf.BIASED_MASK_FLAGS.get(getattr(config, "model_type", ""))) and getattr(config, flag, False):
         return (f"{flag}=True: the stack folds position biases into the attention mask it builds, and bcg builds the "
                 "masks without them")
-    if mismasked := set(getattr(config, "layer_types", None) or ()) & set(hf.MISMASKED_LAYER_TYPES):
-        return (f"layer types {sorted(mismasked)}: transformers' mask table gives their attention a full causal mask "
-                "where the model applies its window")
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     rope_sets = rope.values() if all(isinstance(v, dict) for v in rope.values()) and rope else [rope]
     if any(isinstance(r, dict) and r.get("rope_type", r.get("type")) in ("dynamic", "longrope") for r in rope_sets):

@@ -32,7 +32,9 @@ from .live import LIVE
 from .resolve import Stack
 
 # Arguments a mixer call may carry that differ per call: the break supplies the live ones (and the live cache).
-_LIVE_ARGUMENTS = frozenset({"attention_mask", "use_cache", "position_ids"})
+# ``conv_mask`` is transformers' name for the 2D padding mask a stack hands a layer's convolutions beside its attention
+# mask (Inkling, Qwen4-exp: its "linear_attention" mask).
+_LIVE_ARGUMENTS = frozenset({"attention_mask", "use_cache", "position_ids", "conv_mask"})
 # Per-token tensors the stack computes inside the graph (Zamba2's and MiniMax's mixers receive the rotary embeddings,
 # Bloom's attention the residual stream it adds its output to): the break hands the module those of the bucket it
 # replays (a CUDA graph rewrites them in place), laid out as the call's [B, S] tokens. Besides these and what the stack
@@ -68,15 +70,29 @@ class MixerSlot:
 
     @property
     def mask_key(self) -> str:
+        """The key of the mask its ``attention_mask`` gets: the layer's attention mask, or a mixer's padding mask."""
         return hf.attention_mask_key(self.layer_type) if self.attends else hf.mixer_mask_key(self.layer_type)
 
+    @property
+    def reads_padding(self) -> bool:
+        """Beside its ``attention_mask``, it takes the 2D padding mask (as ``conv_mask``)."""
+        return "conv_mask" in self.live_arguments
+
+    @property
+    def mask_keys(self) -> tuple[str, ...]:
+        """The keys of every mask it reads: its ``attention_mask``'s, and the padding mask's where it reads it too."""
+        return (self.mask_key, *((hf.mixer_mask_key(self.layer_type),) if self.reads_padding else ()))
+
     def run(self) -> None:
-        """The module's own forward on the live tokens, cache and mask (a mixer's: the 2D padding mask)."""
+        """The module's own forward on the live tokens, cache and masks (a mixer's: the 2D padding mask)."""
         live = LIVE.get()
         kwargs = dict(self.kwargs)
+        padding = _padding_mask(live.mask_for(hf.mixer_mask_key(self.layer_type))) if self.reads_padding else None
         if "attention_mask" in self.live_arguments:
             mask = live.mask_for(self.mask_key)
             kwargs["attention_mask"] = mask if self.attends else _padding_mask(mask)
+        if "conv_mask" in self.live_arguments:
+            kwargs["conv_mask"] = padding
         if "use_cache" in self.live_arguments:
             kwargs["use_cache"] = live.cache is not None
         if "position_ids" in self.live_arguments:
@@ -226,8 +242,7 @@ def _decode_step_inline(module: nn.Module, forward: Callable, hidden_states: tor
     cache_argument = run.module_breaks.cache_arguments[id(module)]
     arguments = {k: _decode_layout(v, batch, hidden_states.shape[1], module) for k, v in kwargs.items()
                  if k not in _LIVE_ARGUMENTS and k != cache_argument}
-    if "attention_mask" in kwargs:
-        arguments["attention_mask"] = None
+    arguments.update({name: None for name in ("attention_mask", "conv_mask") if name in kwargs})
     if "use_cache" in kwargs:
         arguments["use_cache"] = True
     if "position_ids" in kwargs:

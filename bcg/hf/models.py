@@ -45,13 +45,10 @@ ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attenti
 # Layer types whose token mixer keeps per-sequence state in the cache (linear attention, SSM, short convolution);
 # a "hybrid" layer runs such a mixer and attention, on one cache layer holding both.
 STATEFUL_LAYER_TYPES = ("linear_attention", "conv", "hybrid")
-# Layer types whose masks bcg cannot build as the model does: transformers' mask table gives Inkling's
-# "hybrid_sliding" attention a full causal mask where the model applies its window.
-MISMASKED_LAYER_TYPES = ("hybrid_sliding",)
 # Config flags under which a model type's stack folds position biases into the attention mask it builds (Falcon's
 # ALiBi): bcg builds the masks itself, without them.
 BIASED_MASK_FLAGS = {"falcon": "alibi"}
-_HYBRID_ATTENTION_MASKS = {"hybrid": "full_attention"}
+_HYBRID_ATTENTION_MASKS = {"hybrid": "full_attention", "hybrid_sliding": "sliding_attention"}
 # Layers with neither attention nor mixer state (Nemotron-H's MLP layers; 5.17 gives them empty cache layers).
 STATELESS_LAYER_TYPES = ("moe", "mlp")
 
