@@ -305,6 +305,11 @@ def bcg_attention_forward(
             "bcg attention was called outside a bcg-managed forward; call bcg.unwrap_model(model) "
             "instead of setting attn_implementation='bcg' by hand"
         )
+    if run.module_breaks is not None and id(module) in run.module_breaks.in_graph_attention:
+        # attention over the module's own tensors, with no cache (Inkling 2's over block states): no break, the model's
+        # own attention function inside the graph
+        function = hf.attention_function(run.original_implementation, module)
+        return function(module, query, key, value, attention_mask, **kwargs)
     if query.shape[0] != 1:
         raise RuntimeError(f"bcg captures a flat [1, N] token run, got a batch of {query.shape[0]}")
     slot = run.attention_slot(module, query, key, value, kwargs)

@@ -36,11 +36,12 @@ from .resolve import Stack
 # mask (Inkling, Qwen4-exp: its "linear_attention" mask).
 _LIVE_ARGUMENTS = frozenset({"attention_mask", "use_cache", "position_ids", "conv_mask"})
 # Per-token tensors the stack computes inside the graph (Zamba2's and MiniMax's mixers receive the rotary embeddings,
-# Bloom's attention the residual stream it adds its output to): the break hands the module those of the bucket it
-# replays (a CUDA graph rewrites them in place), laid out as the call's [B, S] tokens. Besides these and what the stack
-# computes per call for its layers (hf.stack_arguments: Bloom's ALiBi biases, made anew for the live call), any other
+# Bloom's attention the residual stream it adds its output to, Inkling 2's full attention the inputs of its key and
+# value projections): the break hands the module those of the bucket it replays (a CUDA graph rewrites them in place),
+# laid out as the call's [B, S] tokens. Besides these and what the stack computes per call for its layers
+# (hf.stack_arguments: Bloom's ALiBi biases, Inkling 2's relative distances, made anew for the live call), any other
 # per-call tensor keeps the model eager: it could hold capture state.
-_GRAPH_ARGUMENTS = frozenset({"position_embeddings", "residual"})
+_GRAPH_ARGUMENTS = frozenset({"position_embeddings", "residual", "key_hidden_states", "value_hidden_states"})
 
 
 @dataclass
@@ -102,7 +103,8 @@ class MixerSlot:
         for name, (source, index) in self.fed.items():
             kwargs[name] = live.returned[id(source)][index]
         for name in self.recomputed:
-            kwargs[name] = live.stack_arguments[name]
+            value = live.stack_arguments[name]
+            kwargs[name] = value[hf.attention_mask_key(self.layer_type)] if isinstance(value, dict) else value
         with _own_attention(self):
             result = self.forward(hidden_states=live.token_input(self.hidden), **kwargs,
                                   **{self.cache_argument: live.cache})
@@ -145,6 +147,9 @@ class ModuleBreaks:
     modules: list[nn.Module] = field(default_factory=list)
     attending: frozenset[int] = frozenset()
     cache_arguments: dict[int, str] = field(default_factory=dict)  # id -> the keyword the cache reached it under
+    # ids of the attention call sites that touch no cache (probe.CacheUse.cacheless_attention): no break, their
+    # attention runs inside the graph, as the model calls it
+    in_graph_attention: frozenset[int] = frozenset()
 
     @property
     def mixers_only(self) -> bool:
@@ -165,7 +170,8 @@ def find_module_breaks(stack: Stack, device: torch.device) -> tuple[ModuleBreaks
     by_module = {id(use.module): use for use in uses}
     chosen = [by_module[id(m)] for m in probe.module_breaks(uses)]
     found = ModuleBreaks([use.module for use in chosen], frozenset(id(use.module) for use in chosen if use.attends),
-                         {id(use.module): use.argument for use in chosen})
+                         {id(use.module): use.argument for use in chosen},
+                         frozenset(id(use.module) for use in uses if use.cacheless_attention))
     attention = {use.module.layer_idx for use in chosen if use.attends}
     return found, (uncovered_layers_reason(stack.config, {use.module.layer_idx for use in chosen})
                    or outside_interface_reason(stack.module, stack.config, stack.num_hidden_layers, attention))

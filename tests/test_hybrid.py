@@ -412,11 +412,12 @@ def check_mixer_storages_bounded(device: str = "cpu", **options: Any) -> None:
 
 
 # Attention modules that run short convolutions on the cache themselves (their keys' and values') and attend with
-# tensors of their own making (Inkling's position bias): each runs whole as a break of its own,
+# tensors of their own making (Inkling's position bias, Inkling 2's sinks): each runs whole as a break of its own,
 # handed what the unwrapped stack hands it. A full and a sliding-window layer each; the window (6) bites within the
 # test sequences.
 CONVOLVING_ATTENTION = {
     "inkling_text": dict(layer_types=["hybrid", "hybrid_sliding"]),
+    "inkling2_text": dict(num_hidden_layers=4, layer_types=["hybrid", "hybrid_sliding"] * 2),
 }
 
 
@@ -427,7 +428,8 @@ def test_attention_convolving_on_the_cache_is_a_break_of_its_own_and_equals_eage
     attending = [s for s in slots if s.attends]
     assert [s.layer_idx for s in attending] == list(range(model.config.num_hidden_layers))
     assert all("Attention" in type(s.module).__name__ for s in attending)
-    # Inkling's layers also run a short convolution after attention and after the MLP: breaks of their own.
+    # Inkling's layers also run a short convolution after attention and after the MLP: breaks of their own. Inkling
+    # 2's attention over its block states touches no cache and stays inside the graph.
     assert all("ShortConvolution" in type(s.module).__name__ for s in slots if not s.attends)
 
 
@@ -491,3 +493,17 @@ def _same(a, b) -> bool:
     return (a is None and b is None) or (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
                                          and a.shape == b.shape and torch.equal(a, b))
 
+
+def test_a_looped_inkling_2_stays_eager_naming_why():
+    """Inkling 2's looped stack applies its loop layers several times per forward, each pass on cache slots of its
+    own: a warned fallback with eager's tokens."""
+    fields = dict(num_hidden_layers=4, layer_types=["hybrid_sliding", "hybrid"] * 2, n_layers_per_attn_res_block=2,
+                  loop_layer_index_start=2, loop_layer_index_end=4, loop_num_passes=2)
+    reference, model = _pair("inkling2_loop_text", **fields)
+    ids, mask = left_padded_batch()
+    options = dict(attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    expected = reference.generate(ids, **options)
+    handle = bcg.wrap_model(model, backend="eager")
+    with pytest.warns(bcg.BcgFallbackWarning, match="applied several times per forward"):
+        assert torch.equal(model.generate(ids, **options), expected)
+    assert handle.stats()["replays"] == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -166,17 +167,37 @@ def builds_alibi(stack: nn.Module) -> bool:
 
 
 def stack_arguments(stack: nn.Module, padding_mask: torch.Tensor | None, cache: Any, batch: int, seq: int,
-                    dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
-    """What the stack computes per call and hands its layers, made by its own code for a call (a module break takes
-    them from here): Bloom's ALiBi biases, over the 2D padding mask of past and new tokens (padded to a static cache's
-    length, as its generate() pads it) or, without one, over every key position. Empty for other stacks."""
-    if not builds_alibi(stack):
-        return {}
+                    dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor | dict[str, torch.Tensor]]:
+    """What the stack computes per call and hands its layers, made by its own code for a call before any cache
+    update (a module break takes them from here): Bloom's ALiBi biases, Inkling 2's relative distances (per attention
+    mask key: a layer gets its attention type's). Empty for other stacks."""
+    if builds_alibi(stack):
+        return {"alibi": _alibi(stack, padding_mask, cache, batch, seq, dtype, device)}
+    if (distance := _relative_distance_function(stack)) is not None:
+        embeds = torch.empty((batch, seq, 0), dtype=dtype, device=device)  # what it reads: the length and the device
+        return {"relative_distance": {"full_attention": distance(embeds, cache, is_sliding=False),
+                                      "sliding_attention": distance(embeds, cache, is_sliding=True)}}
+    return {}
+
+
+def _alibi(stack: nn.Module, padding_mask: torch.Tensor | None, cache: Any, batch: int, seq: int,
+           dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Bloom's ALiBi biases, over the 2D padding mask of past and new tokens (padded to a static cache's length, as
+    its generate() pads it) or, without one, over every key position."""
     keys = cache.get_mask_sizes(seq, 0)[0] if cache is not None else seq
     if padding_mask is None:
         padding_mask = torch.ones(batch, keys, dtype=torch.long, device=device)
     padding_mask = torch.nn.functional.pad(padding_mask, (0, keys - padding_mask.shape[-1]))
-    return {"alibi": stack.build_alibi_tensor(padding_mask, stack.num_heads, dtype)}
+    return stack.build_alibi_tensor(padding_mask, stack.num_heads, dtype)
+
+
+def _relative_distance_function(stack: nn.Module) -> Callable | None:
+    """The modeling file's ``get_relative_distance`` where the stack's forward calls it (Inkling 2: every query's
+    distance to every key position, from the cache's mask sizes, for its full and its sliding attention layers)."""
+    function = getattr(sys.modules[type(stack).__module__], "get_relative_distance", None)
+    if function is None or "get_relative_distance" not in code_names(inspect.unwrap(type(stack).forward).__code__):
+        return None
+    return function
 
 
 def kv_sharing(module: nn.Module) -> tuple[bool, bool]:
