@@ -68,6 +68,7 @@ class MixerSlot:
     attends: bool = False
     configs: list = field(default_factory=list)
     implementation: str | None = None
+    mask_dict: tuple[str, ...] = ()  # the keys of the dict it takes its masks in (Zaya: hf.MASK_DICT_ENTRIES), if so
 
     @property
     def mask_key(self) -> str:
@@ -76,8 +77,8 @@ class MixerSlot:
 
     @property
     def reads_padding(self) -> bool:
-        """Beside its ``attention_mask``, it takes the 2D padding mask (as ``conv_mask``)."""
-        return "conv_mask" in self.live_arguments
+        """Beside its ``attention_mask``, it takes the 2D padding mask (as ``conv_mask``, or in its mask dict)."""
+        return "conv_mask" in self.live_arguments or any(hf.MASK_DICT_ENTRIES[k] == "padding" for k in self.mask_dict)
 
     @property
     def mask_keys(self) -> tuple[str, ...]:
@@ -90,8 +91,7 @@ class MixerSlot:
         kwargs = dict(self.kwargs)
         padding = _padding_mask(live.mask_for(hf.mixer_mask_key(self.layer_type))) if self.reads_padding else None
         if "attention_mask" in self.live_arguments:
-            mask = live.mask_for(self.mask_key)
-            kwargs["attention_mask"] = mask if self.attends else _padding_mask(mask)
+            kwargs["attention_mask"] = self._attention_mask(live.mask_for(self.mask_key), padding)
         if "conv_mask" in self.live_arguments:
             kwargs["conv_mask"] = padding
         if "use_cache" in self.live_arguments:
@@ -115,6 +115,13 @@ class MixerSlot:
             raise StructureError(f"{type(self.module).__name__} (layer {self.layer_idx}) returned "
                                  f"{type(result).__name__}, not a hidden-size tensor bcg can bridge")
         live.write_output(self.out, result)
+
+    def _attention_mask(self, mask: torch.Tensor | dict | None, padding: torch.Tensor | None) -> Any:
+        """What its ``attention_mask`` gets: the layer's attention mask, a mixer's padding mask, or the dict of both
+        (by key: hf.MASK_DICT_ENTRIES) that its layer hands it."""
+        if self.mask_dict:
+            return {key: mask if hf.MASK_DICT_ENTRIES[key] == "attention" else padding for key in self.mask_dict}
+        return mask if self.attends else _padding_mask(mask)
 
 
 @contextmanager
@@ -289,7 +296,11 @@ def _new_slot(run: StackRun, module: nn.Module, forward: Callable, hidden_states
     if unsupplied:
         raise StructureError(f"{type(module).__name__} (layer {module.layer_idx}) takes {unsupplied} per call, which "
                              "bcg's mixer break cannot supply")
-    if not isinstance(mask := kwargs.get("attention_mask"), torch.Tensor | None):
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, dict) and (unknown := sorted(set(mask) - set(hf.MASK_DICT_ENTRIES))):
+        raise StructureError(f"{type(module).__name__} (layer {module.layer_idx}) takes its masks in a dict, and bcg "
+                             f"does not know which masks its keys {unknown} hold")
+    if not isinstance(mask, torch.Tensor | dict | None):
         raise StructureError(f"{type(module).__name__} (layer {module.layer_idx}) takes its attention mask as a "
                              f"{type(mask).__name__}, where bcg's break hands it the layer's mask tensor")
     width, dtype = hidden_states.shape[-1], hidden_states.dtype
@@ -306,6 +317,7 @@ def _new_slot(run: StackRun, module: nn.Module, forward: Callable, hidden_states
         fed=fed,
         recomputed=recomputed,
         live_arguments=frozenset(kwargs) & _LIVE_ARGUMENTS,
+        mask_dict=tuple(mask) if isinstance(mask, dict) else (),
         hidden=run.bridges.get("hidden", (width,), dtype),
         out=run.bridges.get("out", (width,), dtype),
     )

@@ -411,13 +411,14 @@ def check_mixer_storages_bounded(device: str = "cpu", **options: Any) -> None:
     assert handle.stats()["rejects"] == {}
 
 
-# Attention modules that run short convolutions on the cache themselves (their keys' and values') and attend with
-# tensors of their own making (Inkling's position bias, Inkling 2's sinks): each runs whole as a break of its own,
-# handed what the unwrapped stack hands it. A full and a sliding-window layer each; the window (6) bites within the
-# test sequences.
+# Attention modules that run short convolutions on the cache themselves (their keys' and values', or Zaya's CCA
+# projection) and attend with tensors of their own making (Inkling's position bias, Inkling 2's sinks) or take their
+# masks in a dict (Zaya): each runs whole as a break of its own, handed what the unwrapped stack hands it. A full and a
+# sliding-window layer each; the window (6) bites within the test sequences.
 CONVOLVING_ATTENTION = {
     "inkling_text": dict(layer_types=["hybrid", "hybrid_sliding"]),
     "inkling2_text": dict(num_hidden_layers=4, layer_types=["hybrid", "hybrid_sliding"] * 2),
+    "zaya": dict(layer_types=["hybrid", "hybrid_sliding"], sliding_window=6),
 }
 
 
@@ -445,7 +446,7 @@ def test_attention_convolving_on_the_cache_continues_as_eager(model_type):
 @pytest.mark.parametrize("model_type", sorted(CONVOLVING_ATTENTION))
 def test_a_module_break_gets_the_masks_the_stack_hands_it(model_type, monkeypatch):
     """Each attention module's attention mask (Inkling's sliding layers: the window's) and its convolutions' padding
-    mask (``conv_mask``) are, call for call, what the unwrapped model hands it: a padded
+    mask (``conv_mask``; Zaya: both in one dict) are, call for call, what the unwrapped model hands it: a padded
     prompt, then a 3-token continuation on its cache."""
     reference, model = _pair(model_type, **CONVOLVING_ATTENTION[model_type])
     handed = _record_masks(monkeypatch, {type(layer.self_attn) for layer in reference.model.layers})
@@ -492,6 +493,20 @@ def _masks_of(kwargs: dict) -> dict:
 def _same(a, b) -> bool:
     return (a is None and b is None) or (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
                                          and a.shape == b.shape and torch.equal(a, b))
+
+
+def test_zaya_on_a_static_cache_stays_eager_naming_its_masks():
+    """generate() hands a static cache's stack the masks of Zaya's own create_masks_for_generate, keyed by its layer
+    types: not masks bcg can hand the breaks, so those calls run eagerly, warned once, with eager's tokens."""
+    reference, model = _pair("zaya", **CONVOLVING_ATTENTION["zaya"])
+    ids, mask = left_padded_batch()
+    options = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                   cache_implementation="static", disable_compile=True)
+    expected = reference.generate(ids, **options)
+    handle = bcg.wrap_model(model, backend="eager")
+    with pytest.warns(bcg.BcgFallbackWarning, match="no mask for layer types"):
+        assert torch.equal(model.generate(ids, **options), expected)
+    assert handle.stats()["replays"] == 0 and set(handle.stats()["rejects"]) == {"unsupported_mask"}
 
 
 def test_a_looped_inkling_2_stays_eager_naming_why():

@@ -150,6 +150,11 @@ def mixer_mask_key(layer_type: str) -> str:
     return layer_type if layer_type == "conv" else "linear_attention"
 
 
+# A layer's masks handed to its attention module in a dict of the stack's making (Zaya's): which mask each key holds
+# ("attention": the layer's attention mask, "padding": its convolution's 2D padding mask, the mixers' mask).
+MASK_DICT_ENTRIES = {"causal": "attention", "conv": "padding"}
+
+
 def missing_stack_arguments(stack: nn.Module) -> list[str]:
     """Arguments bcg passes to (or reads from) a stack forward that this one does not take (a stack whose layers see
     positions only through its ALiBi biases needs no position_ids: a module break gets the biases made per call)."""
