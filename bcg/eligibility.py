@@ -181,6 +181,10 @@ def model_unsupported_reason(model: Any, config: Any, stack: nn.Module) -> str |
     if missing and hf.attention_layers(config, getattr(config, "num_hidden_layers", 0) or 0) == 0:
         return ("an attention-free model (every layer a state-space mixer, as in Mamba): its stack takes no "
                 f"{missing}, and bcg replays only stacks with attention")
+    if missing == ["position_ids"]:
+        return ("the stack's forward takes no position_ids (a design that predates them: it makes its positions "
+                "itself, from the cache's length or as ALiBi biases), and bcg replays only stacks it can hand the "
+                "tokens' positions")
     if missing:
         return (f"the stack's forward does not take {missing}, which bcg needs to replay it (a transformers "
                 "version bcg does not know?)")
