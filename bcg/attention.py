@@ -81,10 +81,12 @@ class Bridges:
 
 
 class Slot(Protocol):
-    """One break's call site: the module whose call it stands for, the mask it reads, and its eager body."""
+    """One break's call site: the module whose call it stands for, the masks it reads, and its eager body."""
 
     module: nn.Module
-    mask_key: str
+
+    @property
+    def mask_keys(self) -> tuple[str, ...]: ...
 
     def run(self) -> None: ...
 
@@ -115,6 +117,10 @@ class BreakSlot:
     @property
     def mask_key(self) -> str:
         return hf.attention_mask_key(self.layer_type)
+
+    @property
+    def mask_keys(self) -> tuple[str, ...]:
+        return (self.mask_key,)
 
     def run(self) -> None:
         """Cache update and attention on the live tokens.
@@ -299,6 +305,11 @@ def bcg_attention_forward(
             "bcg attention was called outside a bcg-managed forward; call bcg.unwrap_model(model) "
             "instead of setting attn_implementation='bcg' by hand"
         )
+    if run.module_breaks is not None and id(module) in run.module_breaks.in_graph_attention:
+        # attention over the module's own tensors, with no cache (Inkling 2's over block states): no break, the model's
+        # own attention function inside the graph
+        function = hf.attention_function(run.original_implementation, module)
+        return function(module, query, key, value, attention_mask, **kwargs)
     if query.shape[0] != 1:
         raise RuntimeError(f"bcg captures a flat [1, N] token run, got a batch of {query.shape[0]}")
     slot = run.attention_slot(module, query, key, value, kwargs)

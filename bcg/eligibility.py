@@ -170,9 +170,6 @@ def model_unsupported_reason(model: Any, config: Any, stack: nn.Module) -> str |
     if (flag := hf.BIASED_MASK_FLAGS.get(getattr(config, "model_type", ""))) and getattr(config, flag, False):
         return (f"{flag}=True: the stack folds position biases into the attention mask it builds, and bcg builds the "
                 "masks without them")
-    if mismasked := set(getattr(config, "layer_types", None) or ()) & set(hf.MISMASKED_LAYER_TYPES):
-        return (f"layer types {sorted(mismasked)}: transformers' mask table gives their attention a full causal mask "
-                "where the model applies its window")
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     rope_sets = rope.values() if all(isinstance(v, dict) for v in rope.values()) and rope else [rope]
     if any(isinstance(r, dict) and r.get("rope_type", r.get("type")) in ("dynamic", "longrope") for r in rope_sets):
@@ -184,6 +181,10 @@ def model_unsupported_reason(model: Any, config: Any, stack: nn.Module) -> str |
     if missing and hf.attention_layers(config, getattr(config, "num_hidden_layers", 0) or 0) == 0:
         return ("an attention-free model (every layer a state-space mixer, as in Mamba): its stack takes no "
                 f"{missing}, and bcg replays only stacks with attention")
+    if missing == ["position_ids"]:
+        return ("the stack's forward takes no position_ids (a design that predates them: it makes its positions "
+                "itself, from the cache's length or as ALiBi biases), and bcg replays only stacks it can hand the "
+                "tokens' positions")
     if missing:
         return (f"the stack's forward does not take {missing}, which bcg needs to replay it (a transformers "
                 "version bcg does not know?)")

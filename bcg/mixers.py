@@ -32,13 +32,16 @@ from .live import LIVE
 from .resolve import Stack
 
 # Arguments a mixer call may carry that differ per call: the break supplies the live ones (and the live cache).
-_LIVE_ARGUMENTS = frozenset({"attention_mask", "use_cache", "position_ids"})
+# ``conv_mask`` is transformers' name for the 2D padding mask a stack hands a layer's convolutions beside its attention
+# mask (Inkling, Qwen4-exp: its "linear_attention" mask).
+_LIVE_ARGUMENTS = frozenset({"attention_mask", "use_cache", "position_ids", "conv_mask"})
 # Per-token tensors the stack computes inside the graph (Zamba2's and MiniMax's mixers receive the rotary embeddings,
-# Bloom's attention the residual stream it adds its output to): the break hands the module those of the bucket it
-# replays (a CUDA graph rewrites them in place), laid out as the call's [B, S] tokens. Besides these and what the stack
-# computes per call for its layers (hf.stack_arguments: Bloom's ALiBi biases, made anew for the live call), any other
+# Bloom's attention the residual stream it adds its output to, Inkling 2's full attention the inputs of its key and
+# value projections): the break hands the module those of the bucket it replays (a CUDA graph rewrites them in place),
+# laid out as the call's [B, S] tokens. Besides these and what the stack computes per call for its layers
+# (hf.stack_arguments: Bloom's ALiBi biases, Inkling 2's relative distances, made anew for the live call), any other
 # per-call tensor keeps the model eager: it could hold capture state.
-_GRAPH_ARGUMENTS = frozenset({"position_embeddings", "residual"})
+_GRAPH_ARGUMENTS = frozenset({"position_embeddings", "residual", "key_hidden_states", "value_hidden_states"})
 
 
 @dataclass
@@ -65,18 +68,32 @@ class MixerSlot:
     attends: bool = False
     configs: list = field(default_factory=list)
     implementation: str | None = None
+    mask_dict: tuple[str, ...] = ()  # the keys of the dict it takes its masks in (Zaya: hf.MASK_DICT_ENTRIES), if so
 
     @property
     def mask_key(self) -> str:
+        """The key of the mask its ``attention_mask`` gets: the layer's attention mask, or a mixer's padding mask."""
         return hf.attention_mask_key(self.layer_type) if self.attends else hf.mixer_mask_key(self.layer_type)
 
+    @property
+    def reads_padding(self) -> bool:
+        """Beside its ``attention_mask``, it takes the 2D padding mask (as ``conv_mask``, or in its mask dict)."""
+        return "conv_mask" in self.live_arguments or any(hf.MASK_DICT_ENTRIES[k] == "padding" for k in self.mask_dict)
+
+    @property
+    def mask_keys(self) -> tuple[str, ...]:
+        """The keys of every mask it reads: its ``attention_mask``'s, and the padding mask's where it reads it too."""
+        return (self.mask_key, *((hf.mixer_mask_key(self.layer_type),) if self.reads_padding else ()))
+
     def run(self) -> None:
-        """The module's own forward on the live tokens, cache and mask (a mixer's: the 2D padding mask)."""
+        """The module's own forward on the live tokens, cache and masks (a mixer's: the 2D padding mask)."""
         live = LIVE.get()
         kwargs = dict(self.kwargs)
+        padding = _padding_mask(live.mask_for(hf.mixer_mask_key(self.layer_type))) if self.reads_padding else None
         if "attention_mask" in self.live_arguments:
-            mask = live.mask_for(self.mask_key)
-            kwargs["attention_mask"] = mask if self.attends else _padding_mask(mask)
+            kwargs["attention_mask"] = self._attention_mask(live.mask_for(self.mask_key), padding)
+        if "conv_mask" in self.live_arguments:
+            kwargs["conv_mask"] = padding
         if "use_cache" in self.live_arguments:
             kwargs["use_cache"] = live.cache is not None
         if "position_ids" in self.live_arguments:
@@ -86,7 +103,8 @@ class MixerSlot:
         for name, (source, index) in self.fed.items():
             kwargs[name] = live.returned[id(source)][index]
         for name in self.recomputed:
-            kwargs[name] = live.stack_arguments[name]
+            value = live.stack_arguments[name]
+            kwargs[name] = value[hf.attention_mask_key(self.layer_type)] if isinstance(value, dict) else value
         with _own_attention(self):
             result = self.forward(hidden_states=live.token_input(self.hidden), **kwargs,
                                   **{self.cache_argument: live.cache})
@@ -97,6 +115,13 @@ class MixerSlot:
             raise StructureError(f"{type(self.module).__name__} (layer {self.layer_idx}) returned "
                                  f"{type(result).__name__}, not a hidden-size tensor bcg can bridge")
         live.write_output(self.out, result)
+
+    def _attention_mask(self, mask: torch.Tensor | dict | None, padding: torch.Tensor | None) -> Any:
+        """What its ``attention_mask`` gets: the layer's attention mask, a mixer's padding mask, or the dict of both
+        (by key: hf.MASK_DICT_ENTRIES) that its layer hands it."""
+        if self.mask_dict:
+            return {key: mask if hf.MASK_DICT_ENTRIES[key] == "attention" else padding for key in self.mask_dict}
+        return mask if self.attends else _padding_mask(mask)
 
 
 @contextmanager
@@ -129,6 +154,9 @@ class ModuleBreaks:
     modules: list[nn.Module] = field(default_factory=list)
     attending: frozenset[int] = frozenset()
     cache_arguments: dict[int, str] = field(default_factory=dict)  # id -> the keyword the cache reached it under
+    # ids of the attention call sites that touch no cache (probe.CacheUse.cacheless_attention): no break, their
+    # attention runs inside the graph, as the model calls it
+    in_graph_attention: frozenset[int] = frozenset()
 
     @property
     def mixers_only(self) -> bool:
@@ -149,7 +177,8 @@ def find_module_breaks(stack: Stack, device: torch.device) -> tuple[ModuleBreaks
     by_module = {id(use.module): use for use in uses}
     chosen = [by_module[id(m)] for m in probe.module_breaks(uses)]
     found = ModuleBreaks([use.module for use in chosen], frozenset(id(use.module) for use in chosen if use.attends),
-                         {id(use.module): use.argument for use in chosen})
+                         {id(use.module): use.argument for use in chosen},
+                         frozenset(id(use.module) for use in uses if use.cacheless_attention))
     attention = {use.module.layer_idx for use in chosen if use.attends}
     return found, (uncovered_layers_reason(stack.config, {use.module.layer_idx for use in chosen})
                    or outside_interface_reason(stack.module, stack.config, stack.num_hidden_layers, attention))
@@ -226,8 +255,7 @@ def _decode_step_inline(module: nn.Module, forward: Callable, hidden_states: tor
     cache_argument = run.module_breaks.cache_arguments[id(module)]
     arguments = {k: _decode_layout(v, batch, hidden_states.shape[1], module) for k, v in kwargs.items()
                  if k not in _LIVE_ARGUMENTS and k != cache_argument}
-    if "attention_mask" in kwargs:
-        arguments["attention_mask"] = None
+    arguments.update({name: None for name in ("attention_mask", "conv_mask") if name in kwargs})
     if "use_cache" in kwargs:
         arguments["use_cache"] = True
     if "position_ids" in kwargs:
@@ -268,7 +296,11 @@ def _new_slot(run: StackRun, module: nn.Module, forward: Callable, hidden_states
     if unsupplied:
         raise StructureError(f"{type(module).__name__} (layer {module.layer_idx}) takes {unsupplied} per call, which "
                              "bcg's mixer break cannot supply")
-    if not isinstance(mask := kwargs.get("attention_mask"), torch.Tensor | None):
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, dict) and (unknown := sorted(set(mask) - set(hf.MASK_DICT_ENTRIES))):
+        raise StructureError(f"{type(module).__name__} (layer {module.layer_idx}) takes its masks in a dict, and bcg "
+                             f"does not know which masks its keys {unknown} hold")
+    if not isinstance(mask, torch.Tensor | dict | None):
         raise StructureError(f"{type(module).__name__} (layer {module.layer_idx}) takes its attention mask as a "
                              f"{type(mask).__name__}, where bcg's break hands it the layer's mask tensor")
     width, dtype = hidden_states.shape[-1], hidden_states.dtype
@@ -285,6 +317,7 @@ def _new_slot(run: StackRun, module: nn.Module, forward: Callable, hidden_states
         fed=fed,
         recomputed=recomputed,
         live_arguments=frozenset(kwargs) & _LIVE_ARGUMENTS,
+        mask_dict=tuple(mask) if isinstance(mask, dict) else (),
         hidden=run.bridges.get("hidden", (width,), dtype),
         out=run.bridges.get("out", (width,), dtype),
     )

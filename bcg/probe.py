@@ -53,6 +53,12 @@ class CacheUse:
         return self.calls_attention and not self.attends_elsewhere and not self.own_attention_inputs
 
     @property
+    def cacheless_attention(self) -> bool:
+        """An AttentionInterface call site that never received, read or wrote the cache: attention over tensors of the
+        module's own making (Inkling 2's over its layers' block states), as capturable as the rest of the layer."""
+        return self.calls_attention and self.argument is None and not self.touched and not self.updates_keys_values
+
+    @property
     def attends(self) -> bool:
         """Attention: it called the attention function, or updated the cache's keys and values (attention outside the
         AttentionInterface, as Bloom's); it reads the layer's attention mask, not a mixer's padding mask."""

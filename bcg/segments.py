@@ -156,7 +156,7 @@ class BreakableStack:
 
     def missing_masks(self, key: GraphKey, masks: dict) -> set[str]:
         """Layer types whose breaks in ``key``'s graphs read a mask ``masks`` does not hold."""
-        return {slot.mask_key for slot in self.slots.get(key, ())} - set(masks)
+        return {mask_key for slot in self.slots.get(key, ()) for mask_key in slot.mask_keys} - set(masks)
 
     def buffers(self) -> dict[str, torch.Tensor]:
         """Every bcg tensor the graphs read by address, by name (debug's address book)."""

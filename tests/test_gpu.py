@@ -788,6 +788,25 @@ def test_sparse_attention_on_real_graphs(model_type):
     assert stats["backend"] == "cuda" and stats["rejects"] == {} and stats["replays"] >= 12, stats
 
 
+@pytest.mark.parametrize("model_type", ["inkling_text", "inkling2_text", "zaya"])
+def test_attention_convolving_on_the_cache_on_real_graphs(model_type):
+    """Attention modules that run short convolutions on the cache themselves (Inkling, Inkling 2, Zaya; a full and a
+    sliding-window layer each) as breaks of their own on real graphs (fp32, the experts on transformers' batched_mm,
+    which captures in fp32 where grouped_mm's fallback copies from the host): eager's tokens and logits over a second
+    turn and k-token continuations, decode steps through the breaks, Inkling 2's attention over its block states
+    inside the graphs."""
+    from test_continuation import check_continuations
+    from test_hybrid import CONVOLVING_ATTENTION
+    from test_latent_attention import _pair
+
+    reference, model = (m.to("cuda") for m in _pair(model_type, **CONVOLVING_ATTENTION[model_type]))
+    for twin in (reference, model):
+        twin.set_experts_implementation("batched_mm")
+    handle = check_continuations(reference, model, device="cuda")
+    stats = handle.stats()
+    assert stats["backend"] == "cuda" and stats["rejects"] == {} and stats["replays"] >= 12, stats
+
+
 @pytest.mark.parametrize("cache_implementation", [None, "static"])
 def test_a_full_graph_decode_step_never_synchronizes_the_device(cache_implementation, monkeypatch):
     """generate() waits for the GPU once per step (its stopping check); bcg's part of a decode step as one graph (on a

@@ -9,6 +9,8 @@ import torch
 import bcg
 from bcg import hf, probe
 import internals
+from test_continuation import check_continuations
+from test_latent_attention import _pair, replayed_equal_to_eager
 from tiny_models import HYBRID_ARCHITECTURES, left_padded_batch, tiny_model
 
 STEPS = 3
@@ -358,19 +360,6 @@ def test_a_per_call_tensor_a_mixer_break_cannot_supply_keeps_the_model_eager(mon
     assert torch.equal(tokens, expected) and not handle.stats()["ready"]
 
 
-def test_hybrid_sliding_layers_stay_eager_naming_the_layer_type():
-    """Inkling's hybrid_sliding layers: transformers' mask table gives their attention a full causal mask where the
-    model applies its window, so bcg would mask differently from the model: it stays eager, saying so."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from tiny_models import _COMMON
-
-    config = AutoConfig.for_model("inkling_text", **{**_COMMON, "sliding_window": 6, "head_dim": 16})
-    with pytest.warns(bcg.BcgFallbackWarning, match="hybrid_sliding"):
-        handle = bcg.wrap_model(AutoModelForCausalLM.from_config(config).eval(), backend="eager")
-    assert not handle.stats()["ready"]
-
-
 def test_a_cache_given_its_states_back_under_inference_mode_keeps_working_outside_it():
     """Cache A bound, then cache B decodes under inference mode (A gets copies back): A's next call under no_grad
     must not meet inference tensors it cannot update."""
@@ -420,3 +409,116 @@ def check_mixer_storages_bounded(device: str = "cpu", **options: Any) -> None:
     inline = [g for g in handle.stats()["captured_graphs"] if "/mixers" in g]
     assert len(inline) == 2 and len(internals.mixer_states(handle).bindings) == 2, inline
     assert handle.stats()["rejects"] == {}
+
+
+# Attention modules that run short convolutions on the cache themselves (their keys' and values', or Zaya's CCA
+# projection) and attend with tensors of their own making (Inkling's position bias, Inkling 2's sinks) or take their
+# masks in a dict (Zaya): each runs whole as a break of its own, handed what the unwrapped stack hands it. A full and a
+# sliding-window layer each; the window (6) bites within the test sequences.
+CONVOLVING_ATTENTION = {
+    "inkling_text": dict(layer_types=["hybrid", "hybrid_sliding"]),
+    "inkling2_text": dict(num_hidden_layers=4, layer_types=["hybrid", "hybrid_sliding"] * 2),
+    "zaya": dict(layer_types=["hybrid", "hybrid_sliding"], sliding_window=6),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(CONVOLVING_ATTENTION))
+def test_attention_convolving_on_the_cache_is_a_break_of_its_own_and_equals_eager(model_type):
+    reference, model = _pair(model_type, **CONVOLVING_ATTENTION[model_type])
+    slots = replayed_equal_to_eager(reference, model)
+    attending = [s for s in slots if s.attends]
+    assert [s.layer_idx for s in attending] == list(range(model.config.num_hidden_layers))
+    assert all("Attention" in type(s.module).__name__ for s in attending)
+    # Inkling's layers also run a short convolution after attention and after the MLP: breaks of their own. Inkling
+    # 2's attention over its block states touches no cache and stays inside the graph.
+    assert all("ShortConvolution" in type(s.module).__name__ for s in slots if not s.attends)
+
+
+@pytest.mark.parametrize("model_type", sorted(CONVOLVING_ATTENTION))
+def test_attention_convolving_on_the_cache_continues_as_eager(model_type):
+    """A second generate() turn and k-token calls on a past, decode steps through the breaks."""
+    reference, model = _pair(model_type, **CONVOLVING_ATTENTION[model_type])
+    handle = check_continuations(reference, model, backend="eager")
+    stats = handle.stats()
+    assert stats["rejects"] == {} and stats["replays"] >= 12 and stats["full_graph_replays"] == 0
+
+
+@pytest.mark.parametrize("model_type", sorted(CONVOLVING_ATTENTION))
+def test_a_module_break_gets_the_masks_the_stack_hands_it(model_type, monkeypatch):
+    """Each attention module's attention mask (Inkling's sliding layers: the window's) and its convolutions' padding
+    mask (``conv_mask``; Zaya: both in one dict) are, call for call, what the unwrapped model hands it: a padded
+    prompt, then a 3-token continuation on its cache."""
+    reference, model = _pair(model_type, **CONVOLVING_ATTENTION[model_type])
+    handed = _record_masks(monkeypatch, {type(layer.self_attn) for layer in reference.model.layers})
+    ids, mask = left_padded_batch()
+    handle = bcg.wrap_model(model, backend="eager")
+    for twin in (reference, model):
+        name = _cache_name(twin)
+        with torch.no_grad():
+            cache = twin(input_ids=ids, attention_mask=mask, use_cache=True)[name]
+            more = torch.cat([mask, torch.ones_like(mask[:, :3])], dim=1)
+            twin(input_ids=ids[:, -3:], attention_mask=more, use_cache=True, **{name: cache})
+    assert handle.stats()["replays"] == 2
+    for ours, theirs in zip(model.model.layers, reference.model.layers):
+        got, expected = handed[id(ours.self_attn)], handed[id(theirs.self_attn)]
+        assert len(got) == len(expected) == 2
+        for call, call_expected in zip(got, expected):
+            assert call.keys() == call_expected.keys() and all(
+                _same(call[k], call_expected[k]) for k in call), (call, call_expected)
+
+
+def _record_masks(monkeypatch, classes: set[type]) -> dict[int, list[dict]]:
+    """Per module (by id), the masks each live call of the classes' forward got (capture runs, one flat [1, N] run,
+    left out), a dict's entries by key."""
+    handed: dict[int, list[dict]] = {}
+    for klass in classes:
+        def forward(self, *args, _original=klass.forward, **kwargs):
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            if hidden.shape[0] > 1:
+                handed.setdefault(id(self), []).append(_masks_of(kwargs))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(klass, "forward", forward)
+    return handed
+
+
+def _masks_of(kwargs: dict) -> dict:
+    masks = {}
+    for name in ("attention_mask", "conv_mask"):
+        value = kwargs.get(name)
+        masks.update({f"{name}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {name: value})
+    return masks
+
+
+def _same(a, b) -> bool:
+    return (a is None and b is None) or (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+                                         and a.shape == b.shape and torch.equal(a, b))
+
+
+def test_zaya_on_a_static_cache_stays_eager_naming_its_masks():
+    """generate() hands a static cache's stack the masks of Zaya's own create_masks_for_generate, keyed by its layer
+    types: not masks bcg can hand the breaks, so those calls run eagerly, warned once, with eager's tokens."""
+    reference, model = _pair("zaya", **CONVOLVING_ATTENTION["zaya"])
+    ids, mask = left_padded_batch()
+    options = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                   cache_implementation="static", disable_compile=True)
+    expected = reference.generate(ids, **options)
+    handle = bcg.wrap_model(model, backend="eager")
+    with pytest.warns(bcg.BcgFallbackWarning, match="no mask for layer types"):
+        assert torch.equal(model.generate(ids, **options), expected)
+    assert handle.stats()["replays"] == 0 and set(handle.stats()["rejects"]) == {"unsupported_mask"}
+
+
+def test_a_looped_inkling_2_stays_eager_naming_why():
+    """Inkling 2's looped stack applies its loop layers several times per forward, each pass on cache slots of its
+    own: a warned fallback with eager's tokens."""
+    fields = dict(num_hidden_layers=4, layer_types=["hybrid_sliding", "hybrid"] * 2, n_layers_per_attn_res_block=2,
+                  loop_layer_index_start=2, loop_layer_index_end=4, loop_num_passes=2)
+    reference, model = _pair("inkling2_loop_text", **fields)
+    ids, mask = left_padded_batch()
+    options = dict(attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    expected = reference.generate(ids, **options)
+    handle = bcg.wrap_model(model, backend="eager")
+    with pytest.warns(bcg.BcgFallbackWarning, match="applied several times per forward"):
+        assert torch.equal(model.generate(ids, **options), expected)
+    assert handle.stats()["replays"] == 0

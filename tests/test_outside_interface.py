@@ -60,3 +60,16 @@ def test_falcon_with_alibi_stays_eager_naming_why():
     with torch.no_grad():
         torch.testing.assert_close(model(ids, attention_mask=mask).logits, reference(ids, attention_mask=mask).logits)
     assert handle.stats()["replays"] == 0 and handle.stats()["ready"] is False
+
+
+def test_a_stack_making_its_own_positions_stays_eager_naming_why():
+    """MPT's stack takes no position_ids (its attention gets ALiBi biases the stack builds): it stays eager, and the
+    warning says so, not that this transformers is one bcg does not know."""
+    reference, model = _pair("mpt")
+    with pytest.warns(bcg.BcgFallbackWarning, match="takes no position_ids") as caught:
+        handle = bcg.wrap_model(model, backend="eager")
+    assert not any("version" in str(w.message) for w in caught)
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, attention_mask=mask).logits, reference(ids, attention_mask=mask).logits)
+    assert handle.stats()["replays"] == 0 and handle.stats()["ready"] is False

@@ -100,9 +100,3 @@ def test_attention_under_a_mask_of_its_own_is_a_break_of_its_own():
             layer.self_attn.A.data.normal_()
     slots = replayed_equal_to_eager(reference, model)
     assert [type(s.module).__name__ for s in slots if s.attends] == ["DogeAttention"] * model.config.num_hidden_layers
-
-
-def test_attention_taking_its_mask_in_a_layout_of_its_own_stays_eager():
-    """Zaya's attention picks its mask out of a dict its layer hands it (and runs a convolution of its own on the
-    cache): as a break of its own it would get the layer's mask tensor instead, so the model stays eager, saying so."""
-    stays_eager_with_a_warning(*_pair("zaya"), "takes its attention mask as a dict")

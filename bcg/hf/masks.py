@@ -72,11 +72,19 @@ def create_masks(config: Any, attention_mask: Any, cache: Any, position_ids: tor
     if not per_type or not layer_types or not layer_types <= set(LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING):
         return create_masks_for_generate(**kwargs)
     kwargs["config"] = config.get_text_config()
-    functions = {}
-    for layer_type in layer_types:  # a hybrid layer's entry holds its attention's and its mixer's functions
-        function = LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING[layer_type]
-        functions.update(function if isinstance(function, dict) else {layer_type: function})
+    functions = {key: function for layer_type in layer_types for key, function in _mask_functions(layer_type).items()}
     return {t: f(**{k: v for k, v in kwargs.items() if k in forward_parameters(f)}) for t, f in functions.items()}
+
+
+def _mask_functions(layer_type: str) -> dict[str, Callable]:
+    """The mask functions a layer type needs, by mask key. A hybrid layer's entry names its attention's and its mixer's
+    keys; each key's mask is made by the table's function for that key, as the stacks make them (5.17's table gives
+    "hybrid_sliding" attention ``create_causal_mask`` under "sliding_attention", where Inkling's stack makes that key's
+    mask with ``create_sliding_window_causal_mask``, the window its attention applies)."""
+    function = LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING[layer_type]
+    if not isinstance(function, dict):
+        return {layer_type: function}
+    return {key: LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING.get(key, inner) for key, inner in function.items()}
 
 
 # Implementations whose mask functions are plain tensor code on a static cache's decode step (no host read, no skip:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -46,13 +47,10 @@ ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attenti
 # Layer types whose token mixer keeps per-sequence state in the cache (linear attention, SSM, short convolution);
 # a "hybrid" layer runs such a mixer and attention, on one cache layer holding both.
 STATEFUL_LAYER_TYPES = ("linear_attention", "conv", "hybrid")
-# Layer types whose masks bcg cannot build as the model does: transformers' mask table gives Inkling's
-# "hybrid_sliding" attention a full causal mask where the model applies its window.
-MISMASKED_LAYER_TYPES = ("hybrid_sliding",)
 # Config flags under which a model type's stack folds position biases into the attention mask it builds (Falcon's
 # ALiBi): bcg builds the masks itself, without them.
 BIASED_MASK_FLAGS = {"falcon": "alibi"}
-_HYBRID_ATTENTION_MASKS = {"hybrid": "full_attention"}
+_HYBRID_ATTENTION_MASKS = {"hybrid": "full_attention", "hybrid_sliding": "sliding_attention"}
 # Layers with neither attention nor mixer state (Nemotron-H's MLP layers; 5.17 gives them empty cache layers).
 STATELESS_LAYER_TYPES = ("moe", "mlp")
 
@@ -156,6 +154,11 @@ def mixer_mask_key(layer_type: str) -> str:
     return layer_type if layer_type == "conv" else "linear_attention"
 
 
+# A layer's masks handed to its attention module in a dict of the stack's making (Zaya's): which mask each key holds
+# ("attention": the layer's attention mask, "padding": its convolution's 2D padding mask, the mixers' mask).
+MASK_DICT_ENTRIES = {"causal": "attention", "conv": "padding"}
+
+
 def missing_stack_arguments(stack: nn.Module) -> list[str]:
     """Arguments bcg passes to (or reads from) a stack forward that this one does not take (a stack whose layers see
     positions only through its ALiBi biases needs no position_ids: a module break gets the biases made per call)."""
@@ -173,17 +176,37 @@ def builds_alibi(stack: nn.Module) -> bool:
 
 
 def stack_arguments(stack: nn.Module, padding_mask: torch.Tensor | None, cache: Any, batch: int, seq: int,
-                    dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
-    """What the stack computes per call and hands its layers, made by its own code for a call (a module break takes
-    them from here): Bloom's ALiBi biases, over the 2D padding mask of past and new tokens (padded to a static cache's
-    length, as its generate() pads it) or, without one, over every key position. Empty for other stacks."""
-    if not builds_alibi(stack):
-        return {}
+                    dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor | dict[str, torch.Tensor]]:
+    """What the stack computes per call and hands its layers, made by its own code for a call before any cache
+    update (a module break takes them from here): Bloom's ALiBi biases, Inkling 2's relative distances (per attention
+    mask key: a layer gets its attention type's). Empty for other stacks."""
+    if builds_alibi(stack):
+        return {"alibi": _alibi(stack, padding_mask, cache, batch, seq, dtype, device)}
+    if (distance := _relative_distance_function(stack)) is not None:
+        embeds = torch.empty((batch, seq, 0), dtype=dtype, device=device)  # what it reads: the length and the device
+        return {"relative_distance": {"full_attention": distance(embeds, cache, is_sliding=False),
+                                      "sliding_attention": distance(embeds, cache, is_sliding=True)}}
+    return {}
+
+
+def _alibi(stack: nn.Module, padding_mask: torch.Tensor | None, cache: Any, batch: int, seq: int,
+           dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Bloom's ALiBi biases, over the 2D padding mask of past and new tokens (padded to a static cache's length, as
+    its generate() pads it) or, without one, over every key position."""
     keys = cache.get_mask_sizes(seq, 0)[0] if cache is not None else seq
     if padding_mask is None:
         padding_mask = torch.ones(batch, keys, dtype=torch.long, device=device)
     padding_mask = torch.nn.functional.pad(padding_mask, (0, keys - padding_mask.shape[-1]))
-    return {"alibi": stack.build_alibi_tensor(padding_mask, stack.num_heads, dtype)}
+    return stack.build_alibi_tensor(padding_mask, stack.num_heads, dtype)
+
+
+def _relative_distance_function(stack: nn.Module) -> Callable | None:
+    """The modeling file's ``get_relative_distance`` where the stack's forward calls it (Inkling 2: every query's
+    distance to every key position, from the cache's mask sizes, for its full and its sliding attention layers)."""
+    function = getattr(sys.modules[type(stack).__module__], "get_relative_distance", None)
+    if function is None or "get_relative_distance" not in code_names(inspect.unwrap(type(stack).forward).__code__):
+        return None
+    return function
 
 
 def kv_sharing(module: nn.Module) -> tuple[bool, bool]:
