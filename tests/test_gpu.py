@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from packaging.version import Version
 
 import bcg
 from bcg import hf
@@ -870,5 +871,8 @@ def test_attention_outside_the_interface_on_real_graphs(model_type):
     # XGLM's positional embedding reads the static cache's length tensor on the host (a sync no graph can hold):
     # its full decode graph fails to capture, with a warning, and its steps take the breaks, as Bloom's do. Before
     # 5.21 eager attention's masks are built before each replay (their code copied a host scalar), and the rest still
-    # decode as one graph per step.
-    assert (stats["full_graph_replays"] > 0) == (model_type not in ("bloom", "xglm")), stats
+    # decode as one graph per step. Falcon's full decode graph still copies a host tensor on 5.17 (which one is not yet
+    # found; 5.25's captures), so its steps take the breaks there (found on an H100; the versions between untested).
+    falcon_host_copy = model_type == "falcon" and Version(hf.installed_transformers()) < Version("5.25")
+    full_graphs = model_type not in ("bloom", "xglm") and not falcon_host_copy
+    assert (stats["full_graph_replays"] > 0) == full_graphs, stats
