@@ -68,12 +68,21 @@ def create_masks(config: Any, attention_mask: Any, cache: Any, position_ids: tor
         return {"full_attention": function(**{k: v for k, v in kwargs.items() if k in forward_parameters(function)})}
     all_types = set(getattr(config.get_text_config(), "layer_types", None) or ())
     layer_types = all_types - set(STATELESS_LAYER_TYPES)  # MLP-only layers (Nemotron-H) take no mask
-    per_type = not _MASK_FUNCTIONS_TAKE_ALL or layer_types != all_types
-    if not per_type or not layer_types or not layer_types <= set(LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING):
+    if not layer_types or not layer_types <= set(LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING):
+        return create_masks_for_generate(**kwargs)
+    if _MASK_FUNCTIONS_TAKE_ALL and layer_types == all_types and not any(map(_misfiled, layer_types)):
         return create_masks_for_generate(**kwargs)
     kwargs["config"] = config.get_text_config()
     functions = {key: function for layer_type in layer_types for key, function in _mask_functions(layer_type).items()}
     return {t: f(**{k: v for k, v in kwargs.items() if k in forward_parameters(f)}) for t, f in functions.items()}
+
+
+def _misfiled(layer_type: str) -> bool:
+    """Whether the table's entry for a hybrid layer type makes one of its masks with another function than the table
+    gives that mask's key (5.17 to 5.24: "hybrid_sliding" attention's mask is a full causal one): transformers'
+    create_masks_for_generate would build it so, and the masks are made per key here instead."""
+    entry = LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING[layer_type]
+    return isinstance(entry, dict) and _mask_functions(layer_type) != entry
 
 
 def _mask_functions(layer_type: str) -> dict[str, Callable]:
