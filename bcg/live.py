@@ -230,7 +230,9 @@ class ContextBuilder:
         except Exception as error:
             return Rejection(Reject.MASK_FAILED, f"{type(error).__name__}: {error}")
         if isinstance(masks, dict) and (absent := missing(masks)):
-            return Rejection(Reject.UNSUPPORTED_MASK, f"no mask for layer types {sorted(absent)}")
+            detail = (f"a mask dict keyed {sorted(masks)} (the model's own layout), without the masks {sorted(absent)} "
+                      "the breaks read")
+            return Rejection(Reject.UNSUPPORTED_MASK, detail)
         if isinstance(masks, torch.Tensor) and masks.ndim == 2:
             return Rejection(Reject.UNSUPPORTED_MASK, "a mask layout transformers leaves to the model")
         requests = None

@@ -504,7 +504,7 @@ def test_zaya_on_a_static_cache_stays_eager_naming_its_masks():
                    cache_implementation="static", disable_compile=True)
     expected = reference.generate(ids, **options)
     handle = bcg.wrap_model(model, backend="eager")
-    with pytest.warns(bcg.BcgFallbackWarning, match="no mask for layer types"):
+    with pytest.warns(bcg.BcgFallbackWarning, match=r"keyed \['conv', 'hybrid', 'hybrid_sliding'\] \(the model's own"):
         assert torch.equal(model.generate(ids, **options), expected)
     assert handle.stats()["replays"] == 0 and set(handle.stats()["rejects"]) == {"unsupported_mask"}
 
