@@ -520,25 +520,29 @@ def test_default_mode_fuses_kernels_replays_fewer_and_matches_eager():
     assert _kernel_launches(model, ids) <= _kernel_launches(plain, ids) - 24 * layers
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_default_mode_fuses_swiglu_and_the_residual_add_and_decodes_as_eager(arch, monkeypatch):
-    """fp32: greedy tokens equal eager's, and each layer's SwiGLU and post-attention add + norm replay one kernel
-    each fewer than a model fused as before (norms and rotary alone)."""
+def _fused_and_without(arch: str, monkeypatch, **unfused):
+    """A model wrapped with the default fusions and its greedy tokens beside eager's, and a twin wrapped without the
+    fusions ``unfused`` empties (find_fusions' fields): (handle, model, twin, ids, tokens, eager's tokens)."""
     from dataclasses import replace
 
     from bcg.fusion import find_fusions
 
-    reference = tiny_model(arch, device="cuda")
-    model = tiny_model(arch, device="cuda")
-    norms_and_rotary_only = tiny_model(arch, device="cuda")
+    reference, model, without = (tiny_model(arch, device="cuda") for _ in range(3))
     ids, mask = left_padded_batch(device="cuda")
     expected = reference.generate(ids, attention_mask=mask, **GENERATE)
-
     handle = bcg.wrap_model(model)
     tokens = model.generate(ids, attention_mask=mask, **GENERATE)
-    monkeypatch.setattr("bcg.wrap.find_fusions", lambda stack: replace(find_fusions(stack), mlps=[], layers=[]))
-    bcg.wrap_model(norms_and_rotary_only)
+    monkeypatch.setattr("bcg.wrap.find_fusions", lambda stack: replace(find_fusions(stack), **unfused))
+    bcg.wrap_model(without)
+    return handle, model, without, ids, tokens, expected
 
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_default_mode_fuses_swiglu_and_the_residual_add_and_decodes_as_eager(arch, monkeypatch):
+    """fp32: greedy tokens equal eager's, and each layer's SwiGLU and post-attention add + norm replay one kernel
+    each fewer than a model fused as before (norms and rotary alone)."""
+    handle, model, norms_and_rotary_only, ids, tokens, expected = _fused_and_without(arch, monkeypatch, mlps=[],
+                                                                                      layers=[])
     layers = model.config.num_hidden_layers
     fused = handle.stats()["fused_kernels"]
     assert fused["swiglu"] == layers and fused["add_rms_norm"] == layers and fused["unmatched"] == []
@@ -555,21 +559,7 @@ def test_default_mode_fuses_swiglu_and_the_residual_add_and_decodes_as_eager(arc
 def test_default_mode_fuses_qk_norms_with_rotary_and_the_cache_write(arch, unfused, saved_per_layer, monkeypatch):
     """fp32: greedy tokens equal eager's, and a decode step on the stand-in replays ``saved_per_layer`` launches fewer
     per layer than one without that fusion (Qwen3's q/k norms inside the rotary kernel; the cache write)."""
-    from dataclasses import replace
-
-    from bcg.fusion import find_fusions
-
-    reference = tiny_model(arch, device="cuda")
-    model = tiny_model(arch, device="cuda")
-    without = tiny_model(arch, device="cuda")
-    ids, mask = left_padded_batch(device="cuda")
-    expected = reference.generate(ids, attention_mask=mask, **GENERATE)
-
-    handle = bcg.wrap_model(model)
-    tokens = model.generate(ids, attention_mask=mask, **GENERATE)
-    monkeypatch.setattr("bcg.wrap.find_fusions", lambda stack: replace(find_fusions(stack), **unfused))
-    bcg.wrap_model(without)
-
+    handle, model, without, ids, tokens, expected = _fused_and_without(arch, monkeypatch, **unfused)
     layers = model.config.num_hidden_layers
     fused = handle.stats()["fused_kernels"]
     assert fused["qk_norm_rotary"] == (layers if arch == "qwen3" else 0) and fused["cache_write"] == layers

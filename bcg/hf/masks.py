@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -77,6 +78,7 @@ def create_masks(config: Any, attention_mask: Any, cache: Any, position_ids: tor
     return {t: f(**{k: v for k, v in kwargs.items() if k in forward_parameters(f)}) for t, f in functions.items()}
 
 
+@functools.cache  # asked on every mask build; the table is fixed per transformers version
 def _misfiled(layer_type: str) -> bool:
     """Whether the table's entry for a hybrid layer type makes one of its masks with another function than the table
     gives that mask's key (5.17 to 5.24: "hybrid_sliding" attention's mask is a full causal one): transformers'
