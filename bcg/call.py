@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -11,38 +9,33 @@ import torch
 from . import hf
 
 
-@dataclass(frozen=True)
 class Call:
-    """The arguments of one stack forward call, by name; ``extra`` holds the ones bcg does not know."""
+    """The arguments of one stack forward call, by name (read-only); ``extra`` holds the ones bcg does not know."""
 
-    arguments: dict[str, Any]
-    extra: dict[str, Any] = field(default_factory=dict)
-    autocast: str = ""  # the autocast state the call runs under ("" when off): graphs are captured per state
-    experts: str | None = None  # the MoE experts implementation it runs under (None: no switchable experts)
+    __slots__ = ("arguments", "extra", "autocast", "experts", "cache", "tokens", "is_decode_step")
+
+    def __init__(self, arguments: dict[str, Any], extra: dict[str, Any] | None = None, autocast: str = "",
+                 experts: str | None = None) -> None:
+        self.arguments = arguments
+        self.extra = extra if extra is not None else {}
+        self.autocast = autocast  # the autocast state the call runs under ("" when off): graphs are captured per state
+        self.experts = experts  # the MoE experts implementation it runs under (None: no switchable experts)
+        # read several times by every step's plan: worked out once
+        # the KV cache, under whichever name the caller used (``cache`` or the older ``past_key_values``)
+        self.cache = next((arguments[n] for n in hf.CACHE_ARGUMENTS if arguments.get(n) is not None), None)
+        ids = arguments.get("input_ids")
+        self.tokens: torch.Tensor | None = ids if ids is not None else arguments.get("inputs_embeds")
+        # one token per sequence on top of a cache: a generation step (a one-token prompt is not one)
+        tokens = self.tokens
+        self.is_decode_step = (self.cache is not None and isinstance(tokens, torch.Tensor) and tokens.ndim >= 2
+                               and tokens.shape[1] == 1)
 
     def get(self, name: str) -> Any:
         return self.arguments.get(name)
 
-    # Read several times by every step's plan: worked out once per call (the arguments are read-only).
-    @functools.cached_property
-    def cache(self) -> Any:
-        """The KV cache, under whichever name the caller used (``cache`` or the older ``past_key_values``)."""
-        return next((self.arguments[n] for n in hf.CACHE_ARGUMENTS if self.arguments.get(n) is not None), None)
-
-    @functools.cached_property
-    def tokens(self) -> torch.Tensor | None:
-        ids = self.get("input_ids")
-        return ids if ids is not None else self.get("inputs_embeds")
-
     @property
     def inputs(self) -> str:
         return "ids" if self.get("input_ids") is not None else "embeds"
-
-    @property
-    def is_decode_step(self) -> bool:
-        """One token per sequence on top of a cache: a generation step (a one-token prompt is not one)."""
-        tokens = self.tokens
-        return self.cache is not None and isinstance(tokens, torch.Tensor) and tokens.ndim >= 2 and tokens.shape[1] == 1
 
     def with_cache(self, cache: Any) -> Call:
         """The same call on another cache (under the caller's argument name)."""

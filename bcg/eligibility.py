@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -78,6 +79,15 @@ class Target:
     dtype: torch.dtype
     sizes: list[int]
     cache_class: type  # the cache class the stack makes for itself (hf.stack_cache_class)
+    # config attributes every call reads, through readers that skip the config's slow attribute lookup
+    flags: dict[str, Callable[[], Any]] = field(init=False)  # the output flags
+    use_cache: Callable[[], Any] = field(init=False)
+    implementation: Callable[[], str | None] = field(init=False)  # the attention implementation
+
+    def __post_init__(self) -> None:
+        self.flags = {name: hf.attribute_reader(self.config, name, False) for name in _OUTPUT_FLAGS}
+        self.use_cache = hf.attribute_reader(self.config, "use_cache", True)
+        self.implementation = hf.attribute_reader(self.config, "_attn_implementation")
 
 
 @dataclass(frozen=True)
@@ -89,9 +99,9 @@ class Rejection:
         return f"{self.reason.value}: {self.detail}" if self.detail else self.reason.value
 
 
-def _flag(call: Call, name: str, config: Any) -> bool:
+def _flag(call: Call, name: str, target: Target) -> bool:
     value = call.get(name)
-    return bool(getattr(config, name, False) if value is None else value)
+    return bool(target.flags[name]() if value is None else value)
 
 
 def _needs_grad(call: Call, target: Target) -> bool:
@@ -145,7 +155,7 @@ def reject_reason(call: Call, target: Target) -> Rejection | None:
     if torch.is_grad_enabled() and _needs_grad(call, target):
         return Rejection(Reject.GRAD_ENABLED)
     for flag, reason in _OUTPUT_FLAGS.items():
-        if _flag(call, flag, target.config):
+        if _flag(call, flag, target):
             return Rejection(reason)
     if call.extra:
         return Rejection(Reject.UNSUPPORTED_ARGUMENT, f"argument(s) {sorted(call.extra)}")

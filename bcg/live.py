@@ -212,7 +212,7 @@ class ContextBuilder:
         batch, seq = call.tokens.shape[:2]
         cache = cache if cache is not None else call.cache
         use_cache = call.get("use_cache")
-        if cache is None and (use_cache if use_cache is not None else getattr(self.config, "use_cache", True)):
+        if cache is None and (use_cache if use_cache is not None else self.target.use_cache()):
             cache = hf.new_cache(self.target.cache_class, self.config)
         mask = call.get("attention_mask")
         positions = call.get("position_ids")
@@ -223,7 +223,7 @@ class ContextBuilder:
                 return Rejection(Reject.UNSUPPORTED_MASK, "a prepared mask, from which this model derives positions")
         positions = positions.expand(batch, seq)
         padding = mask is None or (isinstance(mask, torch.Tensor) and mask.ndim == 2)
-        if full_graph and padding and hf.masks_build_in_graphs(self.config):
+        if full_graph and padding and hf.masks_build_in_graphs(self.target.implementation()):
             return LiveContext(batch, seq, num_tokens, bucket, cache, PaddingMask(mask), positions)
         try:
             masks = self.masks(mask, cache, positions, batch, seq)

@@ -32,12 +32,12 @@ class StateWatch:
     def __init__(self, module: nn.Module, config: object, strict: bool,
                  bcg_buffers: Callable[[], dict[str, torch.Tensor]]) -> None:
         self.module = module
-        self.config = config
         self.strict = strict  # debug=True: every tensor's address, every call
         self.bcg_buffers = bcg_buffers
         first = next(module.parameters())
         self.device, self.dtype = first.device, first.dtype
-        self.implementation = hf.attention_implementation_of(config)
+        self._read_implementation = hf.attribute_reader(config, "_attn_implementation")
+        self.implementation = self._read_implementation()
         self._watch = addresses.AddressWatch(module)
         self._book: dict[str, tuple] | None = None
         self._changing_calls = 0
@@ -53,7 +53,7 @@ class StateWatch:
             changed = addresses.changed_paths(self._book, self._current_book())
             if changed:
                 addresses.raise_address_error(changed)
-        implementation = hf.attention_implementation_of(self.config)
+        implementation = self._read_implementation()
         if implementation != self.implementation:
             self.implementation = implementation
             return Change(f"the attention implementation changed to {implementation!r} since capture")

@@ -91,6 +91,7 @@ from .masks import (  # noqa: F401
     mask_windows,
     masks_build_in_graphs,
 )
+from .configs import attribute_reader  # noqa: F401
 from .attention import (  # noqa: F401
     attention_configs,
     attention_function,

@@ -14,7 +14,6 @@ from transformers.masking_utils import (
     create_masks_for_generate,
 )
 
-from .attention import attention_implementation_of
 from .models import (
     ATTENTION_LAYER_TYPES,
     installed_transformers,
@@ -106,5 +105,6 @@ _EAGER_MASK_IN_GRAPHS = Version(installed_transformers()) >= Version("5.21")
 _MASKS_BUILT_IN_GRAPHS = frozenset({"sdpa", "eager"} if _EAGER_MASK_IN_GRAPHS else {"sdpa"})
 
 
-def masks_build_in_graphs(config: Any) -> bool:
-    return attention_implementation_of(config) in _MASKS_BUILT_IN_GRAPHS
+def masks_build_in_graphs(implementation: str | None) -> bool:
+    """Whether the attention implementation's masks can be built inside a full decode graph."""
+    return implementation in _MASKS_BUILT_IN_GRAPHS
