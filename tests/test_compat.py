@@ -5,7 +5,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from transformers import Cache, DynamicCache, QuantizedCache
+from transformers import AutoConfig, Cache, DynamicCache, QuantizedCache
 
 import bcg
 from bcg import hf
@@ -237,3 +237,25 @@ def test_the_verified_range_is_stated_once_and_pyproject_and_readme_agree():
     assert stated == [(oldest, newest)], stated  # once, and the constant's
     assert not hf.outside_verified_range(oldest) and not hf.outside_verified_range(newest)
     assert hf.outside_verified_range(f"{next_minor[0]}.{next_minor[1]}.0")
+
+
+@pytest.mark.parametrize("model_type", ["qwen3", "gpt2"])
+def test_config_readers_read_what_getattr_reads_as_the_config_changes(model_type):
+    """The per-call readers (hf.attribute_reader) skip the config's own lookup only where it reads the same: plain
+    attributes, class defaults, properties returning one attribute; aliases (gpt2's hidden_size) go through it."""
+    config = AutoConfig.for_model(model_type)
+    names = ["output_attentions", "output_hidden_states", "output_router_logits", "_attn_implementation", "use_cache",
+             "hidden_size"]
+    readers = {name: hf.attribute_reader(config, name, "absent") for name in names}
+
+    def read_both() -> tuple[dict, dict]:
+        return {n: r() for n, r in readers.items()}, {n: getattr(config, n, "absent") for n in names}
+
+    before, want = read_both()
+    assert before == want
+    config.output_attentions = config.output_hidden_states = config.output_router_logits = True
+    config._attn_implementation = "eager"
+    config.use_cache = False
+    config.hidden_size = 24
+    after, want = read_both()
+    assert after == want and after != before

@@ -159,6 +159,23 @@ def test_rejected_calls_count_their_reason_and_match_eager(call, reason):
     assert handle.stats()["replays"] == 0
 
 
+@pytest.mark.parametrize("flag, field",
+                         [("output_hidden_states", "hidden_states"), ("output_attentions", "attentions")])
+def test_an_output_flag_set_on_the_config_after_wrapping_runs_eagerly(flag, field):
+    reference = tiny_model("llama", attn_implementation="eager")
+    wrapped = tiny_model("llama", attn_implementation="eager")
+    handle = bcg.wrap_model(wrapped, backend="eager")
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        wrapped(ids, attention_mask=mask)
+        for model in (reference, wrapped):
+            setattr(model.config, flag, True)
+        got, want = wrapped(ids, attention_mask=mask), reference(ids, attention_mask=mask)
+    assert handle.stats()["rejects"] == {flag: 1} and handle.stats()["replays"] == 1
+    assert torch.equal(got.logits, want.logits)
+    assert len(getattr(got, field)) == len(getattr(want, field)) > 0
+
+
 def test_training_and_grad_run_eagerly_with_working_autograd():
     model = tiny_model("llama")
     handle = bcg.wrap_model(model, backend="eager")
