@@ -11,12 +11,14 @@ from __future__ import annotations
 import weakref
 from typing import Any
 
+import torch
 from torch import nn
 from torch.nn.modules import module as torch_module
 
 from .errors import BcgAddressError
 
 _SAMPLE = 64  # tensors fingerprinted per call: enough to see a whole-model move, cheap enough for every replay
+_data_ptr = torch.Tensor.data_ptr
 
 
 def tensor_slots(module: nn.Module) -> list[tuple[str, dict, str]]:
@@ -46,15 +48,26 @@ class AddressWatch:
         _install_hooks()
 
     def reset(self) -> None:
-        self.slots = tensor_slots(self.module)
-        step = max(1, -(-len(self.slots) // _SAMPLE))
-        self.sample = self.slots[::step] + self.slots[-1:]
+        slots = tensor_slots(self.module)
+        step = max(1, -(-len(slots) // _SAMPLE))
+        self.sample = [(store, name) for _, store, name in slots[::step] + slots[-1:] if store[name] is not None]
         self.module_ids = {id(m) for m in self.module.modules()}
-        self.recorded = fingerprint(self.sample)
+        self.recorded = self._addresses()
         self.reassigned = False
 
     def moved(self) -> bool:
-        return self.reassigned or fingerprint(self.sample) != self.recorded
+        if self.reassigned:
+            return True
+        try:
+            return self._addresses() != self.recorded
+        except (TypeError, AttributeError):  # a slot emptied by writing its dict directly
+            return True
+
+    def _addresses(self) -> list[int]:
+        """The sampled slots' storage addresses, read live: a move or cast (``param.data = ...``) changes them, and so
+        does a tensor put in a slot by writing the module's dict directly (torch's ``_apply`` may, and accelerate
+        does), which no registration hook sees. Addresses alone: a cast allocates while the old tensor lives."""
+        return [_data_ptr(store[name]) for store, name in self.sample]
 
     def close(self) -> None:
         _WATCHES.discard(self)

@@ -85,22 +85,30 @@ def _prepared_layout(masks: Any) -> tuple | None:
     return None
 
 
-def _copy_masks(entry: _Entry, source: Any) -> None:
+def _input_copies(entry: _Entry, tokens: torch.Tensor, positions: torch.Tensor,
+                  masks: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(targets, sources) of a step's copies into the graph's static inputs, made in one ``_foreach_copy_`` (one
+    dispatch, where three copies cost ~15 µs of host time a step)."""
+    targets, sources = [entry.tokens, entry.positions], [tokens, positions]
     target = entry.masks
-    if isinstance(source, PaddingMask):
+    if isinstance(masks, PaddingMask):
         if target is not None:
-            width = source.mask.shape[1]
-            target[:, :width].copy_(source.mask)
+            width = masks.mask.shape[1]
+            targets.append(target[:, :width])
+            sources.append(masks.mask)
             # The columns past the mask's are padding, as transformers pads a short mask: zeroed where an earlier
             # step's wider mask wrote (a decode step's mask grows by one column: no launch for it)
             if width < entry.mask_width:
                 target[:, width:entry.mask_width].zero_()
             entry.mask_width = width
     elif isinstance(target, torch.Tensor):
-        target.copy_(source)
+        targets.append(target)
+        sources.append(masks)
     else:
         for name, mask in target.items():
-            mask.copy_(source[name])
+            targets.append(mask)
+            sources.append(masks[name])
+    return targets, sources
 
 
 def _static_masks(masks: Any, cache_length: int) -> torch.Tensor | dict | None:
@@ -188,9 +196,7 @@ class StaticDecoder:
             entry = self._capture(graph_key, tokens, live, layers)
             if entry is None:
                 return None
-        entry.tokens.copy_(tokens)
-        entry.positions.copy_(live.position_ids)
-        _copy_masks(entry, live.masks)
+        torch._foreach_copy_(*_input_copies(entry, tokens, live.position_ids, live.masks))
         held = hf.host_lengths(layers) if not owned else []  # a stand-in has full layers only: no Python-side count
         entry.cache = live.cache
         try:
