@@ -11,7 +11,7 @@ cache whose stand-in another cache takes, or that bcg lets go, gets copies (bind
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -41,9 +41,10 @@ class StandIn(Storage):
     length: int = 0  # the positions its holder's layers show
     read_by_holder: bool = False  # every layer of the holder reads it (bind found so, or settle made it so)
 
-    @property
-    def positions(self) -> int:
-        return hf.static_layer_tensors(self.cache.layers[0])[0].shape[2]
+    positions: int = field(init=False)  # the static cache's width (every tensor bound to it later has it too)
+
+    def __post_init__(self) -> None:
+        self.positions = hf.static_layer_tensors(self.cache.layers[0])[0].shape[2]
 
     def view(self, which: int, index: int) -> torch.Tensor:
         """Layer ``index``'s keys (``which`` 0) or values (1) up to ``length`` positions: what its holder's layer

@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import bcg
+from bcg import addresses
 import internals
 from tiny_models import VOCAB, left_padded_batch, tiny_model
 
@@ -63,8 +64,20 @@ def test_the_always_on_address_check_reads_a_bounded_sample():
     model = tiny_model("llama", num_hidden_layers=40)
     handle = bcg.wrap_model(model, backend="eager")
     watch = internals.address_watch(handle)
-    assert len(watch.slots) > 300 and len(watch.sample) <= 65
+    assert len(addresses.tensor_slots(model.model)) > 300 and len(watch.sample) <= 65
     model.double()  # a cast moves every tensor: the sample sees it
+    assert watch.moved()
+
+
+@pytest.mark.parametrize("written", ["another tensor", "None"])
+def test_the_address_check_sees_a_tensor_written_into_a_modules_dict_directly(written):
+    """torch's _apply may (and accelerate does) put a tensor in a module's _parameters without a registration hook."""
+    model = tiny_model("llama")
+    handle = bcg.wrap_model(model, backend="eager")
+    watch = internals.address_watch(handle)
+    assert not watch.moved()
+    store, name = watch.sample[0]
+    store[name] = torch.nn.Parameter(store[name].detach().clone()) if written == "another tensor" else None
     assert watch.moved()
 
 
