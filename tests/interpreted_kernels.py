@@ -50,6 +50,17 @@ def test_silu_mul_is_silu_then_product(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul_reads_the_halves_of_a_merged_gate_up_output(dtype):
+    """A merged gate/up GEMM's ``[..., 2I]`` output: gate and up are column blocks of it, read at its row stride."""
+    generator = torch.Generator().manual_seed(0)
+    gate_up = (torch.randn(3, 7, 400, generator=generator) * 4).to(dtype)
+    gate, up = gate_up.split(200, dim=-1)
+    got = kernels.silu_mul(gate, up)
+    assert got.is_contiguous()
+    assert_within_ulps(got, functional.silu(gate) * up)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_add_rms_norm_is_the_residual_add_then_llamas_norm(dtype):
     generator = torch.Generator().manual_seed(1)
     norm = LlamaRMSNorm(200, eps=1e-6).to(dtype)

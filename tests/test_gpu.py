@@ -405,11 +405,13 @@ def test_fused_rms_norm_kernel_matches_llamas_code_to_rounding(dtype, ulp, shape
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("shape", [(1, 1, 8960), (3, 37, 1000)])
-def test_fused_swiglu_kernel_is_bit_identical_to_llamas_code_but_for_denormals(dtype, shape):
+@pytest.mark.parametrize("merged", [False, True])
+def test_fused_swiglu_kernel_is_bit_identical_to_llamas_code_but_for_denormals(dtype, shape, merged):
     """silu rounded to the dtype, then the product: eager's two kernels, also where exp over- or underflows. Triton
     flushes a product that is denormal in fp32 to zero where torch keeps it (silu(-88) x a small up: ~1e-39 in bf16 /
     fp32), as the rotary kernel does; every other element is bit-identical (fp16 keeps its own denormals: they are
-    normal in fp32)."""
+    normal in fp32). ``merged``: gate and up are the two halves of one ``[..., 2I]`` tensor (a merged gate/up GEMM's
+    output), read at its row stride."""
     from transformers.activations import ACT2FN
 
     from bcg.kernels import silu_mul
@@ -419,6 +421,8 @@ def test_fused_swiglu_kernel_is_bit_identical_to_llamas_code_but_for_denormals(d
     gate[..., :6] = torch.tensor([-100.0, 100.0, -88.0, 88.0, 0.0, -0.0])
     gate = gate.to(dtype)
     up = torch.randn(shape, device="cuda", generator=generator).to(dtype)
+    if merged:
+        gate, up = torch.cat([gate, up], dim=-1).split(shape[-1], dim=-1)
     got, want = silu_mul(gate, up), ACT2FN["silu"](gate) * up
     denormal = (want != 0) & (want.float().abs() < torch.finfo(torch.float32).tiny)  # fp32's, where the kernel works
     assert torch.equal(got, torch.where(denormal, torch.zeros_like(want), want))
