@@ -212,7 +212,9 @@ def wrap_model(
             planning costs 1-2 ms of host time per layer when the KV length changes every step). Where triton is
             installed, decode graphs hold fused Triton kernels for Llama-style RMSNorm and rotary code (one launch
             instead of 8-10, Qwen3's q/k norms inside the rotary kernel), SwiGLU's SiLU and product, the residual
-            add before the post-attention norm and, in full decode graphs, the static cache's key and value write. A
+            add before the post-attention norm and, in full decode graphs, the static cache's key and value write,
+            and run q/k/v and gate/up as one GEMM each (their weights merged into one tensor per group now, the same
+            parameters and values; unwrap_model separates them again). A
             padded prompt replays those graphs too and attends each request on its real tokens with a
             variable-length kernel (varlen.py); unpadded prompts and calls without
             a padding mask (log-likelihoods) run eager's kernels as in ``"exact"``: their outputs are exact mode's;
