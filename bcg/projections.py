@@ -32,9 +32,14 @@ _ALIGNMENT = 256
 
 
 def storage_users(model: nn.Module) -> Counter[int]:
-    """How many parameter and buffer registrations of ``model`` use each storage (a tied weight's counts twice)."""
+    """How many parameter and buffer registrations of ``model`` use each storage (a tied weight counts twice); tensor
+    subclasses (quantized, distributed), whose storage may not be readable, are not counted and never merged."""
     named = itertools.chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False))
-    return Counter(tensor.untyped_storage().data_ptr() for _, tensor in named)
+    return Counter(tensor.untyped_storage().data_ptr() for _, tensor in named if _plain_tensor(tensor))
+
+
+def _plain_tensor(tensor: torch.Tensor) -> bool:
+    return type(tensor) in (torch.Tensor, nn.Parameter)
 
 
 def is_plain_linear(module: nn.Module | None) -> bool:
@@ -86,7 +91,8 @@ class ProjectionGroup:
         with _outside_inference_mode():
             for linear in self.linears:
                 for tensor in (linear.weight, linear.bias):
-                    if tensor is not None and tensor.untyped_storage().nbytes() > tensor.nbytes:
+                    if (tensor is not None and _plain_tensor(tensor)
+                            and tensor.untyped_storage().nbytes() > tensor.nbytes):
                         tensor.data = tensor.detach().clone()
 
 
@@ -109,9 +115,10 @@ def merge(linears: Sequence[nn.Module | None], users: Counter[int]) -> Projectio
 
 
 def _mergeable(linears: Sequence[nn.Module | None], users: Counter[int]) -> bool:
-    """Plain ``nn.Linear``s of one input width, dtype and device, all biased or none, whose tensors each own their
-    whole storage and share it with no other parameter or buffer (neither tied nor a view: merging them would untie
-    them or free nothing), and whose blocks would start ``_ALIGNMENT``-aligned."""
+    """Plain ``nn.Linear``s holding torch's own tensors (no quantized or distributed subclass) of one input width,
+    dtype and device, all biased or none, whose tensors each own their whole storage and share it with no other
+    parameter or buffer (neither tied nor a view: merging them would untie them or free nothing), and whose blocks
+    would start ``_ALIGNMENT``-aligned."""
     if len(linears) < 2 or not all(is_plain_linear(linear) for linear in linears):
         return False
     first = linears[0].weight
@@ -121,7 +128,7 @@ def _mergeable(linears: Sequence[nn.Module | None], users: Counter[int]) -> bool
         return False
     tensors = weights + [b for b in biases if b is not None]
     return (
-        first.device.type != "meta"
+        all(_plain_tensor(t) for t in tensors) and first.device.type != "meta"
         and all(w.shape[1] == first.shape[1] for w in weights)
         and all(t.dtype == first.dtype and t.device == first.device for t in tensors)
         and all(_sole_user(t, users) for t in tensors)
@@ -144,7 +151,7 @@ def _joined(blocks: list[torch.Tensor | None]) -> torch.Tensor | None:
     """The tensor whose consecutive row blocks ``blocks`` are (contiguous, of one dtype, row width and storage, in
     order), or None."""
     first = blocks[0]
-    if any(block is None for block in blocks):
+    if any(block is None or not _plain_tensor(block) for block in blocks):
         return None
     storage, offset, row = first.untyped_storage().data_ptr(), first.storage_offset(), math.prod(first.shape[1:])
     rows = 0

@@ -118,6 +118,15 @@ def _linears(*out_features: int, in_features: int = 64, bias: bool = False, cls:
     return [cls(in_features, n, bias=bias) for n in out_features]
 
 
+class _TensorSubclass(torch.Tensor):
+    pass
+
+
+def _with_subclass_weight(linears: list[nn.Linear]) -> list[nn.Linear]:
+    linears[1].weight = nn.Parameter(linears[1].weight.detach().as_subclass(_TensorSubclass))
+    return linears
+
+
 def _users(linears: list[nn.Module]) -> dict:
     return storage_users(nn.ModuleList(linears))
 
@@ -129,6 +138,7 @@ def _users(linears: list[nn.Module]) -> dict:
     ("biases on some", lambda: [nn.Linear(64, 64), nn.Linear(64, 32, bias=False)]),
     ("a block off 256-byte alignment", lambda: _linears(3, 5, in_features=10)),
     ("meta weights", lambda: _linears(64, 32, cls=lambda *a, **k: nn.Linear(*a, **k, device="meta"))),
+    ("a tensor subclass (quantized, distributed)", lambda: _with_subclass_weight(_linears(64, 32))),
     ("one linear", lambda: _linears(64)),
 ])
 def test_groups_that_do_not_qualify_are_left_alone(why, make):
