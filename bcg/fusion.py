@@ -1,9 +1,13 @@
 """``fused_kernels=True``: swap the model's RMSNorm, rotary, SwiGLU and residual-add code for fused Triton kernels
-while a stack is captured, and a full decode graph's static cache writes.
+while a stack is captured, and a full decode graph's static cache writes; run q/k/v and gate/up as one GEMM each.
 
 Only code that is the same as Llama's (compared as bytecode, so any model copying it qualifies and any model that
 changed it does not) is swapped, and only for the duration of a capture run: the graphs then replay one kernel
-where the model launched two to ten, and nothing outside bcg's runs sees a difference. The GEMMs stay the model's.
+where the model launched two to ten, and nothing outside bcg's runs sees a difference. The projections that read one
+input are merged at wrap time (projections.py: each group's weights become row blocks of one tensor, the same
+parameters and values, so eager calls compute what they did): in a capture run an attention with Llama's or Qwen3's
+forward computes q, k and v in one GEMM, and a matched MLP gate and up in one, whose halves its SiLU-and-product
+kernel reads; the other GEMMs (o_proj, down_proj) stay the model's.
 A decoder layer with Llama's forward runs bcg's copy of it, which adds the residual inside the post-attention norm's
 kernel and calls every submodule (attention, where the breaks are, included) as Llama's does. An attention module with
 Qwen3's forward keeps it, but its per-head q_norm and k_norm hand their input on unnormed and the rotary call after
@@ -28,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import hf, patching
+from . import hf, patching, projections
 
 _ROPE_NAME = "apply_rotary_pos_emb"
 # The rotary swap patches a modeling module that other models may share: one swap at a time (re-entrant, as
@@ -98,6 +102,14 @@ def is_qk_norm_rotary_attention(module: nn.Module) -> bool:
     )
 
 
+def is_one_input_qkv_attention(module: nn.Module) -> bool:
+    """An attention module with Llama's or Qwen3's forward: it calls q_proj, k_proj and v_proj once each, in that
+    order, on the same hidden states (what one GEMM over their merged weights can stand in for)."""
+    forward = inspect.unwrap(getattr(type(module), "forward", None))
+    return ((_same_code(forward, hf.LLAMA_ATTENTION_FORWARD) or _same_code(forward, hf.QWEN3_ATTENTION_FORWARD))
+            and "forward" not in module.__dict__)
+
+
 def has_llama_rotary(modeling: ModuleType) -> bool:
     return _same_code(getattr(modeling, _ROPE_NAME, None), hf.LLAMA_ROTARY) and _same_code(
         getattr(modeling, "rotate_half", None), hf.LLAMA_ROTATE_HALF
@@ -129,14 +141,24 @@ def _fused_rms_norm_forward(module: nn.Module, original: Callable, hidden_states
     return rms_norm(hidden_states, module.weight, module.variance_epsilon)
 
 
-def _fused_swiglu_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Llama's MLP forward with the activation and the product in one kernel; the projections are the model's."""
-    gate, up = mlp.gate_proj(x), mlp.up_proj(x)
-    if not (_kernels_take(gate, up) and gate.shape == up.shape and gate.is_contiguous() and up.is_contiguous()):
+def _fused_swiglu_forward(mlp: nn.Module, gate_up: projections.MergedWeights | None, x: torch.Tensor) -> torch.Tensor:
+    """Llama's MLP forward with the activation and the product in one kernel; gate and up in one GEMM where their
+    weights are merged (``gate_up``: the kernel reads the two halves of its output), else the model's two."""
+    gate, up = gate_up.split(gate_up.linear(x)) if gate_up is not None else (mlp.gate_proj(x), mlp.up_proj(x))
+    if not (_kernels_take(gate, up) and gate.shape == up.shape and _dense_rows(gate) and _dense_rows(up)):
         return mlp.down_proj(mlp.act_fn(gate) * up)
     from .kernels import silu_mul
 
     return mlp.down_proj(silu_mul(gate, up))
+
+
+def _dense_rows(x: torch.Tensor) -> bool:
+    """Whether ``x`` is rows of its dense last dim at one row stride (viewable as ``[rows, last dim]``, as silu_mul
+    reads it): a contiguous tensor, or a column block of one."""
+    if x.ndim == 0 or x.stride(-1) != 1:
+        return False
+    outer = [(size, stride) for size, stride in zip(x.shape[:-1], x.stride()[:-1]) if size > 1]
+    return all(stride == size_in * stride_in for (_, stride), (size_in, stride_in) in zip(outer, outer[1:]))
 
 
 def _fused_decoder_layer_forward(layer: nn.Module, signature: inspect.Signature, /, *args: Any,
@@ -299,16 +321,40 @@ class Fusions:
     mlps: list[nn.Module] = field(default_factory=list)
     layers: list[nn.Module] = field(default_factory=list)  # decoder layers whose residual add joins their norm
     attentions: list[nn.Module] = field(default_factory=list)  # attention whose q/k norms join the rotary kernel
+    qkv_attentions: list[nn.Module] = field(default_factory=list)  # attention that calls q/k/v on one input
     cache_layers: int = 0  # static cache layers whose update a full decode graph writes in one kernel
     unmatched: list[str] = field(default_factory=list)  # classes and rotary code that look like Llama's but differ
+    # What merge_projections merged (wrap time): a qkv_attention's q/k/v, a matched MLP's gate/up
+    qkv: dict[nn.Module, projections.ProjectionGroup] = field(default_factory=dict)
+    gate_up: dict[nn.Module, projections.ProjectionGroup] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
-        return bool(self.norms or self.rotary_modules or self.mlps or self.layers or self.cache_layers)
+        return bool(self.norms or self.rotary_modules or self.mlps or self.layers or self.cache_layers or self.qkv)
 
     def describe(self) -> dict[str, Any]:
         return {"rms_norm": len(self.norms), "rotary": len(self.rotary_modules), "swiglu": len(self.mlps),
                 "add_rms_norm": len(self.layers), "qk_norm_rotary": len(self.attentions),
-                "cache_write": self.cache_layers, "unmatched": list(self.unmatched)}
+                "cache_write": self.cache_layers, "qkv_gemm": len(self.qkv), "gate_up_gemm": len(self.gate_up),
+                "unmatched": list(self.unmatched)}
+
+    def merge_projections(self, model: nn.Module) -> None:
+        """Merge each qkv_attention's q/k/v weights and each matched MLP's gate/up weights where they qualify
+        (projections.merge: plain nn.Linears, untied, ...); ``model``: the whole model, whose tensors tell which
+        weights are tied."""
+        users = projections.storage_users(model)
+        for modules, merged, names in ((self.qkv_attentions, self.qkv, ("q_proj", "k_proj", "v_proj")),
+                                       (self.mlps, self.gate_up, ("gate_proj", "up_proj"))):
+            for module in modules:
+                group = projections.merge([getattr(module, name, None) for name in names], users)
+                if group is not None:
+                    merged[module] = group
+
+    def unmerge_projections(self) -> None:
+        """Storage of its own for every merged weight again (unwrap_model)."""
+        for group in [*self.qkv.values(), *self.gate_up.values()]:
+            group.unmerge()
+        self.qkv.clear()
+        self.gate_up.clear()
 
     @contextmanager
     def installed(self, cache: Any = None) -> Iterator[None]:
@@ -331,7 +377,8 @@ class Fusions:
     def _forwards(self, deferred: _DeferredNorms) -> dict[nn.Module, Callable]:
         """bcg's forward for each module that has no instance ``forward`` of its own (one set since, such as a hook
         library's, stays), and for each layer whose post-attention norm has none either; a matched attention's q/k
-        norms leave their work to the rotary call (``deferred``)."""
+        norms leave their work to the rotary call (``deferred``); the projections of a merged group still merged and
+        plain (``ProjectionGroup.weights``) share its GEMM, made anew for this run."""
         forwards: dict[nn.Module, Callable] = {}
         for layer in _class_forward_only(self.layers):
             if "forward" not in layer.post_attention_layernorm.__dict__:
@@ -341,7 +388,12 @@ class Fusions:
         attentions = _class_forward_only(self.attentions)
         qk_norms = [attention.q_norm for attention in attentions] + [attention.k_norm for attention in attentions]
         forwards.update({norm: partial(deferred.norm, norm) for norm in _class_forward_only(qk_norms)})
-        forwards.update({mlp: partial(_fused_swiglu_forward, mlp) for mlp in _class_forward_only(self.mlps)})
+        for attention, group in self.qkv.items():
+            if "forward" not in attention.__dict__ and (weights := group.weights()) is not None:
+                forwards.update(projections.SharedInputGEMM(group, weights).forwards())
+        for mlp in _class_forward_only(self.mlps):
+            group = self.gate_up.get(mlp)
+            forwards[mlp] = partial(_fused_swiglu_forward, mlp, group.weights() if group is not None else None)
         return forwards
 
 
@@ -355,9 +407,10 @@ def _bound_forward(norm: nn.Module) -> Callable:
 
 
 def find_fusions(stack: nn.Module) -> Fusions:
-    """Every Llama-style RMSNorm, SwiGLU MLP and decoder layer inside ``stack`` and every modeling module of its layers
-    with Llama's rotary code; RMSNorm classes, rotary functions, SiLU MLPs with gate/up/down projections and layers
-    with a Llama RMSNorm after attention that differ from Llama's code are named in ``unmatched`` (not fused)."""
+    """Every Llama-style RMSNorm, SwiGLU MLP and decoder layer inside ``stack``, every modeling module of its layers
+    with Llama's rotary code and every attention with Llama's or Qwen3's forward (nothing merged yet); RMSNorm
+    classes, rotary functions, SiLU MLPs with gate/up/down projections and layers with a Llama RMSNorm after attention
+    that differ from Llama's code are named in ``unmatched`` (not fused)."""
     fusions = Fusions()
     seen_modeling: set[str] = set()
     unmatched: dict[str, None] = {}
@@ -384,6 +437,7 @@ def find_fusions(stack: nn.Module) -> Fusions:
                 unmatched[f"{name.rsplit('.', 1)[-1]}.{_ROPE_NAME}"] = None
     fusions.attentions = [module for module in stack.modules() if is_qk_norm_rotary_attention(module)
                           and _forward_module(module) in fusions.rotary_modules]
+    fusions.qkv_attentions = [module for module in stack.modules() if is_one_input_qkv_attention(module)]
     fusions.cache_layers = hf.plain_static_layer_count(getattr(stack, "config", None))
     fusions.unmatched = list(unmatched)
     return fusions

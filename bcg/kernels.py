@@ -166,24 +166,33 @@ def _head_strides(x: torch.Tensor) -> tuple[int, int, int]:
 
 
 @triton.jit
-def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, n, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
-    offset = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offset < n
-    gate = tl.load(gate_ptr + offset, mask=mask).to(tl.float32)
-    up = tl.load(up_ptr + offset, mask=mask).to(tl.float32)
+def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, n_cols, gate_row_stride, up_row_stride,
+                     DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    """Grid (rows, column blocks): gate and up read at their own row strides (a merged gate/up GEMM's output holds
+    them side by side in each row), the output written contiguous."""
+    row = tl.program_id(0).to(tl.int64)
+    col = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = col < n_cols
+    gate = tl.load(gate_ptr + row * gate_row_stride + col, mask=mask).to(tl.float32)
+    up = tl.load(up_ptr + row * up_row_stride + col, mask=mask).to(tl.float32)
     # torch's silu: x / (1 + exp(-x)) in fp32 with CUDA's expf (libdevice's: tl.exp is a coarser approximation) and
     # IEEE division, rounded to DTYPE as its output tensor is; then the product as the second eager op rounds it
     silu = tl.math.div_rn(gate, 1.0 + libdevice.exp(-gate)).to(DTYPE).to(tl.float32)
-    tl.store(out_ptr + offset, _rounded_product(silu, up, DTYPE).to(DTYPE), mask=mask)
+    tl.store(out_ptr + row * n_cols + col, _rounded_product(silu, up, DTYPE).to(DTYPE), mask=mask)
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up`` (contiguous tensors of one shape), as a SwiGLU MLP's activation and product."""
-    out = torch.empty_like(gate)
-    n = gate.numel()
+    """``silu(gate) * up`` as a SwiGLU MLP's activation and product, as a new contiguous tensor: gate and up of one
+    shape, each viewable as rows of its dense last dim (contiguous tensors, or the two halves of a merged gate/up
+    projection's ``[..., 2I]`` output)."""
+    n_cols = gate.shape[-1]
+    gate_rows, up_rows = gate.view(-1, n_cols), up.view(-1, n_cols)
+    out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     block = 1024
-    _silu_mul_kernel[(triton.cdiv(n, block),)](gate, up, out, n, DTYPE=_TRITON_DTYPES[gate.dtype], BLOCK=block,
-                                               num_warps=4)
+    _silu_mul_kernel[(gate_rows.shape[0], triton.cdiv(n_cols, block))](
+        gate_rows, up_rows, out, n_cols, gate_rows.stride(0), up_rows.stride(0), DTYPE=_TRITON_DTYPES[gate.dtype],
+        BLOCK=block, num_warps=4,
+    )
     return out
 
 

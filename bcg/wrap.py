@@ -35,6 +35,7 @@ class _Restore:
     stack: torch.nn.Module | None = None
     instance_forward: Any = None  # an instance-level forward that existed before (e.g. an accelerate hook)
     experts_implementation: Any = None
+    fusions: Fusions | None = None  # whose merged projections get storage of their own again
 
 
 @dataclass(frozen=True)
@@ -165,8 +166,11 @@ def speed_choices(mode: str, attention_kernels: str | None, fused_kernels: bool 
     return SpeedChoices(mode, attention_kernels, fused_kernels, asked, static_cache)
 
 
-def _fusions(stack: torch.nn.Module, asked: bool) -> Fusions:
+def _fusions(model: Any, stack: torch.nn.Module, asked: bool) -> Fusions:
+    """What to fuse in ``stack``, with its projections merged (``model``'s weights change storage: before the runner
+    records their addresses)."""
     fusions = find_fusions(stack)
+    fusions.merge_projections(model)
     if fusions.unmatched:  # transformers rewrote the code, or the model's differs: say so rather than run slower
         warnings.warn(f"bcg: {', '.join(fusions.unmatched)} differ from Llama's code and are not fused "
                       "(stats()['fused_kernels'])", BcgWarning, stacklevel=3)
@@ -208,7 +212,9 @@ def wrap_model(
             planning costs 1-2 ms of host time per layer when the KV length changes every step). Where triton is
             installed, decode graphs hold fused Triton kernels for Llama-style RMSNorm and rotary code (one launch
             instead of 8-10, Qwen3's q/k norms inside the rotary kernel), SwiGLU's SiLU and product, the residual
-            add before the post-attention norm and, in full decode graphs, the static cache's key and value write. A
+            add before the post-attention norm and, in full decode graphs, the static cache's key and value write,
+            and run q/k/v and gate/up as one GEMM each (their weights merged into one tensor per group now, the same
+            parameters and values; unwrap_model separates them again). A
             padded prompt replays those graphs too and attends each request on its real tokens with a
             variable-length kernel (varlen.py); unpadded prompts and calls without
             a padding mask (log-likelihoods) run eager's kernels as in ``"exact"``: their outputs are exact mode's;
@@ -296,7 +302,8 @@ def _patch_stack(model: Any, stack: Stack, breaks: ModuleBreaks, restore: _Resto
     goes into ``restore``."""
     if backend.name == "cuda":
         _use_capturable_experts(model, restore)
-    fusions = _fusions(stack.module, choices.fused_asked) if choices.fused_kernels else None
+    fusions = _fusions(model, stack.module, choices.fused_asked) if choices.fused_kernels else None
+    restore.fusions = fusions
     runner = StackRunner(model, stack, backend, sizes, debug=debug, fusions=fusions, fast_decode=choices.fast_decode,
                          breaks=breaks, static_cache=choices.static_cache, varlen_prompts=choices.varlen_prompts,
                          verify_replays=verify)
@@ -312,7 +319,8 @@ def _patch_stack(model: Any, stack: Stack, breaks: ModuleBreaks, restore: _Resto
 
 
 def unwrap_model(model: Any) -> Any:
-    """Restore the stack's forward, the experts implementation and generate()'s compile choice; free the graphs."""
+    """Restore the stack's forward, the experts implementation and generate()'s compile choice; free the graphs; give
+    merged projection weights storage of their own again."""
     handle: BcgHandle | None = getattr(model, _HANDLE_ATTRIBUTE, None)
     if handle is None:
         warnings.warn("bcg: unwrap_model called on a model that is not wrapped; nothing to do", BcgWarning,
@@ -329,5 +337,7 @@ def unwrap_model(model: Any) -> Any:
         hf.set_experts_implementation(model, restore.experts_implementation)
     if handle.runner is not None:
         handle.runner.close()
+    if restore.fusions is not None:  # after the graphs are freed: each group's clones briefly add its size
+        restore.fusions.unmerge_projections()
     delattr(model, _HANDLE_ATTRIBUTE)
     return model

@@ -50,6 +50,17 @@ def test_silu_mul_is_silu_then_product(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul_reads_the_halves_of_a_merged_gate_up_output(dtype):
+    """A merged gate/up GEMM's ``[..., 2I]`` output: gate and up are column blocks of it, read at its row stride."""
+    generator = torch.Generator().manual_seed(0)
+    gate_up = (torch.randn(3, 7, 400, generator=generator) * 4).to(dtype)
+    gate, up = gate_up.split(200, dim=-1)
+    got = kernels.silu_mul(gate, up)
+    assert got.is_contiguous()
+    assert_within_ulps(got, functional.silu(gate) * up)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_add_rms_norm_is_the_residual_add_then_llamas_norm(dtype):
     generator = torch.Generator().manual_seed(1)
     norm = LlamaRMSNorm(200, eps=1e-6).to(dtype)
@@ -195,17 +206,24 @@ def static_cache_for(model: torch.nn.Module, batch: int) -> StaticCache:
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 @pytest.mark.parametrize("static_cache", [False, True])
-def test_a_model_with_every_fusion_running_matches_eager(arch, static_cache, kernel_calls):
+@pytest.mark.parametrize("merged", [False, True])
+def test_a_model_with_every_fusion_running_matches_eager(arch, static_cache, merged, kernel_calls):
     """fp32: bcg's decoder layer and MLP forwards with the kernels, Qwen3's q/k norms inside its rotary kernel and, on a
-    StaticCache, the cache's writes in one kernel per layer, on CPU tensors: eager's logits and cache."""
+    StaticCache, the cache's writes in one kernel per layer, on CPU tensors: eager's logits and cache; ``merged``: with
+    q/k/v and gate/up as one GEMM each (the SiLU kernel reading the halves of gate/up's output, the rotary kernel and
+    the cache write q, k and v as column blocks of one)."""
     model = tiny_model(arch)
     ids, mask = left_padded_batch()
     layers = model.config.num_hidden_layers
     caches = [static_cache_for(model, ids.shape[0]) if static_cache else None for _ in range(2)]
     name = bcg.hf.cache_argument(model.forward)
+    fusions = fusion.find_fusions(model.model)
     with torch.no_grad():
         expected = model(input_ids=ids, attention_mask=mask, **{name: caches[0]}).logits
-        with fusion.find_fusions(model.model).installed(caches[1]):
+        if merged:
+            fusions.merge_projections(model)
+            assert len(fusions.qkv) == len(fusions.gate_up) == layers
+        with fusions.installed(caches[1]):
             logits = model(input_ids=ids, attention_mask=mask, **{name: caches[1]}).logits
     assert kernel_calls == {"silu_mul": layers, "add_rms_norm": layers, "rotary": layers if arch == "qwen3" else 0,
                             "write_cache": layers if static_cache else 0}
@@ -250,6 +268,7 @@ def test_wrapped_fast_graphs_run_the_kernels_between_breaks_and_exact_ones_do_no
     fused, layers = handle.stats()["fused_kernels"], model.config.num_hidden_layers
     if mode == "fast":  # prompts through the breaks, decode steps as full graphs on a stand-in
         assert fused["add_rms_norm"] == fused["qk_norm_rotary"] == fused["cache_write"] == layers
+        assert fused["qkv_gemm"] == fused["gate_up_gemm"] == layers
         assert all(calls > 0 for calls in kernel_calls.values()), kernel_calls
         assert handle.stats()["full_graph_replays"] > 0
     else:

@@ -20,7 +20,7 @@ from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5RMSNorm
 import bcg
 from bcg import fusion
 from bcg.fusion import (find_fusions, is_llama_decoder_layer, is_llama_rms_norm, is_llama_swiglu,
-                        is_qk_norm_rotary_attention)
+                        is_one_input_qkv_attention, is_qk_norm_rotary_attention)
 from tiny_models import left_padded_batch, tiny_model
 
 
@@ -33,9 +33,21 @@ def test_qwen3_every_norm_its_rotary_mlps_and_layers_are_found():
     assert fusions.rotary_modules == [modeling_qwen3]
     assert fusions.mlps == [layer.mlp for layer in model.model.layers]
     assert fusions.layers == list(model.model.layers)
-    assert fusions.attentions == [layer.self_attn for layer in model.model.layers]
+    assert fusions.attentions == fusions.qkv_attentions == [layer.self_attn for layer in model.model.layers]
     assert fusions.describe() == {"rms_norm": 4 * layers + 1, "rotary": 1, "swiglu": layers, "add_rms_norm": layers,
-                                  "qk_norm_rotary": layers, "cache_write": layers, "unmatched": []}
+                                  "qk_norm_rotary": layers, "cache_write": layers, "qkv_gemm": 0, "gate_up_gemm": 0,
+                                  "unmatched": []}  # nothing merged until merge_projections (wrap time)
+
+
+@pytest.mark.parametrize("arch, qkv", [("llama", True), ("qwen3", True), ("qwen3_moe", True), ("granite", True),
+                                       ("mistral", False), ("qwen2", False), ("gpt2", False)])
+def test_attention_with_llamas_or_qwen3s_forward_calls_its_qkv_on_one_input(arch, qkv):
+    """Their forwards call q_proj, k_proj and v_proj on the same hidden states; Mistral's and Qwen2's pass a sliding
+    window on (other code), GPT-2 projects q/k/v in one Conv1D already."""
+    model = tiny_model(arch)
+    stack = model.model if arch != "gpt2" else model.transformer
+    attentions = [layer.self_attn for layer in model.model.layers] if qkv else []
+    assert find_fusions(stack).qkv_attentions == attentions
 
 
 @pytest.mark.parametrize("arch, attentions, cache_layers", [("qwen3_moe", 2, 2), ("llama", 0, 2), ("mistral", 0, 0),
@@ -65,6 +77,7 @@ def test_attention_whose_code_or_norms_differ_from_qwen3s_keeps_its_norms():
     first.k_norm = Qwen3_5RMSNorm(16)  # scales by (1 + weight)
     assert not is_qk_norm_rotary_attention(first)
     assert not is_qk_norm_rotary_attention(tiny_model("llama").model.layers[0].self_attn)  # no q/k norms
+    assert is_one_input_qkv_attention(first) and not is_one_input_qkv_attention(scaled)
 
 
 def test_qk_norm_attention_needs_its_modules_rotary_swapped(monkeypatch):

@@ -161,7 +161,7 @@ def test_smollm2_batched_mgsm_generation_matches_eager():
     layers = model.config.num_hidden_layers
     assert handle.stats()["fused_kernels"] == {"rms_norm": 2 * layers + 1, "rotary": 1, "swiglu": layers,
                                                "add_rms_norm": layers, "qk_norm_rotary": 0, "cache_write": layers,
-                                               "unmatched": []}
+                                               "qkv_gemm": layers, "gate_up_gemm": layers, "unmatched": []}
     assert (fast_logits.argmax(-1) == eager_logits.argmax(-1)).sum() >= 7
     print(f"default mode: {sum(a == b for a, b in zip(fast, eager))}/8 texts identical to eager")
 
@@ -405,11 +405,13 @@ def test_fused_rms_norm_kernel_matches_llamas_code_to_rounding(dtype, ulp, shape
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("shape", [(1, 1, 8960), (3, 37, 1000)])
-def test_fused_swiglu_kernel_is_bit_identical_to_llamas_code_but_for_denormals(dtype, shape):
+@pytest.mark.parametrize("merged", [False, True])
+def test_fused_swiglu_kernel_is_bit_identical_to_llamas_code_but_for_denormals(dtype, shape, merged):
     """silu rounded to the dtype, then the product: eager's two kernels, also where exp over- or underflows. Triton
     flushes a product that is denormal in fp32 to zero where torch keeps it (silu(-88) x a small up: ~1e-39 in bf16 /
     fp32), as the rotary kernel does; every other element is bit-identical (fp16 keeps its own denormals: they are
-    normal in fp32)."""
+    normal in fp32). ``merged``: gate and up are the two halves of one ``[..., 2I]`` tensor (a merged gate/up GEMM's
+    output), read at its row stride."""
     from transformers.activations import ACT2FN
 
     from bcg.kernels import silu_mul
@@ -419,6 +421,8 @@ def test_fused_swiglu_kernel_is_bit_identical_to_llamas_code_but_for_denormals(d
     gate[..., :6] = torch.tensor([-100.0, 100.0, -88.0, 88.0, 0.0, -0.0])
     gate = gate.to(dtype)
     up = torch.randn(shape, device="cuda", generator=generator).to(dtype)
+    if merged:
+        gate, up = torch.cat([gate, up], dim=-1).split(shape[-1], dim=-1)
     got, want = silu_mul(gate, up), ACT2FN["silu"](gate) * up
     denormal = (want != 0) & (want.float().abs() < torch.finfo(torch.float32).tiny)  # fp32's, where the kernel works
     assert torch.equal(got, torch.where(denormal, torch.zeros_like(want), want))
@@ -510,7 +514,8 @@ def test_default_mode_fuses_kernels_replays_fewer_and_matches_eager():
     layers = model.config.num_hidden_layers
     assert handle.stats()["fused_kernels"] == {"rms_norm": 4 * layers + 1, "rotary": 1, "swiglu": layers,
                                                "add_rms_norm": layers, "qk_norm_rotary": layers,
-                                               "cache_write": layers, "unmatched": []}
+                                               "cache_write": layers, "qkv_gemm": layers, "gate_up_gemm": layers,
+                                               "unmatched": []}
     real = mask.bool()
     torch.testing.assert_close(logits[real], expected[real], atol=1e-4, rtol=1e-4)  # fp32: rounding-level
     assert torch.equal(tokens, expected_tokens)
@@ -520,9 +525,10 @@ def test_default_mode_fuses_kernels_replays_fewer_and_matches_eager():
     assert _kernel_launches(model, ids) <= _kernel_launches(plain, ids) - 24 * layers
 
 
-def _fused_and_without(arch: str, monkeypatch, **unfused):
+def _fused_and_without(arch: str, monkeypatch, merged: bool = True, **unfused):
     """A model wrapped with the default fusions and its greedy tokens beside eager's, and a twin wrapped without the
-    fusions ``unfused`` empties (find_fusions' fields): (handle, model, twin, ids, tokens, eager's tokens)."""
+    fusions ``unfused`` empties (find_fusions' fields) and, with ``merged=False``, with its q/k/v and gate/up
+    projections left unmerged: (handle, model, twin, ids, tokens, eager's tokens)."""
     from dataclasses import replace
 
     from bcg.fusion import find_fusions
@@ -533,6 +539,8 @@ def _fused_and_without(arch: str, monkeypatch, **unfused):
     handle = bcg.wrap_model(model)
     tokens = model.generate(ids, attention_mask=mask, **GENERATE)
     monkeypatch.setattr("bcg.wrap.find_fusions", lambda stack: replace(find_fusions(stack), **unfused))
+    if not merged:
+        monkeypatch.setattr("bcg.fusion.Fusions.merge_projections", lambda self, model: None)
     bcg.wrap_model(without)
     return handle, model, without, ids, tokens, expected
 
@@ -566,6 +574,67 @@ def test_default_mode_fuses_qk_norms_with_rotary_and_the_cache_write(arch, unfus
     assert handle.stats()["rejects"] == {} and handle.stats()["full_graph_replays"] > 0
     assert torch.equal(tokens, expected)
     assert _kernel_launches(model, ids) <= _kernel_launches(without, ids) - saved_per_layer * layers
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_default_mode_runs_qkv_and_gate_up_as_one_gemm_each_and_decodes_as_eager(arch, monkeypatch):
+    """fp32: greedy tokens equal eager's, and a decode step replays 3 launches fewer per layer than a twin whose
+    projections stay unmerged (q, k and v: 3 GEMMs -> 1; gate and up: 2 -> 1)."""
+    handle, model, unmerged, ids, tokens, expected = _fused_and_without(arch, monkeypatch, merged=False)
+    layers = model.config.num_hidden_layers
+    fused, twin = handle.stats()["fused_kernels"], unmerged._bcg_handle.stats()["fused_kernels"]
+    assert fused["qkv_gemm"] == fused["gate_up_gemm"] == layers
+    assert twin["qkv_gemm"] == twin["gate_up_gemm"] == 0 and twin["swiglu"] == layers
+    assert torch.equal(tokens, expected)
+    assert handle.stats()["rejects"] == {} and handle.stats()["full_graph_replays"] > 0
+    assert _kernel_launches(model, ids) <= _kernel_launches(unmerged, ids) - 3 * layers
+
+
+def _prompt_and_step_logits(model: torch.nn.Module, ids: torch.Tensor,
+                            mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits of a left-padded prompt (all but the last token) and of one decode step on its cache."""
+    name = hf.cache_argument(model.forward)
+    with torch.no_grad():
+        prompt = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True)
+        step = model(input_ids=ids[:, -1:], attention_mask=mask, use_cache=True, **{name: prompt[name]})
+    return prompt.logits, step.logits
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_merged_projections_match_unmerged_ones_in_bf16(arch, monkeypatch):
+    """bf16, real graphs: a model whose q/k/v and gate/up run as one GEMM each (the default) against a twin wrapped
+    with them unmerged: a padded prompt's and a decode step's logits agree to bf16 rounding; an unpadded prompt (eager's
+    kernels, on the merged weights' row blocks) and the projections called outside bcg are bit-identical; unwrap gives
+    each weight storage of its own again, computing eager's logits as before."""
+    model, twin = (tiny_model(arch, dtype=torch.bfloat16, device="cuda") for _ in range(2))
+    ids, mask = left_padded_batch(device="cuda")
+    unpadded = ids[1:2]  # the second row has no padding
+    with torch.no_grad():
+        eager = model(input_ids=unpadded).logits
+    handle = bcg.wrap_model(model)
+    monkeypatch.setattr("bcg.fusion.Fusions.merge_projections", lambda self, model: None)
+    twin_handle = bcg.wrap_model(twin)
+    layers = model.config.num_hidden_layers
+    fused, unmerged = handle.stats()["fused_kernels"], twin_handle.stats()["fused_kernels"]
+    assert fused["qkv_gemm"] == fused["gate_up_gemm"] == layers
+    assert unmerged["qkv_gemm"] == unmerged["gate_up_gemm"] == 0
+
+    (prompt, step), (twin_prompt, twin_step) = (_prompt_and_step_logits(m, ids, mask) for m in (model, twin))
+    real = mask[:, :-1].bool()
+    torch.testing.assert_close(prompt[real], twin_prompt[real], atol=2e-2, rtol=0)  # logits up to ~0.6
+    torch.testing.assert_close(step, twin_step, atol=2e-2, rtol=0)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=unpadded).logits, twin(input_ids=unpadded).logits)
+        x = torch.randn(3, model.config.hidden_size, device="cuda", dtype=torch.bfloat16)
+        for layer, twin_layer in zip(model.model.layers, twin.model.layers):
+            for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
+                assert torch.equal(layer.get_submodule(name)(x), twin_layer.get_submodule(name)(x)), name
+    for h in (handle, twin_handle):
+        assert h.stats()["rejects"] == {} and h.stats()["full_graph_replays"] > 0
+    bcg.unwrap_model(model)
+    assert all(p.untyped_storage().nbytes() == p.nbytes for p in model.parameters())
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=unpadded).logits, eager)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gpt2"])

@@ -88,15 +88,35 @@ def test_a_copy_of_a_wrapped_model_is_a_working_unwrapped_model(twins, how):
     assert clone_handle.stats()["replays"] == 1
 
 
-def test_save_pretrained_writes_what_the_unwrapped_model_writes(twins, tmp_path):
-    reference, model, _ = twins
+@pytest.mark.parametrize("merged", [False, True])
+@pytest.mark.parametrize("shard", [None, "20KB"])
+def test_save_pretrained_writes_what_the_unwrapped_model_writes(merged, shard, tmp_path, monkeypatch):
+    """``merged``: wrapped with fused kernels (as on a GPU with triton), the q/k/v and gate/up weights are row blocks
+    of one tensor per group (projections.py) and the state dict hands them out as such; transformers clones tensors
+    that share a storage in disjoint areas before safetensors writes them, so the files (sharded too) are the
+    unwrapped model's, byte for byte."""
+    if merged:
+        monkeypatch.setattr(bcg.wrap, "unavailable_reason", lambda device: None)
+    reference, model = tiny_model("llama"), tiny_model("llama")
+    handle = bcg.wrap_model(model, backend="eager")
+    assert handle.stats()["fused_kernels"].get("qkv_gemm", 0) == (model.config.num_hidden_layers if merged else 0)
     ids, mask = left_padded_batch()
     model.generate(ids, attention_mask=mask, max_new_tokens=2, pad_token_id=0, cache_implementation="static")
-    reference.save_pretrained(tmp_path / "reference")
-    model.save_pretrained(tmp_path / "wrapped")
+    options = {} if shard is None else {"max_shard_size": shard}
+    reference.save_pretrained(tmp_path / "reference", **options)
+    model.save_pretrained(tmp_path / "wrapped", **options)
     for name in ("config.json", "generation_config.json"):
         written = [json.loads((tmp_path / d / name).read_text()) for d in ("reference", "wrapped")]
         assert written[0] == written[1], name
+    files = sorted(path.name for path in (tmp_path / "reference").iterdir())
+    assert files == sorted(path.name for path in (tmp_path / "wrapped").iterdir())
+    assert (len([name for name in files if name.endswith(".safetensors")]) > 1) == (shard is not None)
+    for name in files:
+        assert (tmp_path / "wrapped" / name).read_bytes() == (tmp_path / "reference" / name).read_bytes(), name
+    state, expected = model.state_dict(), reference.state_dict()
+    assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in expected)
+    q, k = (state[f"model.layers.0.self_attn.{name}.weight"] for name in ("q_proj", "k_proj"))
+    assert (q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()) == merged  # views, handed out as such
 
 
 def _halved_sdpa(module, query, key, value, attention_mask, **kwargs):

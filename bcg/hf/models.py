@@ -62,6 +62,9 @@ LLAMA_MLP_FORWARD = modeling_llama.LlamaMLP.forward
 # The function inside the wrappers that 5.25 puts around every layer's forward (gradient checkpointing, the deprecated
 # ``past_key_values`` name): the wrappers' code is the same for every layer.
 LLAMA_DECODER_LAYER_FORWARD = inspect.unwrap(modeling_llama.LlamaDecoderLayer.forward)
+# Llama's attention forward (inside 5.24+'s deprecated-argument wrapper): q_proj, k_proj and v_proj called once each,
+# in that order, on the same hidden states.
+LLAMA_ATTENTION_FORWARD = inspect.unwrap(modeling_llama.LlamaAttention.forward)
 # Qwen3's attention forward (inside 5.24+'s deprecated-argument wrapper): per-head q_norm / k_norm whose outputs go,
 # transposed, to apply_rotary_pos_emb and nowhere else.
 QWEN3_ATTENTION_FORWARD = inspect.unwrap(modeling_qwen3.Qwen3Attention.forward)
