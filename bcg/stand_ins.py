@@ -1,9 +1,12 @@
 """Static stand-ins (``static_cache=True``): a DynamicCache's decode steps as one full graph each.
 
-Before a step the dynamic cache's keys/values are copied into the StaticCache bcg keeps for its shape (batch, layers,
-positions rounded up by ``stand_in_positions``) unless its layers read it already; the step replays that stand-in's
-full decode graph (decode.py); then the dynamic cache's layers read the stand-in's first ``length + 1`` positions
-(``hf.StandInLayer``: views made when read, so a step moves one count), and the next step copies nothing. The caller
+Before a step the dynamic cache's keys/values (an indexed layer's indexer keys too) are copied into the StaticCache bcg
+keeps for its shape (batch, layers, positions rounded up by ``stand_in_positions``) unless its layers read it already;
+the step replays that stand-in's full decode graph (decode.py); then the dynamic cache's layers read the stand-in's
+first ``length + 1`` positions (``hf.StandInLayer``: views made when read, so a step moves one count), and the next
+step copies nothing. An indexed layer's stand-in is transformers' static indexed layer, so a step computes what a
+StaticCache of the stand-in's positions computes: among exactly tied index scores it may select other keys than the
+dynamic cache would (docs/design.md). The caller
 keeps a DynamicCache throughout; its prompts and every multi-token call run on it as they would unwrapped. A dynamic
 cache whose stand-in another cache takes, or that bcg lets go, gets copies (binding.py).
 """
@@ -46,10 +49,11 @@ class StandIn(Storage):
     def __post_init__(self) -> None:
         self.positions = hf.static_layer_tensors(self.cache.layers[0])[0].shape[2]
 
-    def view(self, which: int, index: int) -> torch.Tensor:
-        """Layer ``index``'s keys (``which`` 0) or values (1) up to ``length`` positions: what its holder's layer
-        shows."""
-        return hf.static_layer_tensors(self.cache.layers[index])[which].narrow(2, 0, self.length)
+    def view(self, which: int, index: int) -> torch.Tensor | None:
+        """Layer ``index``'s keys (``which`` 0), values (1) or indexer keys (2; None where the layer keeps none) up to
+        ``length`` positions: what its holder's layer shows."""
+        buffers = hf.static_layer_state(self.cache.layers[index])[0]
+        return buffers[which].narrow(-2, 0, self.length) if which < len(buffers) else None
 
     def let_unread_stack_go(self) -> None:
         """Bound to the tensors an earlier stand-in of its shape left (decode.py): its own stacked ones go."""
@@ -67,8 +71,9 @@ class StandIns:
         self.warned_memory = False
 
     def takes(self, call: Call) -> StandIn | list | None:
-        """For a decode step on a cache of plain dynamic layers (no sliding windows, no mixer states): the stand-in its
-        layers read already (the step after a step), else its layers (to copy into one); None for any other step."""
+        """For a decode step on a cache of full-attention dynamic layers, plain or indexed (no sliding windows, no mixer
+        states): the stand-in its layers read already (the step after a step), else its layers (to copy into one);
+        None for any other step."""
         if not self.possible or call.tokens.shape[1] > MAX_TOKENS_PER_SEQUENCE:
             return None
         continued = self._continued(call.cache)
@@ -92,8 +97,7 @@ class StandIns:
         layers = found
         length = layers[0].keys.shape[-2]
         positions = stand_in_positions(length)
-        key = (positions, tuple((tuple(layer.keys.shape[:2]), layer.keys.shape[-1], layer.values.shape[-1],
-                                 layer.keys.dtype, layer.keys.device) for layer in layers))
+        key = (positions, tuple(_layer_shape(layer) for layer in layers))
         if key not in self.bindings.storages and not self._fits(layers, positions):
             return None
         stand_in = self.bindings.bind(cache, key, lambda: self._new(layers, positions))
@@ -111,7 +115,7 @@ class StandIns:
         this shape, with one warning)."""
         device = layers[0].keys.device
         free = free_device_memory(device)
-        needed = sum(t[:, :, :1].numel() * t.element_size() * positions
+        needed = sum(t.narrow(-2, 0, 1).numel() * t.element_size() * positions
                      for layer in layers for t in hf.dynamic_layer_tensors(layer))
         if free is None or needed <= SHARE_OF_FREE_MEMORY * free:
             return True
@@ -136,26 +140,26 @@ class StandIns:
         stand_in.let_unread_stack_go()
 
     def tensors(self) -> list[torch.Tensor]:
-        """The stand-ins' keys and values (and their stacked tensors, while held)."""
+        """The stand-ins' keys and values, indexer keys (and their stacked tensors, while held)."""
         return [t for stand_in in self.bindings
                 for t in (*(stand_in.stacked or ()), *(t for layer in stand_in.cache.layers
-                                                       for t in hf.static_layer_tensors(layer)[:2]))]
+                                                       for t in hf.static_layer_state(layer)[0]))]
 
     # ----- Binder -----
     @staticmethod
     def copy_in(cache: Any, stand_in: StandIn) -> None:
         """Copy a new cache's layers (or those reassigned since: beam reordering, crop, an eager step) into the
-        stand-in."""
+        stand-in: keys, values and an indexed layer's indexer keys, and every length counter."""
         layers = list(cache.layers)
         length = layers[0].keys.shape[-2]
         for layer, static in zip(layers, stand_in.cache.layers):
             if hf.reads_from(layer, stand_in):
                 continue
-            keys, values = hf.dynamic_layer_tensors(layer)
-            static_keys, static_values, counter = hf.static_layer_tensors(static)
-            static_keys[:, :, :length].copy_(keys)
-            static_values[:, :, :length].copy_(values)
-            counter.fill_(length)
+            buffers, counters = hf.static_layer_state(static)
+            for own, theirs in zip(buffers, hf.dynamic_layer_tensors(layer), strict=True):
+                own.narrow(-2, 0, length).copy_(theirs)
+            for counter in counters:
+                counter.fill_(length)
 
     @staticmethod
     def hand_back(cache: Any, stand_in: StandIn) -> None:
@@ -165,10 +169,9 @@ class StandIns:
                 if hf.reads_from(layer, stand_in):
                     hf.hold_copies(layer)
                     continue
-                keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
-                static_keys, static_values, _ = hf.static_layer_tensors(static)
-                if _shares_storage(keys, static_keys) or _shares_storage(values, static_values):
-                    hf.rebind_dynamic_layer(layer, keys.clone(), values.clone())
+                held = hf.dynamic_layer_tensors(layer)
+                if any(map(_shares_storage, held, hf.static_layer_state(static)[0])):
+                    hf.rebind_dynamic_layer(layer, tuple(t.clone() for t in held))
 
     def dropped(self, stand_in: StandIn) -> None:
         """Its holder's views would see whatever the stand-in's storage holds next: they become copies."""
@@ -177,6 +180,13 @@ class StandIns:
 
     def clear(self) -> None:
         self.bindings.clear()
+
+
+def _layer_shape(layer: Any) -> tuple:
+    """What a stand-in's layer must match of a dynamic layer's: per tensor (keys, values, indexer keys where kept) its
+    sizes but the positions, and dtype; the device."""
+    tensors = hf.dynamic_layer_tensors(layer)
+    return (*((tuple(t.shape[:-2]), t.shape[-1], t.dtype) for t in tensors), tensors[0].device)
 
 
 def _all_read(layers: list, stand_in: StandIn) -> bool:

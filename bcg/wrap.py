@@ -227,9 +227,11 @@ def wrap_model(
             as without it. Attention then spans the rounded positions (masked), so bf16 rounding differs from the
             dynamic cache's. None (default): from ``mode`` (on in ``"fast"``, off in ``"exact"``). Any call given a
             ``StaticCache`` gets one graph per step anyway (sliding layers until their window is full); dynamic
-            sliding-window caches and hybrid caches keep their breaks. In the fast mode these graphs run grouped-query
-            attention beside the mask (cuDNN, planned at capture). Costs memory: up to two stand-ins, each at most half
-            the device's free memory when made.
+            sliding-window caches and hybrid caches keep their breaks. Indexed (sparse) attention's stand-in steps
+            compute what a StaticCache does: among exactly tied index scores they may select other keys than the
+            dynamic cache (docs/design.md). In the fast mode these graphs run grouped-query attention beside the mask
+            (cuDNN, planned at capture). Costs memory: up to two stand-ins, each at most half the device's free memory
+            when made.
         attention_kernels: override ``mode``'s attention choice alone: ``"fast"`` (no cuDNN in decode breaks, varlen
             attention for padded prompts) or ``"eager"`` (SDPA's own choice, padded prompts' mask); None: from ``mode``.
         fused_kernels: override ``mode``'s fusion alone: True (CUDA and triton required: error otherwise), False,

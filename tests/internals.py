@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from bcg import stand_ins as stand_ins_module
+
 
 def breakable_graphs(handle) -> dict[tuple[str, int], Any]:
     """The breakable graphs by (graph key as stats() names it, bucket), in capture order."""
@@ -53,6 +55,11 @@ def stand_in_decoder(handle):
 def stand_ins(handle):
     """The static stand-ins (stand_ins.StandIns): their ``bindings``."""
     return handle.runner.full_graphs.stand_ins
+
+
+def stand_in_positions(length: int) -> int:
+    """The positions of the stand-in a dynamic cache of ``length`` tokens decodes on."""
+    return stand_ins_module.stand_in_positions(length)
 
 
 def mixer_states(handle):

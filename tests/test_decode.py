@@ -23,12 +23,17 @@ def _cache_of(output):
 
 
 def _assert_same_real_cache(got, expected, mask):
-    """Equal at the real positions: a packed prefill of a dynamic cache leaves zeros where eager keeps pad tokens'."""
+    """Equal at the real positions (keys, values and an indexed layer's indexer keys, where it keeps them): a packed
+    prefill of a dynamic cache leaves zeros where eager keeps pad tokens'."""
     for a, b in zip(got.layers, expected.layers, strict=True):
         assert a.keys.shape == b.keys.shape
         real = torch.cat([mask, torch.ones_like(mask[:, :1]).expand(-1, a.keys.shape[-2] - mask.shape[1])], 1).bool()
         for x, y in ((a.keys, b.keys), (a.values, b.values)):
             torch.testing.assert_close(x.transpose(1, 2)[real], y.transpose(1, 2)[real], atol=1e-5, rtol=1e-5)
+        indexer_keys = getattr(a, "indexer_keys", None), getattr(b, "indexer_keys", None)
+        assert (indexer_keys[0] is None) == (indexer_keys[1] is None)
+        if indexer_keys[0] is not None:  # [B, T, D]
+            torch.testing.assert_close(indexer_keys[0][real], indexer_keys[1][real], atol=1e-5, rtol=1e-5)
 
 
 def _assert_same_cache(got, expected):

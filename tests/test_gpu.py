@@ -831,21 +831,48 @@ def test_latent_attention_on_real_graphs(model_type):
     assert stats["backend"] == "cuda" and stats["rejects"] == {} and stats["full_graph_replays"] > 0, stats
 
 
-@pytest.mark.parametrize("model_type", ["deepseek_v32", "glm_moe_dsa", "hy_v4", "axk2"])
-def test_sparse_attention_on_real_graphs(model_type):
-    """Indexed attention modules, their indexers inside, as breaks of their own on real graphs (fp32, dense MLPs:
-    fp32 MoE experts cannot be captured; GLM-MoE-DSA and HY-V4 with layers reusing the selection of the layer before):
-    eager's tokens and logits over a second turn and k-token continuations, decode steps through the breaks."""
-    from test_continuation import check_continuations
+def _indexed_pair_on_cuda(model_type: str, **fields):
+    """Two equal tiny indexed-attention models on the GPU (fp32, dense MLPs: fp32 MoE experts cannot be captured;
+    GLM-MoE-DSA and HY-V4 with layers reusing the selection of the layer before, which keep no indexer keys)."""
     from test_latent_attention import _pair
 
-    fields = dict(mlp_layer_types=["dense"] * 4)
+    fields = dict(mlp_layer_types=["dense"] * 4, **fields)
     if model_type in ("glm_moe_dsa", "hy_v4"):
         fields["indexer_types"] = ["full", "shared", "full", "shared"]
-    reference, model = (m.to("cuda") for m in _pair(model_type, **fields))
-    handle = check_continuations(reference, model, device="cuda")
+    return [m.to("cuda") for m in _pair(model_type, **fields)]
+
+
+@pytest.mark.parametrize("model_type", ["deepseek_v32", "glm_moe_dsa", "hy_v4", "axk2"])
+def test_sparse_attention_on_real_graphs(model_type):
+    """Indexed attention modules, their indexers inside (keeping 4 past tokens: the selection bites), as breaks of
+    their own on real graphs: eager's tokens and logits over a second turn and k-token continuations, decode steps
+    through the breaks (``static_cache=False``: a stand-in's steps compute a static cache's, which breaks exact ties
+    among index scores otherwise than eager's dynamic cache)."""
+    from test_continuation import check_continuations
+    from test_sparse_attention import BITING
+
+    reference, model = _indexed_pair_on_cuda(model_type, **BITING)
+    handle = check_continuations(reference, model, device="cuda", static_cache=False)
     stats = handle.stats()
     assert stats["backend"] == "cuda" and stats["rejects"] == {} and stats["replays"] >= 12, stats
+
+
+@pytest.mark.parametrize("model_type", ["deepseek_v32", "glm_moe_dsa"])
+def test_sparse_attention_decodes_on_a_stand_in_on_real_graphs(model_type):
+    """The default mode's decode steps on a DynamicCache of indexed attention, one real graph each on bcg's static
+    stand-in (keys, values, indexer keys, both length counters; indexer inside the graph), every key in use selected
+    (``EVERY_KEY``): eager's tokens and logits over a second turn and k-token continuations. Nine stand-in steps (three
+    per generate() turn, three plain decode calls), each graph a single CUDA graph, no breaks."""
+    from test_continuation import check_continuations
+    from test_sparse_attention import EVERY_KEY
+
+    reference, model = _indexed_pair_on_cuda(model_type, **EVERY_KEY)
+    handle = check_continuations(reference, model, device="cuda")
+    stats = handle.stats()
+    assert stats["backend"] == "cuda" and stats["rejects"] == {} and stats["capture_failures"] == {}, stats
+    assert stats["full_graph_replays"] == 9, stats
+    graphs = internals.stand_in_decoder(handle).graphs.values()
+    assert graphs and all([type(s).__name__ for s in entry.graph._graph._segments] == ["CUDAGraph"] for entry in graphs)
 
 
 @pytest.mark.parametrize("model_type", ["inkling_text", "inkling2_text", "zaya"])

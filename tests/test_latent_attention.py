@@ -46,11 +46,11 @@ def first_graph_slots(handle) -> list:
     return internals.slots(handle, internals.without_experts(handle.stats()["captured_graphs"][0].split(":")[0]))
 
 
-def replayed_equal_to_eager(reference, model) -> list:
-    """``model`` wrapped gives ``reference``'s logits and tokens on the padded batch, every call replayed with no
-    rejects; the break slots of its first graph."""
+def replayed_equal_to_eager(reference, model, **wrap) -> list:
+    """``model`` wrapped (``wrap``: more options) gives ``reference``'s logits and tokens on the padded batch, every
+    call replayed with no rejects; the break slots of its first graph."""
     ids, mask = left_padded_batch()
-    handle, _ = wrapped_equals_eager(reference, model, ids, mask, GENERATE)
+    handle, _ = wrapped_equals_eager(reference, model, ids, mask, GENERATE, **wrap)
     stats = handle.stats()
     assert stats["ready"] and stats["rejects"] == {} and stats["replays"] == 1 + GENERATE["max_new_tokens"]
     return first_graph_slots(handle)

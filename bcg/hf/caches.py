@@ -26,7 +26,9 @@ from transformers.cache_utils import (
 from .models import CACHE_ARGUMENTS, cache_argument, forward_parameters
 
 SUPPORTED_CACHES = (DynamicCache, StaticCache)
+# Indexed layers (DeepSeek-V3.2's, GLM-MoE-DSA's sparse attention; 5.17+): keys and values, and the indexer's keys.
 _STATIC_INDEXED_LAYER = getattr(cache_utils, "StaticIndexedLayer", None)
+_DYNAMIC_INDEXED_LAYER = getattr(cache_utils, "DynamicIndexedLayer", None)
 # DummyLayer (5.24+) holds the slot of a layer that reads another layer's keys/values and is never updated;
 # LinearAttentionCacheLayerMixin layers hold a mixer's convolution / recurrent state (the mixer updates it itself).
 _SUPPORTED_CACHE_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer, StaticLayer, StaticSlidingWindowLayer,
@@ -255,21 +257,60 @@ def static_layer_tensors(layer: Any) -> tuple[torch.Tensor, torch.Tensor, torch.
     return keys, values, length
 
 
+# What a dynamic layer holds per position, in the order of a static layer's buffers (static_layer_state): every tensor
+# has its positions on dimension -2 (keys and values [B, H, T, D], an indexed layer's indexer keys [B, T, D]).
+_KEYS_AND_VALUES = ("keys", "values")
+_INDEXED = (*_KEYS_AND_VALUES, "indexer_keys")
+
+
+def _dynamic_names(layer: Any) -> tuple[str, ...]:
+    """The attributes holding a dynamic layer's per-position tensors: an indexed layer's indexer keys too, once its
+    indexer ran (a layer reusing another layer's selection keeps none)."""
+    return _INDEXED if getattr(layer, "is_indexer_initialized", False) else _KEYS_AND_VALUES
+
+
+def dynamic_layer_tensors(layer: Any) -> tuple[Any, ...]:
+    """A dynamic layer's keys and values, and an indexed layer's indexer keys where it keeps them (None for one it
+    lacks)."""
+    return tuple(getattr(layer, name, None) for name in _dynamic_names(layer))
+
+
+def rebind_dynamic_layer(layer: Any, tensors: tuple[torch.Tensor, ...]) -> None:
+    """Give a dynamic layer other tensors, in ``dynamic_layer_tensors``' order."""
+    for name, tensor in zip(_dynamic_names(layer), tensors, strict=True):
+        setattr(layer, name, tensor)
+
+
 def full_dynamic_layers(cache: Any) -> list | None:
-    """The layers of a cache whose every layer is a plain (not sliding) dynamic layer holding keys and values of the
-    same length; None for any other cache."""
+    """The layers of a cache whose every layer is a plain (not sliding) dynamic layer, or an indexed one whose
+    positions the model does not record per call, holding tensors of one length (an indexed layer's indexer keys
+    too); None for any other cache."""
     layers = list(getattr(cache, "layers", None) or ())
     if (not layers or getattr(cache, "offloading", False)
-            or any(type(layer) not in (DynamicLayer, StandInLayer) for layer in layers)):
+            or any(type(layer) not in _STATIC_LAYER_FOR for layer in layers)
+            or any(getattr(layer, "indexer_position_ids", None) is not None for layer in layers)):
         return None
-    keys = [getattr(layer, "keys", None) for layer in layers]
-    if not all(isinstance(k, torch.Tensor) and k.ndim == 4 for k in keys) or len({k.shape[-2] for k in keys}) != 1:
-        return None
-    return layers
+    lengths = set()
+    for layer in layers:
+        tensors = dynamic_layer_tensors(layer)
+        if not all(isinstance(t, torch.Tensor) and t.ndim == ndim for t, ndim in zip(tensors, (4, 4, 3))):
+            return None
+        lengths.update(t.shape[-2] for t in tensors)
+    return layers if len(lengths) == 1 else None
 
 
-def dynamic_layer_tensors(layer: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    return layer.keys, layer.values
+def _viewed(which: int) -> property:
+    """A StandInLayer's attribute ``_INDEXED[which]``: read, a view of the stand-in; assigned, the layer holds its own
+    tensors again."""
+    name = _INDEXED[which]
+
+    def read(layer: StandInLayer) -> torch.Tensor | None:
+        return layer._bcg_source.view(which, layer._bcg_index)
+
+    def assign(layer: StandInLayer, tensor: torch.Tensor | None) -> None:
+        _hold(layer, {name: tensor})
+
+    return property(read, assign)
 
 
 class StandInLayer(DynamicLayer):
@@ -278,88 +319,102 @@ class StandInLayer(DynamicLayer):
     views took ~85 µs of an H100 host's time per step at 28 layers). Assigning its keys or values (an update, a crop,
     a reorder) makes it a plain DynamicLayer holding its own tensors again; a copy or a pickle of it is one."""
 
+    _bcg_plain: type = DynamicLayer  # the class it becomes again
+    _bcg_viewed: tuple[str, ...] = _KEYS_AND_VALUES  # its attributes read from the stand-in, by ``view``'s index
     _bcg_source: Any  # the stand-in: its ``length`` and ``view(which, index)``
     _bcg_index: int
-
-    @property
-    def keys(self) -> torch.Tensor:
-        return self._bcg_source.view(0, self._bcg_index)
-
-    @keys.setter
-    def keys(self, keys: torch.Tensor) -> None:
-        _hold(self, keys, self.values)
-
-    @property
-    def values(self) -> torch.Tensor:
-        return self._bcg_source.view(1, self._bcg_index)
-
-    @values.setter
-    def values(self, values: torch.Tensor) -> None:
-        _hold(self, self.keys, values)
+    keys, values = _viewed(0), _viewed(1)
 
     def get_seq_length(self) -> int:
         return self._bcg_source.length
 
     def __deepcopy__(self, memo: dict) -> DynamicLayer:
-        """A plain DynamicLayer holding compact copies (not a copy of the whole stand-in)."""
-        plain = memo[id(self)] = _plain_layer({})
-        plain.__dict__.update({name: value if name in ("keys", "values") else copy.deepcopy(value, memo)
+        """A plain layer holding compact copies (not a copy of the whole stand-in)."""
+        plain = memo[id(self)] = _plain_layer(self._bcg_plain, {})
+        plain.__dict__.update({name: value if name in self._bcg_viewed else copy.deepcopy(value, memo)
                                for name, value in self._compact_state().items()})
         return plain
 
     def __reduce_ex__(self, protocol: Any) -> Any:
-        return _plain_layer, (self._compact_state(),)
+        return _plain_layer, (self._bcg_plain, self._compact_state())
 
     def _compact_state(self) -> dict[str, Any]:
-        return {**_plain_vars(self), "keys": self.keys.clone(), "values": self.values.clone()}
+        return {**_plain_vars(self), **_copies(self)}
 
 
-def _plain_layer(state: dict[str, Any]) -> DynamicLayer:
-    layer = DynamicLayer.__new__(DynamicLayer)
+# Per full-attention dynamic layer class a stand-in serves: the class its layers take while they read one, and the
+# static layer class standing in for it
+_STAND_INS: dict[type, tuple[type, type]] = {DynamicLayer: (StandInLayer, StaticLayer)}
+
+if _DYNAMIC_INDEXED_LAYER is not None:
+    class StandInIndexedLayer(StandInLayer, _DYNAMIC_INDEXED_LAYER):
+        """An indexed dynamic layer reading a stand-in: its indexer keys too (None where the stand-in's layer keeps
+        none: a layer reusing another's selection)."""
+
+        _bcg_plain = _DYNAMIC_INDEXED_LAYER
+        _bcg_viewed = _INDEXED
+        indexer_keys = _viewed(2)
+
+    _STAND_INS[_DYNAMIC_INDEXED_LAYER] = (StandInIndexedLayer, _STATIC_INDEXED_LAYER)
+
+_STAND_IN_CLASSES = frozenset(reading for reading, _ in _STAND_INS.values())
+_STATIC_LAYER_FOR = {kind: static for plain, (reading, static) in _STAND_INS.items() for kind in (plain, reading)}
+
+
+def _plain_layer(cls: type, state: dict[str, Any]) -> DynamicLayer:
+    layer = cls.__new__(cls)
     layer.__dict__.update(state)
     return layer
 
 
-def _hold(layer: StandInLayer, keys: torch.Tensor, values: torch.Tensor) -> None:
-    """A StandInLayer becomes a plain DynamicLayer holding ``keys`` and ``values``."""
+def _copies(layer: StandInLayer) -> dict[str, torch.Tensor | None]:
+    """Compact copies of what a StandInLayer shows."""
+    return {name: None if (t := getattr(layer, name)) is None else t.clone() for name in layer._bcg_viewed}
+
+
+def _hold(layer: StandInLayer, given: dict[str, torch.Tensor | None]) -> None:
+    """A StandInLayer becomes a plain layer again, holding ``given`` and, for the rest of what it showed, views of the
+    stand-in (those a step replaces next, or a hand-back copies)."""
+    held = {name: given[name] if name in given else getattr(layer, name) for name in layer._bcg_viewed}
+    plain = layer._bcg_plain
     del layer._bcg_source, layer._bcg_index
-    layer.__class__ = DynamicLayer
-    layer.keys, layer.values = keys, values
+    layer.__class__ = plain
+    for name, tensor in held.items():
+        setattr(layer, name, tensor)
 
 
 def read_from(layer: Any, source: Any, index: int) -> None:
-    """A plain dynamic layer (or one reading another stand-in) reads its keys and values from ``source``'s layer
-    ``index`` from now on (its own tensors go: their contents must be in the stand-in already)."""
-    if type(layer) is DynamicLayer:
-        del layer.keys, layer.values
-        layer.__class__ = StandInLayer
+    """A plain dynamic layer (or one reading another stand-in) reads its keys and values (an indexed layer's indexer
+    keys too) from ``source``'s layer ``index`` from now on (its own tensors go: their contents must be in the
+    stand-in already)."""
+    if type(layer) in _STAND_INS:
+        reading = _STAND_INS[type(layer)][0]
+        for name in reading._bcg_viewed:
+            layer.__dict__.pop(name, None)
+        layer.__class__ = reading
     layer._bcg_source, layer._bcg_index = source, index
 
 
 def reads_from(layer: Any, source: Any) -> bool:
-    return type(layer) is StandInLayer and layer._bcg_source is source
+    return type(layer) in _STAND_IN_CLASSES and layer._bcg_source is source
 
 
 def all_read_from(layers: list, source: Any) -> bool:
     """Whether every layer reads ``source`` (one loop, no call per layer: a decode step asks it before replaying)."""
-    return all(type(layer) is StandInLayer and layer._bcg_source is source for layer in layers)
+    return all(type(layer) in _STAND_IN_CLASSES and layer._bcg_source is source for layer in layers)
 
 
 def hold_copies(layer: StandInLayer) -> None:
     """The layer gets copies of what it shows: the stand-in goes to another cache, or away."""
-    _hold(layer, layer.keys.clone(), layer.values.clone())
+    _hold(layer, _copies(layer))
 
 
 def _plain_vars(layer: Any) -> dict[str, Any]:
-    """A layer's attributes as a plain layer holds them (a StandInLayer's keys and values are read, not held)."""
-    if type(layer) is not StandInLayer:
+    """A layer's attributes as a plain layer holds them (a StandInLayer's viewed ones are read, not held)."""
+    if type(layer) not in _STAND_IN_CLASSES:
         return vars(layer)
     return {**{k: v for k, v in vars(layer).items() if not k.startswith("_bcg_")},
-            "keys": layer.keys, "values": layer.values}
-
-
-def rebind_dynamic_layer(layer: Any, keys: torch.Tensor, values: torch.Tensor) -> None:
-    layer.keys, layer.values = keys, values
+            **{name: getattr(layer, name) for name in layer._bcg_viewed}}
 
 
 def _static_cache_layers(config: Any) -> list | None:
@@ -371,9 +426,10 @@ def _static_cache_layers(config: Any) -> list | None:
 
 
 def makes_full_static_caches(config: Any) -> bool:
-    """Whether a StaticCache made from ``config`` has full static layers only (no sliding window, no mixer state)."""
+    """Whether a StaticCache made from ``config`` has full static layers only, plain or indexed (no sliding window, no
+    mixer state)."""
     layers = _static_cache_layers(config)
-    return bool(layers) and all(type(layer) is StaticLayer for layer in layers)
+    return bool(layers) and all(type(layer) in _STATIC_LAYER_FOR.values() for layer in layers)
 
 
 def plain_static_layer_count(config: Any) -> int:
@@ -396,10 +452,12 @@ def plain_static_layers(cache: Any) -> list:
 
 def static_cache_like(config: Any, layers: list, max_cache_len: int) -> tuple[Any, tuple | None] | None:
     """A StaticCache of ``max_cache_len`` positions, allocated for the batch, heads and dtypes of ``layers`` (a
-    dynamic cache's), or None when the config does not make every layer a full static one. When the layers' shapes
-    agree, every layer's keys (values) are slices of one tensor, returned beside the cache (else None)."""
+    dynamic cache's, ``full_dynamic_layers``; an indexed layer's indexer keys too, where it keeps them), or None when
+    the config does not make each layer the static layer standing in for it. When the layers' shapes agree, every
+    layer's keys (values) are slices of one tensor, returned beside the cache (else None)."""
     cache = StaticCache(config=config, max_cache_len=max_cache_len)
-    if len(cache.layers) != len(layers) or any(type(layer) is not StaticLayer for layer in cache.layers):
+    if len(cache.layers) != len(layers) or any(type(static) is not _STATIC_LAYER_FOR.get(type(dynamic))
+                                               for static, dynamic in zip(cache.layers, layers)):
         return None
     shapes = {(layer.keys.shape[:2], layer.keys.shape[-1], layer.values.shape[-1], layer.keys.dtype,
                layer.values.dtype) for layer in layers}
@@ -408,9 +466,12 @@ def static_cache_like(config: Any, layers: list, max_cache_len: int) -> tuple[An
         keys, values = layers[0].keys, layers[0].values
         stacked = tuple(t.new_zeros(len(layers), *t.shape[:2], max_cache_len, t.shape[-1]) for t in (keys, values))
     for i, (static, dynamic) in enumerate(zip(cache.layers, layers)):
-        static.lazy_initialization(dynamic.keys, dynamic.values)
+        keys, values, *indexer_keys = dynamic_layer_tensors(dynamic)
+        static.lazy_initialization(keys, values)
         if stacked is not None:  # the layer's own allocation goes at once: at most one layer's worth extra
             rebind_static_layer(static, (stacked[0][i], stacked[1][i]), (static.cumulative_length,))
+        if indexer_keys:  # a layer reusing another's selection keeps none, here as in the dynamic cache
+            static.lazy_initialization_indexer(indexer_keys[0])
     return cache, stacked
 
 
