@@ -348,6 +348,7 @@ class Fusions:
                 group = projections.merge([getattr(module, name, None) for name in names], users)
                 if group is not None:
                     merged[module] = group
+        projections.release_freed_weights([*self.qkv.values(), *self.gate_up.values()])
 
     def unmerge_projections(self) -> None:
         """Storage of its own for every merged weight again (unwrap_model)."""

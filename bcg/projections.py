@@ -114,6 +114,16 @@ def merge(linears: Sequence[nn.Module | None], users: Counter[int]) -> Projectio
     return ProjectionGroup(tuple(linears))
 
 
+def release_freed_weights(merged: list[ProjectionGroup]) -> None:
+    """Give the device back the memory the merged weights' originals held. A large weight has a segment of its own in
+    torch's caching allocator, and a group's merged tensor (allocated before its parts are freed) cannot reuse its
+    parts' segments: without this, the allocator would keep every original's segment reserved, as large as the merged
+    weights together (GBs at 8B), until an allocation ran short."""
+    devices = {linear.weight.device for group in merged for linear in group.linears}
+    if any(device.type == "cuda" for device in devices):
+        torch.cuda.empty_cache()
+
+
 def _mergeable(linears: Sequence[nn.Module | None], users: Counter[int]) -> bool:
     """Plain ``nn.Linear``s holding torch's own tensors (no quantized or distributed subclass) of one input width,
     dtype and device, all biased or none, whose tensors each own their whole storage and share it with no other

@@ -187,6 +187,19 @@ def test_moe_bf16_graphs_match_eager(arch):
     assert handle.stats()["rejects"] == {} and handle.stats()["replays"] == 1 + GENERATE["max_new_tokens"]
 
 
+def test_merging_the_projections_leaves_no_originals_reserved():
+    """Wrapping (fast mode) merges q/k/v and gate/up into new tensors; their originals' segments go back to the device,
+    so the allocator reserves no more than before (without: as much again as the merged weights, 152 MiB here)."""
+    model = tiny_model("llama", device="cuda", num_hidden_layers=2, hidden_size=1024, intermediate_size=8192,
+                       num_attention_heads=8)
+    gc.collect()
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_reserved()
+    handle = bcg.wrap_model(model)
+    assert handle.stats()["fused_kernels"]["gate_up_gemm"] == 2
+    assert torch.cuda.memory_reserved() - before <= 48 * 2**20  # what the wrap's probe run may reserve
+
+
 def test_capture_out_of_memory_falls_back_to_eager():
     """A real CUDA OOM while capturing the large bucket: one warning, the reason in stats, small buckets still work."""
     shape = dict(hidden_size=512, intermediate_size=8192, num_attention_heads=8)
