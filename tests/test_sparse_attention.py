@@ -194,6 +194,20 @@ def test_on_tied_index_scores_stand_in_steps_compute_what_a_static_cache_does(mo
     assert stats["full_graph_replays"] == 0 and stats["replays"] == 1 + STEPS and stats["rejects"] == {}
 
 
+@pytest.mark.parametrize("model_type, index_topk", [("deepseek_v32", 2), ("glm_moe_dsa", 4)])
+def test_verification_names_tied_index_scores_where_a_stand_in_step_differs_from_eager(model_type, index_topk):
+    """verify=True compares the first stand-in step with eager's on the dynamic cache; on tied index scores they differ
+    by design, and the warning says so (not "please report") before that kind runs eagerly."""
+    reference, model = _pair(model_type, index_topk=index_topk)
+    ids, mask = left_padded_batch()
+    handle = bcg.wrap_model(model, backend="eager", verify=True)
+    with pytest.warns(bcg.BcgFallbackWarning, match="tied index scores") as caught:
+        got = _greedy_steps(model, ids, mask)
+    assert not any("Please report" in str(w.message) for w in caught)
+    assert list(handle.stats()["verify"]["failed"]) == ["decode / stand-in / DynamicCache"]
+    torch.testing.assert_close(got, _greedy_steps(reference, ids, mask), atol=1e-4, rtol=1e-4)  # eager's, after it
+
+
 def test_attention_under_a_mask_of_its_own_is_a_break_of_its_own():
     """Doge adds a bias made from the values it attends to (``A`` is zero at init, which hides it: set it here) to the
     layer's mask; bcg's attention break would hand the attention function the layer's mask alone."""

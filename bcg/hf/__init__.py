@@ -62,6 +62,7 @@ from .caches import (  # noqa: F401
     dynamic_layer_tensors,
     full_dynamic_layers,
     hold_copies,
+    holds_indexer_keys,
     host_lengths,
     makes_full_static_caches,
     mixer_state,

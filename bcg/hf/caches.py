@@ -163,6 +163,11 @@ def unsupported_cache_reason(cache: Any, own_class: type = DynamicCache) -> str 
     return None
 
 
+def holds_indexer_keys(cache: Any) -> bool:
+    """Whether some layer of ``cache`` keeps an indexer's keys (indexed / sparse attention)."""
+    return any(getattr(layer, "is_indexer_initialized", False) for layer in getattr(cache, "layers", ()))
+
+
 def past_length(cache: Any) -> int | torch.Tensor:
     return cache.get_seq_length() if cache is not None else 0
 
