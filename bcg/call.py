@@ -20,8 +20,8 @@ class Call:
         self.extra = extra if extra is not None else {}
         self.autocast = autocast  # the autocast state the call runs under ("" when off): graphs are captured per state
         self.experts = experts  # the MoE experts implementation it runs under (None: no switchable experts)
-        # read several times by every step's plan: worked out once
-        # the KV cache, under whichever name the caller used (``cache`` or the older ``past_key_values``)
+        # Read several times by every step's plan: worked out once. The KV cache, under whichever name the caller
+        # used (``cache`` or the older ``past_key_values``):
         self.cache = next((arguments[n] for n in hf.CACHE_ARGUMENTS if arguments.get(n) is not None), None)
         ids = arguments.get("input_ids")
         self.tokens: torch.Tensor | None = ids if ids is not None else arguments.get("inputs_embeds")

@@ -64,7 +64,8 @@ class StackRunner:
         self.paths = DecodePaths(
             full_static=self.full_graphs.static_layers, stand_in=self.full_graphs.takes_stand_in,
             mixers_inline=lambda call: self.mixer_states.settled(call.cache) if self.mixer_states else None)
-        self.watch = StateWatch(stack.module, self.config, debug in (True, "addresses"), self.segments.buffers)
+        self.watch = StateWatch(stack.module, self.target.implementation, debug in (True, "addresses"),
+                                self.segments.buffers)
         self.verifier = (verify.Verifier(first.dtype, self.stats, type(model).__name__, every_call=debug == "numerics")
                          if verify_replays or debug == "numerics" else None)
         self.disabled_reason: str | None = None

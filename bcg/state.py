@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import addresses, hf
+from . import addresses
 
 _THRASHING_CALLS = 3  # calls in a row that each invalidate the graphs: the model changes itself, bcg steps aside
 
@@ -29,14 +29,14 @@ class Change:
 class StateWatch:
     """What the graphs were captured from, and whether it changed since."""
 
-    def __init__(self, module: nn.Module, config: object, strict: bool,
+    def __init__(self, module: nn.Module, read_implementation: Callable[[], str | None], strict: bool,
                  bcg_buffers: Callable[[], dict[str, torch.Tensor]]) -> None:
         self.module = module
         self.strict = strict  # debug=True: every tensor's address, every call
         self.bcg_buffers = bcg_buffers
         first = next(module.parameters())
         self.device, self.dtype = first.device, first.dtype
-        self._read_implementation = hf.attribute_reader(config, "_attn_implementation")
+        self._read_implementation = read_implementation  # the stack config's attention implementation (eligibility)
         self.implementation = self._read_implementation()
         self._watch = addresses.AddressWatch(module)
         self._book: dict[str, tuple] | None = None
